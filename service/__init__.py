@@ -1,0 +1,1 @@
+"""runcomfy-gateway: an internal gateway in front of RunComfy's Hunyuan video-to-video model."""

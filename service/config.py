@@ -1,0 +1,260 @@
+"""Typed settings, loaded once at start from the environment and the tenants file.
+
+Nothing here is a module-level singleton: `load_settings` builds a `Settings`
+that the CLI passes to the API, the worker and `dev`. A bad configuration raises
+`ConfigError` with one line that says what is wrong; the CLI exits 2 with it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Final
+
+import msgspec
+
+from service.webhooks.delivery import parse_retry_schedule
+from service.webhooks.signing import parse_secret
+
+DEFAULT_BASE_URL: Final = "https://model-api.runcomfy.net"
+DEFAULT_RETRY_SCHEDULE: Final = "5,300,1800,7200,18000,36000,36000"
+
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+_TENANT_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_TENANT_KEYS: Final = frozenset(
+    {"api_keys", "webhook_secret", "callback_hosts", "max_in_flight", "rate_per_s"}
+)
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message is one line and holds no secret."""
+
+
+class Tenant(msgspec.Struct, frozen=True):
+    """A calling service: its API key hashes, webhook secrets and limits."""
+
+    id: str
+    api_key_hashes: tuple[str, ...]
+    webhook_secrets: tuple[bytes, ...]
+    callback_hosts: tuple[str, ...]
+    max_in_flight: int | None = None
+    rate_per_s: float | None = None
+
+    def __repr__(self) -> str:
+        return f"Tenant(id={self.id!r}, keys={len(self.api_key_hashes)})"
+
+
+class Tenants(msgspec.Struct, frozen=True):
+    """All tenants, with a lookup from an API key to its tenant and key id."""
+
+    by_id: dict[str, Tenant]
+
+    def authenticate(self, api_key: str) -> tuple[Tenant, str] | None:
+        """The tenant and key id (a hash prefix, never the key) for `api_key`, or None.
+
+        Every stored hash is compared in constant time, so the answer's timing
+        says nothing about which tenant or how much of a hash matched.
+        """
+        digest = hashlib.sha256(api_key.encode()).hexdigest()
+        found: tuple[Tenant, str] | None = None
+        for tenant in self.by_id.values():
+            for stored in tenant.api_key_hashes:
+                if hmac.compare_digest(stored, digest):
+                    found = (tenant, "key_" + stored[:12])
+        return found
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    """Everything the processes need, read from the environment (DESIGN §2)."""
+
+    redis_url: str
+    runcomfy_base_url: str = DEFAULT_BASE_URL
+    runcomfy_token: str
+    tenants: Tenants
+    poll_interval_min_s: float = 2.0
+    poll_interval_max_s: float = 15.0
+    webhook_retry_schedule: tuple[float, ...] = (5, 300, 1800, 7200, 18000, 36000, 36000)
+    lease_s: float = 30.0
+    job_timeout_s: float = 7200.0
+    upstream_max_in_flight: int = 20
+    shutdown_s: float = 20.0
+    job_retention_s: int = 604800
+    worker_metrics_port: int = 9091
+    webhook_deadline_s: float = 15.0
+    upstream_timeout_s: float = 20.0
+
+    def __repr__(self) -> str:
+        tenants = list(self.tenants.by_id)
+        return f"Settings(base_url={self.runcomfy_base_url!r}, tenants={tenants})"
+
+
+def _number(env: Mapping[str, str], name: str, default: float, *, minimum: float = 0) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if value < minimum or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number >= {minimum:g}, got {raw!r}")
+    return value
+
+
+def _integer(env: Mapping[str, str], name: str, default: int, *, minimum: int = 1) -> int:
+    value = _number(env, name, default, minimum=minimum)
+    if value != int(value):
+        raise ConfigError(f"{name} must be a whole number, got {env[name]!r}")
+    return int(value)
+
+
+def _tenant(tenant_id: str, table: object, where: str) -> Tenant:  # noqa: C901, PLR0912 - one flat check per field reads best
+    """One `[tenants.<id>]` table, checked field by field."""
+    if not _TENANT_ID.match(tenant_id):
+        raise ConfigError(f"{where}: tenant id {tenant_id!r} must match {_TENANT_ID.pattern}")
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: tenants.{tenant_id} must be a table")
+    unknown = sorted(set(table) - _TENANT_KEYS)
+    if unknown:
+        raise ConfigError(f"{where}: tenants.{tenant_id} has unknown key {unknown[0]!r}")
+    keys = table.get("api_keys")
+    if not isinstance(keys, list) or not keys:
+        raise ConfigError(f"{where}: tenants.{tenant_id}.api_keys must be a non-empty list")
+    hashes: list[str] = []
+    for key in keys:
+        if not isinstance(key, str) or not _SHA256_HEX.match(key.lower()):
+            # Never echo the value: it might be a plain key pasted by mistake.
+            raise ConfigError(
+                f"{where}: tenants.{tenant_id}.api_keys must hold sha256 hex digests "
+                "(64 hex characters), not plain keys"
+            )
+        hashes.append(key.lower())
+    raw_secrets = table.get("webhook_secret")
+    if isinstance(raw_secrets, str):
+        raw_secrets = [raw_secrets]
+    if not isinstance(raw_secrets, list) or not raw_secrets:
+        raise ConfigError(f"{where}: tenants.{tenant_id}.webhook_secret is required")
+    secrets: list[bytes] = []
+    for secret in raw_secrets:
+        try:
+            secrets.append(parse_secret(secret if isinstance(secret, str) else ""))
+        except ValueError as exc:
+            raise ConfigError(f"{where}: tenants.{tenant_id}.webhook_secret: {exc}") from None
+    hosts = table.get("callback_hosts", [])
+    if not isinstance(hosts, list) or not all(isinstance(h, str) and h for h in hosts):
+        raise ConfigError(f"{where}: tenants.{tenant_id}.callback_hosts must be a list of hosts")
+    max_in_flight = table.get("max_in_flight")
+    if max_in_flight is not None and (
+        isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1
+    ):
+        raise ConfigError(f"{where}: tenants.{tenant_id}.max_in_flight must be an integer >= 1")
+    rate = table.get("rate_per_s")
+    if rate is not None and (
+        isinstance(rate, bool) or not isinstance(rate, int | float) or rate <= 0
+    ):
+        raise ConfigError(f"{where}: tenants.{tenant_id}.rate_per_s must be a number > 0")
+    return Tenant(
+        id=tenant_id,
+        api_key_hashes=tuple(hashes),
+        webhook_secrets=tuple(secrets),
+        callback_hosts=tuple(h.lower().rstrip(".") for h in hosts),
+        max_in_flight=max_in_flight,
+        rate_per_s=float(rate) if rate is not None else None,
+    )
+
+
+def parse_tenants(text: str, where: str = "tenants file") -> Tenants:
+    """Parse the tenants TOML (DESIGN §2) into `Tenants`, or raise `ConfigError`."""
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{where}: not valid TOML ({exc})") from None
+    unknown = sorted(set(document) - {"tenants"})
+    if unknown:
+        raise ConfigError(f"{where}: unknown top-level key {unknown[0]!r}")
+    tables = document.get("tenants")
+    if not isinstance(tables, dict) or not tables:
+        raise ConfigError(f"{where}: no [tenants.<id>] table")
+    tenants = {tid: _tenant(tid, table, where) for tid, table in tables.items()}
+    seen: dict[str, str] = {}
+    for tenant in tenants.values():
+        for digest in tenant.api_key_hashes:
+            if digest in seen and seen[digest] != tenant.id:
+                raise ConfigError(f"{where}: one API key hash is listed for two tenants")
+            seen[digest] = tenant.id
+    return Tenants(by_id=tenants)
+
+
+def load_tenants(path: str) -> Tenants:
+    """Read and parse the tenants file at `path`."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"GATEWAY_TENANTS_FILE {path!r} cannot be read: {exc.strerror}") from None
+    return parse_tenants(text, where=path)
+
+
+def load_settings(env: Mapping[str, str], *, tenants: Tenants | None = None) -> Settings:
+    """Build `Settings` from `env`; `tenants` given (by `dev`) replaces the tenants file."""
+    redis_url = env.get("REDIS_URL", "")
+    if not redis_url:
+        raise ConfigError("REDIS_URL is required (e.g. redis://localhost:6379/0)")
+    if not redis_url.startswith(("redis://", "rediss://", "unix://", "redis+sentinel://")):
+        raise ConfigError("REDIS_URL must start with redis://, rediss:// or unix://")
+    token = env.get("RUNCOMFY_API_TOKEN", "")
+    if not token:
+        raise ConfigError("RUNCOMFY_API_TOKEN is required")
+    base_url = env.get("RUNCOMFY_BASE_URL") or DEFAULT_BASE_URL
+    if not base_url.startswith(("http://", "https://")):
+        raise ConfigError("RUNCOMFY_BASE_URL must be an http(s) URL")
+    if tenants is None:
+        path = env.get("GATEWAY_TENANTS_FILE", "")
+        if not path:
+            raise ConfigError("GATEWAY_TENANTS_FILE is required (a TOML file of tenants)")
+        tenants = load_tenants(path)
+    poll_min = _number(env, "GATEWAY_POLL_INTERVAL_MIN_S", 2.0, minimum=0.05)
+    poll_max = _number(env, "GATEWAY_POLL_INTERVAL_MAX_S", 15.0, minimum=0.05)
+    if poll_max < poll_min:
+        raise ConfigError("GATEWAY_POLL_INTERVAL_MAX_S must be >= GATEWAY_POLL_INTERVAL_MIN_S")
+    try:
+        schedule = parse_retry_schedule(
+            env.get("GATEWAY_WEBHOOK_RETRY_SCHEDULE") or DEFAULT_RETRY_SCHEDULE
+        )
+    except ValueError as exc:
+        raise ConfigError(f"GATEWAY_WEBHOOK_RETRY_SCHEDULE: {exc}") from None
+    lease_s = _number(env, "GATEWAY_LEASE_S", 30.0, minimum=1)
+    upstream_timeout_s = _number(
+        env, "GATEWAY_UPSTREAM_TIMEOUT_S", min(20.0, lease_s * 2 / 3), minimum=0.1
+    )
+    webhook_deadline_s = _number(
+        env, "GATEWAY_WEBHOOK_TIMEOUT_S", min(15.0, lease_s * 2 / 3), minimum=0.1
+    )
+    # An item's lease must outlive the call made while holding it, or a slow
+    # call would let a second worker take the same item.
+    if max(upstream_timeout_s, webhook_deadline_s) >= lease_s:
+        raise ConfigError(
+            "GATEWAY_LEASE_S must be longer than GATEWAY_UPSTREAM_TIMEOUT_S "
+            "and GATEWAY_WEBHOOK_TIMEOUT_S"
+        )
+    return Settings(
+        redis_url=redis_url,
+        runcomfy_base_url=base_url.rstrip("/"),
+        runcomfy_token=token,
+        tenants=tenants,
+        poll_interval_min_s=poll_min,
+        poll_interval_max_s=poll_max,
+        webhook_retry_schedule=schedule,
+        lease_s=lease_s,
+        job_timeout_s=_number(env, "GATEWAY_JOB_TIMEOUT_S", 7200.0, minimum=1),
+        upstream_max_in_flight=_integer(env, "GATEWAY_UPSTREAM_MAX_IN_FLIGHT", 20),
+        shutdown_s=_number(env, "GATEWAY_SHUTDOWN_S", 20.0),
+        job_retention_s=_integer(env, "GATEWAY_JOB_RETENTION_S", 604800, minimum=60),
+        worker_metrics_port=_integer(env, "GATEWAY_WORKER_METRICS_PORT", 9091, minimum=0),
+        webhook_deadline_s=webhook_deadline_s,
+        upstream_timeout_s=upstream_timeout_s,
+    )

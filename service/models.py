@@ -1,0 +1,248 @@
+"""Every shape the gateway speaks: the job request, the job, webhook events, problems.
+
+These msgspec Structs are the single definition of each shape: the API validates
+requests against them, Redis stores them, JSON answers and webhook bodies are
+encoded from them, and the OpenAPI document is generated from them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from datetime import UTC, datetime
+from typing import Annotated, Any, Final, Literal
+from urllib.parse import urlsplit
+
+import msgspec
+from msgspec import UNSET, Meta, Struct, UnsetType
+
+MODEL: Final = "tencent/hunyuan/video-to-video"
+
+MAX_PROMPT_CHARS: Final = 4000
+MAX_URL_CHARS: Final = 2048
+MAX_METADATA_BYTES: Final = 4096
+
+JobStatus = Literal["pending", "in_queue", "in_progress", "completed", "failed", "cancelled"]
+FINAL_STATUSES: Final = frozenset({"completed", "failed", "cancelled"})
+UPSTREAM_STATUSES: Final = frozenset({"in_queue", "in_progress"})
+
+EventType = Literal["job.started", "job.completed", "job.failed", "job.cancelled"]
+DEFAULT_EVENTS: Final[tuple[EventType, ...]] = ("job.completed", "job.failed", "job.cancelled")
+WebhookState = Literal["pending", "delivered", "failed", "skipped"]
+
+
+class Base(Struct, forbid_unknown_fields=True):
+    """Request shapes reject unknown fields: a typo must fail loudly, not be ignored."""
+
+
+class VideoInput(Base, kw_only=True):
+    """The model input of `tencent/hunyuan/video-to-video`, exactly the seed's schema."""
+
+    prompt: Annotated[str, Meta(min_length=1, max_length=MAX_PROMPT_CHARS)]
+    video_url: Annotated[str, Meta(min_length=1, max_length=MAX_URL_CHARS)]
+    seed: int | UnsetType = UNSET
+    pro_mode: bool = False
+    resolution: Literal["480p", "580p", "720p"] = "720p"
+    aspect_ratio: Literal["16:9", "9:16"] = "16:9"
+    num_frames: Literal[85, 129] = 129
+    strength: Annotated[float, Meta(ge=0.01, le=1.0)] = 0.85
+
+
+class WebhookSpec(Base):
+    """Where and for which events the caller wants to be called back."""
+
+    url: Annotated[str, Meta(min_length=1, max_length=MAX_URL_CHARS)]
+    events: Annotated[list[EventType], Meta(min_length=1, max_length=4)] = msgspec.field(
+        default_factory=lambda: list(DEFAULT_EVENTS)
+    )
+
+
+class JobRequest(Base):
+    """The body of `POST /v1/jobs`."""
+
+    input: VideoInput
+    model: Literal["tencent/hunyuan/video-to-video"] = MODEL
+    webhook: WebhookSpec | None = None
+    metadata: dict[str, Any] | None = None
+
+
+def video_url_problem(url: str) -> str | None:  # noqa: PLR0911 - one return per rule
+    """Say why `url` is not a public http(s) URL RunComfy could fetch, or None when it is."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError:
+        return "must be a valid URL"
+    if parts.scheme not in {"http", "https"}:
+        return "must be an http or https URL"
+    if not host or any(c.isspace() for c in url):
+        return "must be an absolute http(s) URL with a host"
+    if host == "localhost" or host.endswith(".localhost"):
+        return "must be a public URL, not localhost"
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if not address.is_global:
+        return "must be a public URL, not a private or reserved address"
+    return None
+
+
+class FieldError(Struct):
+    """One offending field: a JSON pointer into the request and what is wrong with it."""
+
+    pointer: str
+    detail: str
+
+
+class Problem(Struct, omit_defaults=True):
+    """An RFC 9457 problem details body."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    errors: list[FieldError] | UnsetType = UNSET
+
+
+class JobErrorInfo(Struct):
+    """Why a job failed: a stable code and a human message."""
+
+    code: str
+    message: str
+
+
+class UpstreamRef(Struct):
+    """The job's request at RunComfy."""
+
+    request_id: str
+    queue_position: int | None = None
+
+
+class SubmitAttempt(Struct, omit_defaults=True):
+    """One paid submit sent to RunComfy, recorded before it is sent.
+
+    `outcome` is `sent` until the answer is known; a `sent` left behind by a
+    crashed worker is an unknown outcome, handled by the documented policy.
+    """
+
+    at: datetime
+    outcome: Literal["sent", "accepted", "rejected", "unreachable", "unknown"] = "sent"
+    request_id: str | None = None
+    detail: str | None = None
+
+
+class WebhookView(Struct):
+    """The job's webhook as callers see it."""
+
+    url: str
+    events: list[EventType]
+    state: WebhookState
+    attempts: int
+
+
+class Job(Struct):
+    """A job as the API answers it and as webhook events carry it."""
+
+    id: str
+    status: JobStatus
+    model: str
+    input: VideoInput
+    output: dict[str, Any] | None
+    error: JobErrorInfo | None
+    upstream: UpstreamRef | None
+    webhook: WebhookView | None
+    metadata: dict[str, Any] | None
+    created_at: datetime
+    submitted_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    upstream_submits: int = 0
+
+
+class JobRecord(Struct, kw_only=True):
+    """A job as stored in Redis: the caller-visible job plus what the gateway needs to run it."""
+
+    id: str
+    tenant: str
+    key_id: str
+    status: JobStatus = "pending"
+    input: VideoInput
+    webhook: WebhookSpec | None = None
+    metadata: dict[str, Any] | None = None
+    output: dict[str, Any] | None = None
+    error: JobErrorInfo | None = None
+    upstream: UpstreamRef | None = None
+    created_at: datetime
+    submitted_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    deadline_at: datetime
+    submits: list[SubmitAttempt] = msgspec.field(default_factory=list)
+    submit_retries: int = 0
+    cancel_requested_at: datetime | None = None
+
+    def view(self, webhook_state: WebhookState, webhook_attempts: int) -> Job:
+        """The job as its tenant sees it, with the webhook's delivery state."""
+        webhook = None
+        if self.webhook is not None:
+            webhook = WebhookView(
+                url=self.webhook.url,
+                events=self.webhook.events,
+                state=webhook_state,
+                attempts=webhook_attempts,
+            )
+        return Job(
+            id=self.id,
+            status=self.status,
+            model=MODEL,
+            input=self.input,
+            output=self.output,
+            error=self.error,
+            upstream=self.upstream,
+            webhook=webhook,
+            metadata=self.metadata,
+            created_at=self.created_at,
+            submitted_at=self.submitted_at,
+            started_at=self.started_at,
+            finished_at=self.finished_at,
+            upstream_submits=sum(1 for s in self.submits if s.outcome != "unreachable"),
+        )
+
+
+class JobList(Struct):
+    """One page of `GET /v1/jobs`, newest first."""
+
+    items: list[Job]
+    next_cursor: str | None
+
+
+class WebhookEvent(Struct):
+    """The body of a webhook: Standard Webhooks' `{type, timestamp, data}`."""
+
+    type: EventType
+    timestamp: datetime
+    data: Job
+
+
+class DeliveryAttempt(Struct):
+    """One webhook delivery attempt, as kept in the attempt log."""
+
+    attempt: int
+    at: datetime
+    status_code: int | None
+    latency_ms: int
+    error: str | None
+    response_excerpt: str
+    next_attempt_at: datetime | None
+
+
+class DeliveryLog(Struct):
+    """The answer of `GET /v1/jobs/{id}/deliveries`."""
+
+    items: list[DeliveryAttempt]
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware in UTC, at millisecond precision."""
+    now = datetime.now(UTC)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)

@@ -1,0 +1,1 @@
+"""RunComfy Model API: the upstream client and the built-in emulator."""

@@ -1,0 +1,70 @@
+"""Opening Redis: one pool per process, with timeouts and keepalive on every socket."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from datetime import datetime
+from typing import Final
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import EqualJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+_CROCKFORD: Final = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+# Ids made in one process are strictly increasing even within a millisecond.
+_last_id = 0
+
+
+def connect(url: str, *, max_connections: int = 64) -> aioredis.Redis:
+    """A client for `url` whose sockets time out and keep alive, so a dead peer is noticed.
+
+    A command retries a few times with jittered backoff on a dropped
+    connection; past that the caller sees the error (the API answers 503, the
+    worker loops back off).
+    """
+    return aioredis.Redis.from_url(
+        url,
+        max_connections=max_connections,
+        socket_timeout=5.0,
+        socket_connect_timeout=3.0,
+        socket_keepalive=True,
+        health_check_interval=15,
+        retry=Retry(EqualJitterBackoff(cap=1.0, base=0.05), retries=2),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        decode_responses=False,
+    )
+
+
+def new_id(prefix: str) -> str:
+    """A ULID-style id: 48 bits of milliseconds then 80 random bits, Crockford base32.
+
+    Ids sort by creation time as plain strings, which is what lets the job
+    indexes be lexicographic sorted sets with stable cursors.
+    """
+    global _last_id  # noqa: PLW0603 - the generator's own state, as ULID's monotonic mode has
+    value = max((time.time_ns() // 1_000_000) << 80 | secrets.randbits(80), _last_id + 1)
+    _last_id = value
+    return prefix + _base32(value, 26)
+
+
+def time_prefix(moment: datetime) -> str:
+    """The first 10 characters of every id made at `moment`: ids made before sort below it."""
+    return _base32(int(moment.timestamp() * 1000), 10)
+
+
+def _base32(value: int, width: int) -> str:
+    chars = []
+    for _ in range(width):
+        chars.append(_CROCKFORD[value & 31])
+        value >>= 5
+    return "".join(reversed(chars))
+
+
+def text(value: bytes | str | int | None) -> str:
+    """A Redis reply as text (the pool does not decode, so bodies stay exact bytes)."""
+    if value is None:
+        return ""
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,0 +1,169 @@
+"""Claiming due work with leases and fencing tokens, and the shared upstream slots.
+
+A schedule is a sorted set of members scored by due time (ms, Redis clock). A
+claim pushes a member's score to now + lease and hands out a fencing token,
+kept in `lease:<schedule>`; every later change of that member checks the token.
+A worker that dies simply stops: its members fall due again when the lease
+runs out and another worker claims them, with a new token that makes any late
+write of the dead worker's fail. No sweeper is needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import redis.asyncio as aioredis
+
+from service.store.connection import text
+from service.store.jobs import Lease
+from service.store.keys import LUA_PRELUDE, Keys
+
+_CLAIM_DUE = (
+    LUA_PRELUDE
+    + """
+local name, lease_ms, max = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local now = now_ms()
+local sched = k_schedule(name)
+local due = redis.call('ZRANGEBYSCORE', sched, '-inf', now, 'LIMIT', 0, max)
+local out = {}
+for _, member in ipairs(due) do
+  local token = redis.call('INCR', k_fence())
+  redis.call('ZADD', sched, now + lease_ms, member)
+  redis.call('HSET', k_lease(name), member, token)
+  out[#out + 1] = member
+  out[#out + 1] = token
+end
+return out
+"""
+)
+
+# Fair claiming: tenants with due work are served round robin (least recently
+# served first), one job per turn, while the global and the tenant's cap on jobs
+# inside RunComfy allow. A claimed job takes its upstream slot at once, so two
+# workers can never overfill RunComfy between a claim and the submit.
+_CLAIM_SUBMITS = (
+    LUA_PRELUDE
+    + """
+local lease_ms, max, global_cap = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local caps = {}
+for i = 4, #ARGV, 2 do caps[ARGV[i]] = tonumber(ARGV[i + 1]) end
+local now = now_ms()
+local inflight = redis.call('SCARD', k_inflight())
+local tenants = redis.call('ZRANGE', k_submit_tenants(), 0, -1)
+local out = {}
+local progress = true
+while progress and #out < max * 3 and inflight < global_cap do
+  progress = false
+  for _, t in ipairs(tenants) do
+    if #out >= max * 3 or inflight >= global_cap then break end
+    local cap = caps[t] or global_cap
+    if redis.call('SCARD', k_inflight_t(t)) < cap then
+      local due = redis.call('ZRANGEBYSCORE', k_submit(t), '-inf', now, 'LIMIT', 0, 1)
+      local id = due[1]
+      if id then
+        local token = redis.call('INCR', k_fence())
+        redis.call('ZADD', k_submit(t), now + lease_ms, id)
+        redis.call('HSET', k_lease('submit'), id, token)
+        if redis.call('SADD', k_inflight(), id) == 1 then inflight = inflight + 1 end
+        redis.call('SADD', k_inflight_t(t), id)
+        redis.call('ZADD', k_submit_tenants(), redis.call('INCR', k_rr()), t)
+        out[#out + 1] = t
+        out[#out + 1] = id
+        out[#out + 1] = token
+        progress = true
+      elseif redis.call('ZCARD', k_submit(t)) == 0 then
+        redis.call('ZREM', k_submit_tenants(), t)
+      end
+    end
+  end
+end
+return out
+"""
+)
+
+_RELEASE = (
+    LUA_PRELUDE
+    + """
+local name, member, token, delay_ms = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+if redis.call('HGET', k_lease(name), member) ~= token then return 0 end
+redis.call('HDEL', k_lease(name), member)
+local sched = k_schedule(name)
+if delay_ms < 0 then
+  redis.call('ZREM', sched, member)
+else
+  redis.call('ZADD', sched, now_ms() + delay_ms, member)
+end
+return 1
+"""
+)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A claimed member of a schedule; `tenant` is set for submit claims."""
+
+    member: str
+    lease: Lease
+    tenant: str = ""
+
+
+class Schedules:
+    """The `submit`, `poll` and `deliver` schedules: claim due members, release them."""
+
+    def __init__(self, redis: aioredis.Redis, keys: Keys, *, lease_s: float) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._lease_ms = round(lease_s * 1000)
+        self._claim_due = redis.register_script(_CLAIM_DUE)
+        self._claim_submits = redis.register_script(_CLAIM_SUBMITS)
+        self._release = redis.register_script(_RELEASE)
+
+    async def claim(self, name: Literal["poll", "deliver"], max_items: int) -> list[Claim]:
+        """Claim up to `max_items` due members of the poll or deliver schedule."""
+        flat = await self._claim_due(
+            keys=[self._keys.prefix], args=[name, self._lease_ms, max_items]
+        )
+        return [
+            Claim(member=text(flat[i]), lease=Lease(name, text(flat[i + 1])))
+            for i in range(0, len(flat), 2)
+        ]
+
+    async def claim_submits(
+        self, max_items: int, *, global_cap: int, tenant_caps: Mapping[str, int]
+    ) -> list[Claim]:
+        """Claim up to `max_items` pending jobs, fairly across tenants, within the slot caps."""
+        args: list[str | int] = [self._lease_ms, max_items, global_cap]
+        for tenant, cap in tenant_caps.items():
+            args += [tenant, cap]
+        flat = await self._claim_submits(keys=[self._keys.prefix], args=args)
+        return [
+            Claim(
+                tenant=text(flat[i]),
+                member=text(flat[i + 1]),
+                lease=Lease("submit", text(flat[i + 2])),
+            )
+            for i in range(0, len(flat), 3)
+        ]
+
+    async def release(self, claim: Claim, *, delay_s: float | None) -> bool:
+        """Give a poll or deliver member back: due again after `delay_s`, or removed (None).
+
+        False when the claim was lost (its lease ran out and another worker took it).
+        """
+        delay_ms = -1 if delay_s is None else max(0, round(delay_s * 1000))
+        done = await self._release(
+            keys=[self._keys.prefix],
+            args=[claim.lease.schedule, claim.member, claim.lease.token, delay_ms],
+        )
+        return bool(done)
+
+    async def depths(self) -> dict[str, int]:
+        """How many members each schedule holds, and how many jobs hold upstream slots."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.zcard(self._keys.schedule("poll"))
+            pipe.zcard(self._keys.schedule("deliver"))
+            pipe.scard(self._keys.inflight())
+            poll, deliver, inflight = await pipe.execute()
+        return {"poll": poll, "deliver": deliver, "inflight": inflight}

@@ -1,0 +1,1 @@
+"""Webhooks: Standard Webhooks signing, the callback URL guard and delivery attempts."""

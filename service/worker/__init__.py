@@ -1,0 +1,1 @@
+"""The worker: submitter, poller and webhook dispatcher loops and their lifecycle."""

@@ -1,0 +1,33 @@
+"""Shared fixtures: one private redis-server per test session, a key prefix per test."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from service.localredis import LocalRedis
+from service.store.connection import connect
+from service.store.keys import Keys
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[LocalRedis]:
+    """A real redis-server on a free port, never the shared one on 6379."""
+    with LocalRedis() as server:
+        yield server
+
+
+@pytest.fixture
+def keys() -> Keys:
+    """A key prefix of this test's own, so tests never see each other's data."""
+    return Keys(prefix="{t" + uuid.uuid4().hex[:12] + "}")
+
+
+@pytest.fixture
+async def redis(redis_server: LocalRedis) -> AsyncIterator[aioredis.Redis]:
+    client = connect(redis_server.url)
+    yield client
+    await client.aclose()

@@ -1,0 +1,157 @@
+"""The Redis store: job creation, the state machine's compare-and-set, claims and fencing."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from service.models import JobErrorInfo, JobRecord, VideoInput, WebhookSpec, utcnow
+from service.store.connection import new_id
+from service.store.deliveries import DeliveryStore, Resend
+from service.store.jobs import JobStore, Lease, Outcome, body_hash
+from service.store.schedules import Schedules
+
+RETENTION = 3600
+
+
+def make_record(tenant: str = "orders", *, webhook: bool = True) -> JobRecord:
+    now = utcnow()
+    return JobRecord(
+        id=new_id("job_"),
+        tenant=tenant,
+        key_id="key_test",
+        input=VideoInput(prompt="a cat", video_url="https://example.com/v.mp4"),
+        webhook=WebhookSpec(url="https://hooks.example.com/rc") if webhook else None,
+        created_at=now,
+        deadline_at=now + timedelta(hours=2),
+    )
+
+
+@pytest.fixture
+def jobs(redis, keys):
+    return JobStore(redis, keys, retention_s=RETENTION)
+
+
+@pytest.fixture
+def schedules(redis, keys):
+    return Schedules(redis, keys, lease_s=30)
+
+
+@pytest.fixture
+def deliveries(redis, keys):
+    return DeliveryStore(redis, keys, retention_s=RETENTION)
+
+
+async def test_job_runs_through_every_state_and_queues_one_webhook(jobs, schedules, deliveries):
+    """A job goes pending → in_queue → in_progress → completed and its final event is queued."""
+    record = make_record()
+    assert (await jobs.create(record)).created
+    [claim] = await schedules.claim_submits(10, global_cap=5, tenant_caps={})
+    assert (claim.member, claim.tenant) == (record.id, "orders")
+    stored = await jobs.get(record.id)
+    outcome, _ = await jobs.record_submit(stored, claim.lease)
+    assert outcome is Outcome.DONE
+    stored = await jobs.get(record.id)
+    assert stored.record.submits[-1].outcome == "sent"
+    assert await jobs.submitted(stored, claim.lease, "req-1", poll_in_s=0) is Outcome.DONE
+    [poll] = await schedules.claim("poll", 10)
+    stored = await jobs.get(record.id)
+    assert stored.record.status == "in_queue"
+    assert stored.record.submits[-1].outcome == "accepted"
+    assert await jobs.started(stored, poll.lease, poll_in_s=0) is Outcome.DONE
+    [poll] = await schedules.claim("poll", 10)
+    stored = await jobs.get(record.id)
+    done = await jobs.finish(stored, "completed", lease=poll.lease, output={"video": "https://x"})
+    assert done is Outcome.DONE
+    final = await jobs.get(record.id)
+    assert final.record.status == "completed"
+    assert final.record.finished_at is not None
+    assert await schedules.claim("poll", 10) == []
+    [delivery_claim] = await schedules.claim("deliver", 10)
+    delivery = await deliveries.get(delivery_claim.member)
+    assert delivery.event_type == "job.completed"
+    assert b'"status":"completed"' in delivery.body
+    assert (await schedules.depths())["inflight"] == 0
+
+
+async def test_a_stale_version_or_a_lost_lease_changes_nothing(jobs, schedules):
+    """A change made from an old read, or with another worker's token, is refused."""
+    record = make_record()
+    await jobs.create(record)
+    [claim] = await schedules.claim_submits(1, global_cap=5, tenant_caps={})
+    stale = await jobs.get(record.id)
+    await jobs.record_submit(stale, claim.lease)
+    assert await jobs.submitted(stale, claim.lease, "r", poll_in_s=1) is Outcome.STALE
+    fresh = await jobs.get(record.id)
+    wrong = Lease("submit", "999999")
+    assert await jobs.submitted(fresh, wrong, "r", poll_in_s=1) is Outcome.LEASE_LOST
+    assert (await jobs.get(record.id)).record.status == "pending"
+
+
+async def test_submit_claims_respect_global_and_tenant_caps_and_alternate_tenants(
+    jobs, schedules
+):
+    """Claims stop at the caps on jobs inside RunComfy and take tenants in turn."""
+    for _ in range(5):
+        await jobs.create(make_record("big"))
+    await jobs.create(make_record("small"))
+    claims = await schedules.claim_submits(10, global_cap=3, tenant_caps={"big": 2})
+    assert sorted(c.tenant for c in claims) == ["big", "big", "small"]
+    assert await schedules.claim_submits(10, global_cap=3, tenant_caps={"big": 2}) == []
+
+
+async def test_cancelled_pending_job_frees_its_slot_and_leaves_the_queue(jobs, schedules):
+    """Finishing a claimed pending job removes it from the submit queue and frees its slot."""
+    record = make_record(webhook=False)
+    await jobs.create(record)
+    [claim] = await schedules.claim_submits(1, global_cap=1, tenant_caps={})
+    stored = await jobs.get(record.id)
+    assert await jobs.finish(stored, "cancelled", lease=None) is Outcome.DONE
+    assert (await schedules.depths())["inflight"] == 0
+    assert (await jobs.get(record.id)).webhook_state == "pending"  # no webhook: state unused
+
+
+async def test_idempotency_key_returns_the_first_job(jobs):
+    """The same Idempotency-Key answers the first job and tells whether the body matches."""
+    first, second = make_record(), make_record()
+    key = ("k" * 64, body_hash(b"body"))
+    assert (await jobs.create(first, idempotency=key)).created
+    replay = await jobs.create(second, idempotency=key)
+    assert (replay.job_id, replay.created, replay.same_body) == (first.id, False, True)
+    other = await jobs.create(second, idempotency=("k" * 64, body_hash(b"other")))
+    assert other.same_body is False
+    assert await jobs.get(second.id) is None
+
+
+async def test_pages_list_newest_first_with_a_cursor(jobs):
+    """Listing answers newest first, page by page, and filters by status."""
+    ids = []
+    for _ in range(5):
+        record = make_record()
+        await jobs.create(record)
+        ids.append(record.id)
+    page1, cursor = await jobs.page("orders", status=None, limit=2, cursor=None)
+    page2, cursor2 = await jobs.page("orders", status=None, limit=2, cursor=cursor)
+    page3, cursor3 = await jobs.page("orders", status=None, limit=2, cursor=cursor2)
+    listed = [j.record.id for j in page1 + page2 + page3]
+    assert listed == list(reversed(ids))
+    assert cursor3 is None
+    pending, _ = await jobs.page("orders", status="pending", limit=10, cursor=None)
+    assert len(pending) == 5
+    failed, _ = await jobs.page("orders", status="failed", limit=10, cursor=None)
+    assert failed == []
+
+
+async def test_resend_requeues_the_final_event(jobs, schedules, deliveries):
+    """A final job's event can be queued again; a job that is not final cannot."""
+    record = make_record()
+    await jobs.create(record)
+    assert await deliveries.resend(record.id) is Resend.NOT_FINAL
+    stored = await jobs.get(record.id)
+    error = JobErrorInfo(code="upstream_error", message="boom")
+    await jobs.finish(stored, "failed", lease=None, error=error)
+    [claim] = await schedules.claim("deliver", 10)
+    assert await schedules.claim("deliver", 10) == []
+    assert await deliveries.resend(record.id) is Resend.QUEUED
+    assert [c.member for c in await schedules.claim("deliver", 10)] == [claim.member]
