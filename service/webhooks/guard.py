@@ -1,0 +1,273 @@
+"""The callback URL guard: which webhook URLs a tenant may register, and which addresses we dial.
+
+Two checks, at two times. At submit time `callback_url_problem` vets the URL's form and host
+against the tenant's `callback_hosts`. At connect time `GuardedResolver` drops link-local and
+cloud metadata addresses from every DNS answer, so a name that is re-pointed after submit (DNS
+rebinding) still cannot reach them. aiohttp never asks the resolver about IP-literal hosts, so
+the delivery code checks those itself with `literal_address` and `is_forbidden_address`.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import logging
+import re
+import socket
+from typing import TYPE_CHECKING, TypeAlias
+from urllib.parse import urlsplit
+
+import aiohttp
+from aiohttp.abc import AbstractResolver
+from yarl import URL
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from aiohttp.abc import ResolveResult
+
+__all__ = [
+    "MAX_URL_LENGTH",
+    "ForbiddenAddressError",
+    "GuardedResolver",
+    "callback_url_problem",
+    "is_forbidden_address",
+    "literal_address",
+]
+
+logger = logging.getLogger(__name__)
+
+MAX_URL_LENGTH = 2048
+
+IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# Link-local (where every cloud's metadata service lives: AWS, GCP, Azure, OCI, DigitalOcean),
+# "this network" (0.0.0.0 reaches the local host on Linux), Alibaba's metadata service and
+# Azure's WireServer. Loopback and private ranges stay allowed: operators call in-cluster
+# receivers, and `callback_hosts` is what restricts destinations.
+_FORBIDDEN_V4 = tuple(
+    ipaddress.IPv4Network(net)
+    for net in ("169.254.0.0/16", "0.0.0.0/8", "100.100.100.200/32", "168.63.129.16/32")
+)
+# Link-local, AWS's IPv6 metadata endpoint, and the unspecified address.
+_FORBIDDEN_V6 = tuple(ipaddress.IPv6Network(net) for net in ("fe80::/10", "fd00:ec2::254/128"))
+
+_IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+_IPV4_TRANSLATED = ipaddress.IPv6Network("::ffff:0:0:0/96")  # SIIT, RFC 2765
+_IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")  # deprecated, still routed by some stacks
+_NAT64_WELL_KNOWN = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052
+_NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")  # RFC 8215; operators pick the length
+# Prefixes whose addresses carry the IPv4 address in their last 32 bits.
+_LOW_32_BITS = (_IPV4_MAPPED, _IPV4_TRANSLATED, _IPV4_COMPATIBLE, _NAT64_WELL_KNOWN)
+_SIX_TO_FOUR = ipaddress.IPv6Network("2002::/16")
+_TEREDO = ipaddress.IPv6Network("2001::/32")
+
+# Legacy inet_aton spellings (2852039166, 0xa9.0xfe.0xa9.0xfe, 169.254.43518) that
+# getaddrinfo still maps onto an address; only these characters can form one.
+_LEGACY_IPV4 = re.compile(r"[0-9a-fx.]+", re.IGNORECASE)
+# A DNS name as it reaches the wire after IDNA encoding (underscore: some internal names use it).
+_DNS_NAME = re.compile(r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*")
+
+
+class ForbiddenAddressError(OSError):
+    """A webhook host resolved only to link-local or metadata addresses, so nothing was dialled."""
+
+
+def _rfc6052_ipv4(value: int, prefix_len: int) -> ipaddress.IPv4Address:
+    """Extract the IPv4 address a NAT64 prefix of `prefix_len` bits embeds (RFC 6052 §2.2)."""
+    if prefix_len == 96:
+        return ipaddress.IPv4Address(value & 0xFFFFFFFF)
+    # Bits 64-71 (the "u" octet) are skipped: the v4 bits sit either side of it.
+    before_u = 64 - prefix_len
+    high = (value >> 64) & ((1 << before_u) - 1)
+    low = (value >> (56 - (32 - before_u))) & ((1 << (32 - before_u)) - 1)
+    return ipaddress.IPv4Address((high << (32 - before_u)) | low)
+
+
+def _embedded_ipv4(addr: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """Every IPv4 address an IPv6 address may carry through a translation or tunnel."""
+    value = int(addr)
+    found: list[ipaddress.IPv4Address] = []
+    if any(addr in net for net in _LOW_32_BITS):
+        found.append(ipaddress.IPv4Address(value & 0xFFFFFFFF))
+    elif addr in _NAT64_LOCAL:
+        found.extend(_rfc6052_ipv4(value, length) for length in (48, 56, 64, 96))
+    elif addr in _SIX_TO_FOUR:
+        found.append(ipaddress.IPv4Address((value >> 80) & 0xFFFFFFFF))
+    elif addr in _TEREDO and addr.teredo is not None:
+        found.extend(addr.teredo)  # (server, client), the client already de-obfuscated
+    return found
+
+
+def _parse_address(addr: str | IPAddress) -> IPAddress:
+    """Parse an address string, accepting an IPv6 zone (`fe80::1%eth0`)."""
+    if isinstance(addr, ipaddress.IPv4Address | ipaddress.IPv6Address):
+        return addr
+    return ipaddress.ip_address(addr.strip("[]"))
+
+
+def is_forbidden_address(addr: str | ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Tell whether an address is link-local, unspecified or a cloud metadata endpoint.
+
+    IPv4 addresses embedded in IPv6 (mapped, compatible, NAT64, 6to4, Teredo) are checked too.
+    Raise ValueError when `addr` is a string that is not an IP address.
+    """
+    ip = _parse_address(addr)
+    if isinstance(ip, ipaddress.IPv4Address):
+        return any(ip in net for net in _FORBIDDEN_V4)
+    if ip.is_loopback:
+        return False  # ::1 sits inside ::/96 but is plainly the local host, not an IPv4 form
+    if ip.is_unspecified or any(ip in net for net in _FORBIDDEN_V6):
+        return True
+    return any(is_forbidden_address(v4) for v4 in _embedded_ipv4(ip))
+
+
+def literal_address(host: str) -> IPAddress | None:
+    """Return the address an IP-literal host names (legacy IPv4 spellings too), else None."""
+    host = host.strip("[]").rstrip(".")
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    if _LEGACY_IPV4.fullmatch(host):
+        try:
+            return ipaddress.IPv4Address(socket.inet_aton(host))
+        except OSError:
+            return None
+    return None
+
+
+@functools.lru_cache(maxsize=1024)
+def _normalise_host(host: str) -> str | None:
+    """Lower-case, strip the trailing dot and IDNA-encode a host name; None when it is not one."""
+    host = host.strip().strip("[]").rstrip(".")
+    if not host:
+        return None
+    if literal_address(host) is not None:
+        return host.lower()
+    try:
+        encoded = URL.build(scheme="http", host=host).raw_host
+    except ValueError:
+        return None
+    if encoded is None:
+        return None
+    encoded = encoded.lower().rstrip(".")
+    return encoded if _DNS_NAME.fullmatch(encoded) else None
+
+
+def _host_allowed(host: str, allowed_hosts: Sequence[str]) -> bool:
+    """Match a normalised DNS host against exact entries and `*.suffix` wildcards."""
+    for entry in allowed_hosts:
+        if entry.startswith("*."):
+            suffix = _normalise_host(entry[2:])
+            # A strict subdomain only: `*.orders.internal` does not admit `orders.internal`.
+            if suffix is not None and host.endswith("." + suffix):
+                return True
+        elif _normalise_host(entry) == host:
+            return True
+    return False
+
+
+def _literal_allowed(ip: IPAddress, allowed_hosts: Sequence[str]) -> bool:
+    """Match an IP-literal host against entries naming exactly that address."""
+    for entry in allowed_hosts:
+        try:
+            if ipaddress.ip_address(entry.strip().strip("[]")) == ip:
+                return True
+        except ValueError:
+            continue
+    return False
+
+
+# A flat list of rules, one return each, reads better than folding them together.
+def _form_problem(url: str) -> tuple[str | None, URL | None]:  # noqa: PLR0911
+    """Check what any webhook URL must be, whoever the tenant; return (problem, parsed URL)."""
+    if len(url) > MAX_URL_LENGTH:
+        return f"URL is longer than {MAX_URL_LENGTH} characters", None
+    # yarl silently drops tabs and newlines (as browsers do); refuse them rather than guess.
+    if any(ch.isspace() or not ch.isprintable() for ch in url):
+        return "URL contains whitespace or control characters", None
+    try:
+        parsed = URL(url)
+    except ValueError:
+        return "URL is not a valid absolute URL", None
+    if parsed.scheme not in {"http", "https"}:
+        return "URL scheme must be http or https", None
+    if not parsed.raw_host:
+        return "URL has no host", None
+    # yarl drops an empty userinfo (`http://@host/`), so look at the authority as written too.
+    if parsed.user is not None or parsed.password is not None or "@" in urlsplit(url).netloc:
+        return "URL must not carry user:password", None
+    return None, parsed
+
+
+def _literal_problem(raw_host: str, ip: IPAddress, allowed_hosts: Sequence[str]) -> str | None:
+    """Check an IP-literal host: never forbidden, canonical, and listed exactly."""
+    if is_forbidden_address(ip):
+        return "URL points at a link-local or cloud metadata address"
+    # aiohttp refuses 2130706433, 127.1 and friends; say so now rather than at delivery.
+    if ip.version == 4 and raw_host != str(ip):
+        return "an IPv4 host must be written as a plain dotted quad"
+    if not _literal_allowed(ip, allowed_hosts):
+        return f"host {ip} is not in this tenant's callback_hosts"
+    return None
+
+
+def callback_url_problem(url: str, allowed_hosts: Sequence[str]) -> str | None:
+    """Return None when a tenant may use `url` as its webhook URL, else a short reason why not.
+
+    Parsing is yarl's, the same parser aiohttp uses to connect, so what is checked is what is
+    dialled.
+    """
+    problem, parsed = _form_problem(url)
+    if parsed is None or parsed.raw_host is None:
+        return problem
+    ip = literal_address(parsed.host or parsed.raw_host)
+    if ip is not None:
+        return _literal_problem(parsed.raw_host, ip, allowed_hosts)
+    host = _normalise_host(parsed.raw_host)
+    if host is None:
+        return "URL host is not a valid host name"
+    if not _host_allowed(host, allowed_hosts):
+        return f"host {host} is not in this tenant's callback_hosts"
+    return None
+
+
+class GuardedResolver(AbstractResolver):
+    """A resolver that drops forbidden addresses from another resolver's answers.
+
+    This is the DNS-rebinding defence: it runs at connect time on the addresses actually
+    dialled. When nothing is left it raises ForbiddenAddressError (aiohttp wraps it in
+    ClientConnectorDNSError, keeping it as the cause).
+    """
+
+    def __init__(self, inner: AbstractResolver | None = None) -> None:
+        # DefaultResolver() (ThreadedResolver) binds to the running loop: construct in one.
+        self._inner = inner if inner is not None else aiohttp.DefaultResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        """Resolve with the inner resolver and keep only addresses that may be dialled."""
+        answers = await self._inner.resolve(host, port, family)
+        kept = [answer for answer in answers if not _forbidden_answer(answer["host"])]
+        if len(kept) < len(answers):
+            dropped = sorted({a["host"] for a in answers} - {a["host"] for a in kept})
+            logger.warning("webhook host %s resolved to forbidden addresses %s", host, dropped)
+        if not kept:
+            raise ForbiddenAddressError(
+                f"webhook host {host} resolves only to link-local or metadata addresses"
+            )
+        return kept
+
+    async def close(self) -> None:
+        """Close the inner resolver."""
+        await self._inner.close()
+
+
+def _forbidden_answer(addr: str) -> bool:
+    """Fail closed: an answer that is not an address at all is never dialled."""
+    try:
+        return is_forbidden_address(addr)
+    except ValueError:
+        return True
