@@ -1,0 +1,591 @@
+"""The RunComfy client against a real emulator server (and small scripted servers)."""
+
+import asyncio
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from typing import Any
+
+import aiohttp
+import msgspec
+import pytest
+from aiohttp import web
+
+from service.runcomfy.client import (
+    RunComfyClient,
+    UpstreamError,
+    UpstreamOutcomeUnknown,
+    UpstreamRejected,
+    UpstreamUnreachable,
+    create_upstream_session,
+)
+from service.runcomfy.emulator import MODEL, EmulatorConfig, start_emulator
+from service.runcomfy.wire import (
+    CANCEL_DECODER,
+    ERROR_DECODER,
+    RESULT_DECODER,
+    STATUS_DECODER,
+    SUBMIT_DECODER,
+)
+
+TOKEN = "sk-test-9f8e7d6c5b4a-secret"  # noqa: S105 -- a test token, the one we hunt for
+INPUT = msgspec.json.encode({"prompt": "a cat surfing", "video_url": "https://example.com/in.mp4"})
+
+StartEmulator = Callable[..., Awaitable[str]]
+ServeScript = Callable[[Callable[[web.Request], Awaitable[web.StreamResponse]]], Awaitable[str]]
+
+
+@pytest.fixture
+async def emulator() -> AsyncIterator[StartEmulator]:
+    """Start real emulator servers on free ports (fast timings by default); stop them after."""
+    runners: list[web.AppRunner] = []
+
+    async def start(**fields: Any) -> str:
+        config = EmulatorConfig(**{"queue_s": 0.2, "run_s": 0.2, "seed": 7, **fields})
+        runner, url = await start_emulator(config)
+        runners.append(runner)
+        return url
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def scripted() -> AsyncIterator[ServeScript]:
+    """Serve one handler for every path: an upstream that answers exactly as a test scripts it."""
+    runners: list[web.AppRunner] = []
+
+    async def serve(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> str:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", handler)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        runners.append(runner)
+        return f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+    yield serve
+    for runner in runners:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with create_upstream_session() as upstream_session:
+        yield upstream_session
+
+
+def hidden(exc: BaseException) -> bool:
+    """Whether the token stays out of everything an exception shows."""
+    return TOKEN not in str(exc) and TOKEN not in repr(exc) and TOKEN not in repr(exc.args)
+
+
+async def emulator_requests(session: aiohttp.ClientSession, url: str) -> dict[str, Any]:
+    async with session.get(f"{url}/_emulator/requests") as response:
+        return msgspec.json.decode(await response.read())  # type: ignore[no-any-return]
+
+
+async def wait_for(
+    check: Callable[[], Awaitable[Any]], what: str, deadline_s: float = 5.0, every_s: float = 0.02
+) -> Any:
+    """Poll ``check`` until it returns something truthy, failing after the deadline."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        if found := await check():
+            return found
+        await asyncio.sleep(every_s)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+async def wait_for_status(client: RunComfyClient, request_id: str, status: str) -> Any:
+    async def check() -> Any:
+        answer = await client.status(request_id)
+        return answer if answer.status == status else None
+
+    return await wait_for(check, f"status {status}")
+
+
+async def test_status_goes_from_queue_to_progress_to_completed(
+    emulator: StartEmulator, session: aiohttp.ClientSession
+) -> None:
+    """A request is in_queue with a 0-based queue position, then in_progress, then completed."""
+    url = await emulator(queue_s=0.5, run_s=0.3)
+    client = RunComfyClient(session, url, TOKEN)
+    first = await client.submit(MODEL, INPUT)
+    second = await client.submit(MODEL, INPUT)
+    assert first.request_id
+    assert second.request_id
+
+    first_status = await client.status(first.request_id)
+    second_status = await client.status(second.request_id)
+    assert (first_status.status, first_status.queue_position) == ("in_queue", 0)
+    assert (second_status.status, second_status.queue_position) == ("in_queue", 1)
+
+    running = await wait_for_status(client, second.request_id, "in_progress")
+    assert running.queue_position is None
+    done = await wait_for_status(client, second.request_id, "completed")
+    assert done.request_id == second.request_id
+
+
+async def test_submit_answers_absolute_urls_to_follow(
+    emulator: StartEmulator, session: aiohttp.ClientSession
+) -> None:
+    """Submit answers status, result and cancel URLs on the emulator's own host."""
+    url = await emulator()
+    answer = await RunComfyClient(session, url, TOKEN).submit(MODEL, INPUT)
+    assert answer.status_url == f"{url}/v1/requests/{answer.request_id}/status"
+    assert answer.result_url == f"{url}/v1/requests/{answer.request_id}/result"
+    assert answer.cancel_url == f"{url}/v1/requests/{answer.request_id}/cancel"
+
+
+async def test_completed_result_has_a_fetchable_output(
+    emulator: StartEmulator, session: aiohttp.ClientSession
+) -> None:
+    """A completed request's result carries a video URL the emulator itself serves."""
+    url = await emulator(queue_s=0, run_s=0)
+    client = RunComfyClient(session, url, TOKEN)
+    submitted = await client.submit(MODEL, INPUT)
+    assert submitted.request_id
+    result = await client.result(submitted.request_id)
+
+    assert result.status == "completed"
+    assert result.error is None
+    assert result.created_at
+    assert result.finished_at
+    assert result.output is not None
+    async with session.get(result.output["video"]) as video:
+        assert video.status == 200
+        assert video.content_type == "video/mp4"
+        assert len(await video.read()) > 0
+
+
+async def test_result_before_the_end_answers_only_the_status(
+    emulator: StartEmulator, session: aiohttp.ClientSession
+) -> None:
+    """Before a request is final its result is just the current status, without output."""
+    url = await emulator(queue_s=30)
+    client = RunComfyClient(session, url, TOKEN)
+    submitted = await client.submit(MODEL, INPUT)
+    assert submitted.request_id
+    result = await client.result(submitted.request_id)
+    assert (result.status, result.output, result.error) == ("in_queue", None, None)
+
+
+async def test_failed_request_reports_its_error_as_string_or_object(
+    emulator: StartEmulator, session: aiohttp.ClientSession
+) -> None:
+    """A failed request's result has no output and an error, sent as a string or an object."""
+    url = await emulator(queue_s=0, run_s=0, fail_rate=1.0)
+    client = RunComfyClient(session, url, TOKEN)
+    shapes = set()
+    for _ in range(10):
+        submitted = await client.submit(MODEL, INPUT)
+        assert submitted.request_id
+        result = await client.result(submitted.request_id)
+        assert (result.status, result.output) == ("failed", None)
+        _code, message = result.error_parts()
+        assert message
+        shapes.add(type(result.error))
+    assert shapes == {str, dict}
+
+
+async def test_cancel_of_a_queued_request_cancels_it(
+    emulator: StartEmulator, session: aiohttp.ClientSession
+) -> None:
+    """Cancelling a queued request answers outcome cancelled and its status becomes cancelled."""
+    url = await emulator(queue_s=30)
+    client = RunComfyClient(session, url, TOKEN)
+    submitted = await client.submit(MODEL, INPUT)
+    assert submitted.request_id
+    answer = await client.cancel(submitted.request_id)
+    assert (answer.request_id, answer.outcome) == (submitted.request_id, "cancelled")
+    assert (await client.status(submitted.request_id)).status == "cancelled"
+
+
+async def test_cancel_of_a_running_request_is_not_cancellable(
+    emulator: StartEmulator, session: aiohttp.ClientSession
+) -> None:
+    """Cancelling a request already in progress answers not_cancellable and it keeps running."""
+    url = await emulator(queue_s=0, run_s=30)
+    client = RunComfyClient(session, url, TOKEN)
+    submitted = await client.submit(MODEL, INPUT)
+    assert submitted.request_id
+    assert (await client.cancel(submitted.request_id)).outcome == "not_cancellable"
+    assert (await client.status(submitted.request_id)).status == "in_progress"
+
+
+async def test_rate_limited_submit_is_retryable_with_retry_after(
+    emulator: StartEmulator, session: aiohttp.ClientSession
+) -> None:
+    """A 429 is a retryable rate_limited rejection carrying Retry-After, and creates nothing."""
+    url = await emulator(rate_429=1.0, retry_after_s=2)
+    with pytest.raises(UpstreamRejected) as caught:
+        await RunComfyClient(session, url, TOKEN).submit(MODEL, INPUT)
+    rejected = caught.value
+    assert (rejected.http_status, rejected.kind, rejected.retry_after_s) == (429, "rate_limited", 2)
+    assert rejected.retryable
+    assert hidden(rejected)
+    assert (await emulator_requests(session, url))["submits"] == 0
+
+
+async def test_server_error_is_a_retryable_server_rejection(
+    emulator: StartEmulator, session: aiohttp.ClientSession
+) -> None:
+    """A 5xx with error_code 500001 is a retryable server rejection, and creates nothing."""
+    url = await emulator(error_5xx_rate=1.0)
+    with pytest.raises(UpstreamRejected) as caught:
+        await RunComfyClient(session, url, TOKEN).submit(MODEL, INPUT)
+    rejected = caught.value
+    assert rejected.http_status in {500, 502, 503}
+    assert (rejected.kind, rejected.error_code, rejected.retryable) == ("server", "500001", True)
+    assert rejected.message
+    assert hidden(rejected)
+    assert (await emulator_requests(session, url))["submits"] == 0
+
+
+async def test_http_200_with_error_code_is_a_rejection(
+    emulator: StartEmulator, session: aiohttp.ClientSession
+) -> None:
+    """HTTP 200 with a top-level error_code and no request_id is a (server) rejection."""
+    url = await emulator(http200_error_rate=1.0)
+    with pytest.raises(UpstreamRejected) as caught:
+        await RunComfyClient(session, url, TOKEN).submit(MODEL, INPUT)
+    rejected = caught.value
+    assert (rejected.http_status, rejected.error_code, rejected.kind) == (200, "500001", "server")
+    assert rejected.retryable
+    assert hidden(rejected)
+    assert (await emulator_requests(session, url))["submits"] == 0
+
+
+async def test_http_200_with_error_code_on_status_is_a_rejection(
+    emulator: StartEmulator, session: aiohttp.ClientSession
+) -> None:
+    """A status call answered HTTP 200 with only an error_code raises, not a blank status."""
+    url = await emulator()
+    client = RunComfyClient(session, url, TOKEN)
+    submitted = await client.submit(MODEL, INPUT)
+    assert submitted.request_id
+    async with session.post(f"{url}/_emulator/config", json={"http200_error_rate": 1.0}) as r:
+        assert r.status == 200
+    with pytest.raises(UpstreamRejected) as caught:
+        await client.status(submitted.request_id)
+    assert (caught.value.http_status, caught.value.error_code) == (200, "500001")
+
+
+async def test_exhausted_funds_are_insufficient_funds(
+    emulator: StartEmulator, session: aiohttp.ClientSession
+) -> None:
+    """A 402 with error_code 10001 is a retryable insufficient_funds rejection."""
+    url = await emulator(funds_exhausted=True)
+    with pytest.raises(UpstreamRejected) as caught:
+        await RunComfyClient(session, url, TOKEN).submit(MODEL, INPUT)
+    rejected = caught.value
+    assert (rejected.http_status, rejected.kind, rejected.error_code) == (
+        402,
+        "insufficient_funds",
+        "10001",
+    )
+    assert rejected.retryable
+
+
+async def test_wrong_token_is_an_auth_rejection_that_never_shows_the_token(
+    emulator: StartEmulator, session: aiohttp.ClientSession
+) -> None:
+    """A wrong token answers 401 (auth, not retryable); the token appears nowhere in the error."""
+    url = await emulator(token="the-right-token")  # noqa: S106 -- a test token
+    client = RunComfyClient(session, url, TOKEN)
+    with pytest.raises(UpstreamRejected) as caught:
+        await client.submit(MODEL, INPUT)
+    rejected = caught.value
+    assert (rejected.http_status, rejected.kind, rejected.error_code) == (401, "auth", "401001")
+    assert not rejected.retryable
+    assert hidden(rejected)
+    assert TOKEN not in repr(client)
+
+
+async def test_unknown_request_is_not_found(
+    emulator: StartEmulator, session: aiohttp.ClientSession
+) -> None:
+    """Asking about a request RunComfy does not know is a not_found rejection."""
+    url = await emulator()
+    with pytest.raises(UpstreamRejected) as caught:
+        await RunComfyClient(session, url, TOKEN).status("no-such-request")
+    assert (caught.value.http_status, caught.value.kind) == (404, "not_found")
+    assert not caught.value.retryable
+
+
+async def test_invalid_input_is_an_invalid_rejection(
+    emulator: StartEmulator, session: aiohttp.ClientSession
+) -> None:
+    """Input without a prompt is a 422 invalid rejection that is not worth retrying."""
+    url = await emulator()
+    with pytest.raises(UpstreamRejected) as caught:
+        await RunComfyClient(session, url, TOKEN).submit(MODEL, b'{"video_url": "https://a/b"}')
+    assert (caught.value.http_status, caught.value.kind, caught.value.error_code) == (
+        422,
+        "invalid",
+        "422001",
+    )
+    assert not caught.value.retryable
+
+
+async def test_refused_connection_is_unreachable(session: aiohttp.ClientSession) -> None:
+    """A port nobody listens on makes the call UpstreamUnreachable: nothing was sent."""
+    with socket.socket() as placeholder:
+        placeholder.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+        url = f"http://127.0.0.1:{placeholder.getsockname()[1]}"
+        with pytest.raises(UpstreamUnreachable) as caught:
+            await RunComfyClient(session, url, TOKEN).submit(MODEL, INPUT)
+    assert hidden(caught.value)
+
+
+@pytest.fixture
+def unanswered_port() -> Any:
+    """A port whose accept queue is full, so a new TCP connect hangs until it times out."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    port = server.getsockname()[1]
+    fillers = []
+    for _ in range(3):
+        filler = socket.socket()
+        filler.setblocking(False)  # noqa: FBT003 -- socket API
+        filler.connect_ex(("127.0.0.1", port))
+        fillers.append(filler)
+    yield port
+    for sock in [*fillers, server]:
+        sock.close()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="relies on Linux dropping SYNs to a full queue")
+async def test_connect_timeout_is_unreachable(
+    session: aiohttp.ClientSession, unanswered_port: int
+) -> None:
+    """A connect that times out is UpstreamUnreachable, even when the whole-call timeout fires."""
+    client = RunComfyClient(session, f"http://127.0.0.1:{unanswered_port}", TOKEN, timeout_s=0.3)
+    with pytest.raises(UpstreamUnreachable, match="timed out connecting"):
+        await client.submit(MODEL, INPUT)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="relies on Linux dropping SYNs to a full queue")
+async def test_timeout_on_a_foreign_session_is_treated_as_unknown(unanswered_port: int) -> None:
+    """On a session not made by create_upstream_session a timeout cannot be placed: unknown."""
+    async with aiohttp.ClientSession() as plain_session:
+        url = f"http://127.0.0.1:{unanswered_port}"
+        client = RunComfyClient(plain_session, url, TOKEN, timeout_s=0.3)
+        with pytest.raises(UpstreamOutcomeUnknown):
+            await client.submit(MODEL, INPUT)
+
+
+async def test_latency_beyond_the_timeout_leaves_the_submit_outcome_unknown(
+    emulator: StartEmulator, session: aiohttp.ClientSession
+) -> None:
+    """A submit whose answer comes after the timeout is UpstreamOutcomeUnknown, and it did land."""
+    url = await emulator(latency_ms=600)
+    client = RunComfyClient(session, url, TOKEN, timeout_s=0.2)
+    with pytest.raises(UpstreamOutcomeUnknown) as caught:
+        await client.submit(MODEL, INPUT)
+    assert hidden(caught.value)
+
+    async def landed() -> bool:
+        return bool((await emulator_requests(session, url))["submits"] == 1)
+
+    await wait_for(landed, "the late submit to create its request")
+
+
+async def test_slow_status_is_outcome_unknown(
+    emulator: StartEmulator, session: aiohttp.ClientSession
+) -> None:
+    """A status answer slower than the timeout is UpstreamOutcomeUnknown."""
+    url = await emulator(latency_ms=600)
+    with pytest.raises(UpstreamOutcomeUnknown):
+        await RunComfyClient(session, url, TOKEN, timeout_s=0.2).status("any")
+
+
+async def test_dropped_submit_is_unknown_yet_created_upstream(
+    emulator: StartEmulator, session: aiohttp.ClientSession
+) -> None:
+    """A submit whose connection drops unanswered is UpstreamOutcomeUnknown; the request exists."""
+    url = await emulator(drop_rate=1.0)
+    with pytest.raises(UpstreamOutcomeUnknown) as caught:
+        await RunComfyClient(session, url, TOKEN).submit(MODEL, INPUT)
+    assert hidden(caught.value)
+    listed = await emulator_requests(session, url)
+    assert listed["submits"] == 1
+    assert [item["input"]["prompt"] for item in listed["items"]] == ["a cat surfing"]
+
+
+async def test_dropped_status_is_outcome_unknown(
+    emulator: StartEmulator, session: aiohttp.ClientSession
+) -> None:
+    """A status call whose connection drops unanswered is UpstreamOutcomeUnknown."""
+    url = await emulator(drop_rate=1.0)
+    with pytest.raises(UpstreamOutcomeUnknown):
+        await RunComfyClient(session, url, TOKEN).status("any")
+
+
+async def test_unknown_fields_and_statuses_are_tolerated(
+    scripted: ServeScript, session: aiohttp.ClientSession
+) -> None:
+    """Answers with extra fields and unfamiliar statuses (succeeded) decode without complaint."""
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "request_id": "r1",
+                "status": "succeeded",
+                "queue_position": "3",
+                "outcome": "cancellation_requested",
+                "output": {"videos": ["https://x/1.mp4"], "extra": {"a": 1}},
+                "error": {"code": 7, "message": "nope", "trace": []},
+                "brand_new_field": [1, 2, 3],
+            }
+        )
+
+    client = RunComfyClient(session, await scripted(answer), TOKEN)
+    status = await client.status("r1")
+    assert (status.status, status.queue_position) == ("succeeded", 3)
+    result = await client.result("r1")
+    assert result.output == {"videos": ["https://x/1.mp4"], "extra": {"a": 1}}
+    assert result.error_parts() == ("7", "nope")
+    assert (await client.cancel("r1")).outcome == "cancellation_requested"
+
+
+def test_wire_decoders_ignore_unknown_fields() -> None:
+    """Every wire decoder ignores fields it does not know and leaves missing ones None."""
+    body = b'{"request_id": "r", "surprise": {"deep": [1]}, "status": "weird", "error": "boom"}'
+    assert SUBMIT_DECODER.decode(body).request_id == "r"
+    assert SUBMIT_DECODER.decode(body).status_url is None
+    assert STATUS_DECODER.decode(body).status == "weird"
+    assert RESULT_DECODER.decode(body).error_parts() == (None, "boom")
+    assert CANCEL_DECODER.decode(body).outcome is None
+    error = ERROR_DECODER.decode(b'{"error_code": "10001", "error_message": "m", "x": 1}')
+    assert (error.error_code, error.error_message) == ("10001", "m")
+
+
+async def test_garbage_body_on_success_is_outcome_unknown(
+    scripted: ServeScript, session: aiohttp.ClientSession
+) -> None:
+    """HTTP 200 with a body that is not JSON is no answer at all: UpstreamOutcomeUnknown."""
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(text="<html>gateway hiccup</html>", content_type="text/html")
+
+    with pytest.raises(UpstreamOutcomeUnknown, match="undecodable"):
+        await RunComfyClient(session, await scripted(answer), TOKEN).submit(MODEL, INPUT)
+
+
+async def test_success_without_request_id_is_a_rejection(
+    scripted: ServeScript, session: aiohttp.ClientSession
+) -> None:
+    """A 2xx submit answer naming no request (and no error_code) is an 'other' rejection."""
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    with pytest.raises(UpstreamRejected) as caught:
+        await RunComfyClient(session, await scripted(answer), TOKEN).submit(MODEL, INPUT)
+    assert (caught.value.http_status, caught.value.kind) == (200, "other")
+
+
+async def test_error_text_echoing_the_token_is_scrubbed(
+    scripted: ServeScript, session: aiohttp.ClientSession
+) -> None:
+    """An upstream error message that echoes the Authorization header never leaks the token."""
+
+    async def answer(request: web.Request) -> web.Response:
+        header = request.headers["Authorization"]
+        return web.json_response({"error": {"message": f"bad token {header}"}}, status=403)
+
+    with pytest.raises(UpstreamRejected) as caught:
+        await RunComfyClient(session, await scripted(answer), TOKEN).status("r")
+    assert caught.value.kind == "auth"
+    assert "bad token Bearer ***" in caught.value.message
+    assert hidden(caught.value)
+
+
+async def test_retry_after_as_http_date_is_read(
+    scripted: ServeScript, session: aiohttp.ClientSession
+) -> None:
+    """Retry-After given as an HTTP-date becomes the seconds until that date."""
+    when = datetime.now(UTC) + timedelta(seconds=30)
+
+    async def answer(request: web.Request) -> web.Response:
+        headers = {"Retry-After": format_datetime(when, usegmt=True)}
+        return web.json_response({"message": "slow down"}, status=503, headers=headers)
+
+    with pytest.raises(UpstreamRejected) as caught:
+        await RunComfyClient(session, await scripted(answer), TOKEN).status("r")
+    assert caught.value.kind == "server"
+    assert caught.value.retry_after_s is not None
+    assert 25 <= caught.value.retry_after_s <= 30
+
+
+async def test_error_status_without_json_is_still_a_rejection(
+    scripted: ServeScript, session: aiohttp.ClientSession
+) -> None:
+    """An HTML error page from a proxy is a definite rejection with an excerpt as its message."""
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(status=502, text="<h1>Bad Gateway</h1>", content_type="text/html")
+
+    with pytest.raises(UpstreamRejected) as caught:
+        await RunComfyClient(session, await scripted(answer), TOKEN).submit(MODEL, INPUT)
+    assert (caught.value.http_status, caught.value.kind, caught.value.error_code) == (
+        502,
+        "server",
+        None,
+    )
+    assert "Bad Gateway" in caught.value.message
+
+
+async def test_redirects_are_not_followed(
+    scripted: ServeScript, session: aiohttp.ClientSession
+) -> None:
+    """A redirect is answered as an 'other' rejection, never followed with the token."""
+    hits: list[str] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        hits.append(request.path)
+        return web.Response(status=307, headers={"Location": "/elsewhere"})
+
+    with pytest.raises(UpstreamRejected) as caught:
+        await RunComfyClient(session, await scripted(answer), TOKEN).status("r")
+    assert (caught.value.http_status, caught.value.kind) == (307, "other")
+    assert hits == ["/v1/requests/r/status"]
+
+
+async def test_calls_send_the_token_and_identify_themselves(
+    scripted: ServeScript, session: aiohttp.ClientSession
+) -> None:
+    """Every call carries the Bearer token, JSON Accept and the gateway's User-Agent."""
+    seen: list[tuple[str, str, str, str, bytes]] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        headers = request.headers
+        seen.append(
+            (
+                request.method,
+                headers["Authorization"],
+                headers["Accept"],
+                headers["User-Agent"],
+                await request.read(),
+            )
+        )
+        return web.json_response({"request_id": "r1"})
+
+    await RunComfyClient(session, await scripted(answer), TOKEN).submit(MODEL, INPUT)
+    assert seen == [("POST", f"Bearer {TOKEN}", "application/json", "runcomfy-gateway/0.1", INPUT)]
+
+
+async def test_every_raised_error_is_an_upstream_error(
+    emulator: StartEmulator, session: aiohttp.ClientSession
+) -> None:
+    """Each failure kind the client raises shares the UpstreamError base."""
+    url = await emulator(error_5xx_rate=1.0)
+    with pytest.raises(UpstreamError):
+        await RunComfyClient(session, url, TOKEN).status("r")
