@@ -14,7 +14,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Final
+from typing import Final, Literal, cast
 
 import msgspec
 
@@ -87,6 +87,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     worker_metrics_port: int = 9091
     webhook_deadline_s: float = 15.0
     upstream_timeout_s: float = 20.0
+    submit_unknown_policy: Literal["fail", "retry"] = "fail"
 
     def __repr__(self) -> str:
         tenants = list(self.tenants.by_id)
@@ -199,7 +200,9 @@ def load_tenants(path: str) -> Tenants:
     return parse_tenants(text, where=path)
 
 
-def load_settings(env: Mapping[str, str], *, tenants: Tenants | None = None) -> Settings:
+def load_settings(  # noqa: C901 - one flat check per variable reads best
+    env: Mapping[str, str], *, tenants: Tenants | None = None
+) -> Settings:
     """Build `Settings` from `env`; `tenants` given (by `dev`) replaces the tenants file."""
     redis_url = env.get("REDIS_URL", "")
     if not redis_url:
@@ -241,7 +244,11 @@ def load_settings(env: Mapping[str, str], *, tenants: Tenants | None = None) -> 
             "GATEWAY_LEASE_S must be longer than GATEWAY_UPSTREAM_TIMEOUT_S "
             "and GATEWAY_WEBHOOK_TIMEOUT_S"
         )
+    policy = env.get("GATEWAY_SUBMIT_UNKNOWN") or "fail"
+    if policy not in {"fail", "retry"}:
+        raise ConfigError(f"GATEWAY_SUBMIT_UNKNOWN must be 'fail' or 'retry', got {policy!r}")
     return Settings(
+        submit_unknown_policy=cast('Literal["fail", "retry"]', policy),
         redis_url=redis_url,
         runcomfy_base_url=base_url.rstrip("/"),
         runcomfy_token=token,

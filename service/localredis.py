@@ -7,15 +7,27 @@ points at a managed Redis.
 
 from __future__ import annotations
 
+import ctypes
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 import redis
+
+
+def _die_with_parent() -> None:
+    """Linux: have the kernel stop the child when we die, even by SIGKILL: nothing left behind."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
 
 
 class RedisNotFoundError(RuntimeError):
@@ -58,7 +70,7 @@ class LocalRedis:
         self._dir = tempfile.mkdtemp(prefix="rcg-redis-")
         self._process: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout_s: float = 10.0) -> LocalRedis:
+    def start(self, timeout_s: float = 10.0) -> Self:
         """Start the server and wait until it answers PING."""
         args = [
             find_redis_server(),
@@ -80,7 +92,10 @@ class LocalRedis:
             "warning",
         ]
         self._process = subprocess.Popen(  # noqa: S603 - our own binary and arguments
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            args,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,  # noqa: PLW1509 - only prctl, before exec
         )
         deadline = time.monotonic() + timeout_s
         client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1)
@@ -121,7 +136,7 @@ class LocalRedis:
         self.stop()
         shutil.rmtree(self._dir, ignore_errors=True)
 
-    def __enter__(self) -> LocalRedis:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(

@@ -331,11 +331,15 @@ class JobStore:
 
     # The state machine. Each method names one edge; all go through `_apply`.
 
-    async def record_submit(self, stored: StoredJob, lease: Lease) -> tuple[Outcome, JobRecord]:
+    async def record_submit(self, stored: StoredJob, lease: Lease) -> tuple[Outcome, StoredJob]:
         """Note a paid submit as `sent` before it is sent, so a crash leaves a trace."""
-        new = msgspec.structs.replace(stored.record)
-        new.submits = [*stored.record.submits, SubmitAttempt(at=utcnow())]
-        return await self._apply(stored, new, _Change(), lease=lease, event=None), new
+        new = msgspec.structs.replace(
+            stored.record, submits=[*stored.record.submits, SubmitAttempt(at=utcnow())]
+        )
+        outcome = await self._apply(stored, new, _Change(), lease=lease, event=None)
+        return outcome, StoredJob(
+            new, stored.ver + 1, stored.webhook_state, stored.webhook_attempts
+        )
 
     async def submitted(
         self, stored: StoredJob, lease: Lease, request_id: str, *, poll_in_s: float

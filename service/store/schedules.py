@@ -86,14 +86,18 @@ return out
 _RELEASE = (
     LUA_PRELUDE
     + """
-local name, member, token, delay_ms = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local name, sched, member, token = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local delay_ms, tenant = tonumber(ARGV[5]), ARGV[6]
 if redis.call('HGET', k_lease(name), member) ~= token then return 0 end
 redis.call('HDEL', k_lease(name), member)
-local sched = k_schedule(name)
 if delay_ms < 0 then
   redis.call('ZREM', sched, member)
 else
   redis.call('ZADD', sched, now_ms() + delay_ms, member)
+end
+if tenant ~= '' then
+  redis.call('SREM', k_inflight(), member)
+  redis.call('SREM', k_inflight_t(tenant), member)
 end
 return 1
 """
@@ -147,15 +151,31 @@ class Schedules:
             for i in range(0, len(flat), 3)
         ]
 
-    async def release(self, claim: Claim, *, delay_s: float | None) -> bool:
-        """Give a poll or deliver member back: due again after `delay_s`, or removed (None).
+    async def release(
+        self, claim: Claim, *, delay_s: float | None, free_slot: bool = False
+    ) -> bool:
+        """Give a claimed member back: due again after `delay_s`, or removed (None).
 
-        False when the claim was lost (its lease ran out and another worker took it).
+        `free_slot` also gives back the upstream slot a submit claim took. False
+        when the claim was lost (its lease ran out and another worker took it).
         """
         delay_ms = -1 if delay_s is None else max(0, round(delay_s * 1000))
+        schedule = claim.lease.schedule
+        key = (
+            self._keys.submit(claim.tenant)
+            if schedule == "submit"
+            else self._keys.schedule(schedule)
+        )
         done = await self._release(
             keys=[self._keys.prefix],
-            args=[claim.lease.schedule, claim.member, claim.lease.token, delay_ms],
+            args=[
+                schedule,
+                key,
+                claim.member,
+                claim.lease.token,
+                delay_ms,
+                claim.tenant if free_slot else "",
+            ],
         )
         return bool(done)
 

@@ -1,0 +1,170 @@
+"""What the three worker loops share: claim due items, work them concurrently, drain on stop.
+
+A loop keeps up to `concurrency` items in hand. It claims only as many as it
+has free slots, so a claimed item is always being worked and its lease is
+never wasted waiting in a local queue. When Redis fails the loop backs off
+(exponential, jittered, capped) and logs it; it never dies. On stop it claims
+nothing more, gives the items in hand `drain_s` to finish, then cancels the
+rest, and each cancelled item is released so another worker takes it at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from abc import ABC, abstractmethod
+
+from redis.exceptions import RedisError
+
+from service.store.schedules import Claim, Schedules
+
+log = logging.getLogger(__name__)
+
+
+def backoff_s(failures: int, *, base_s: float, cap_s: float, rng: random.Random) -> float:
+    """Exponential backoff with jitter: uniform(0.5, 1.5) * min(cap, base * 2^(n-1))."""
+    return float(min(cap_s, base_s * 2 ** max(0, failures - 1)) * rng.uniform(0.5, 1.5))
+
+
+class Heartbeat:
+    """When each loop last completed a turn; the worker's `/healthz` reads it."""
+
+    def __init__(self) -> None:
+        self.beats: dict[str, float] = {}
+
+    def beat(self, name: str) -> None:
+        """Record that loop `name` is alive now."""
+        self.beats[name] = time.monotonic()
+
+    def stale(self, max_age_s: float) -> list[str]:
+        """The loops that have not beaten within `max_age_s`."""
+        now = time.monotonic()
+        return [name for name, at in self.beats.items() if now - at > max_age_s]
+
+
+class ClaimLoop(ABC):
+    """A loop over one schedule; subclasses say how to claim and how to work one item."""
+
+    name: str = "loop"
+
+    def __init__(
+        self,
+        schedules: Schedules,
+        heartbeat: Heartbeat,
+        *,
+        concurrency: int,
+        batch: int = 50,
+        idle_s: float = 0.1,
+        drain_s: float = 20.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.schedules = schedules
+        self.heartbeat = heartbeat
+        self.concurrency = concurrency
+        self.batch = batch
+        self.idle_s = idle_s
+        self.drain_s = drain_s
+        self.rng = rng or random.Random()  # noqa: S311 - jitter, not secrets
+        self._in_hand: dict[asyncio.Task[None], Claim] = {}
+        self._wake = asyncio.Event()
+
+    @abstractmethod
+    async def claim(self, max_items: int) -> list[Claim]:
+        """Claim up to `max_items` due items."""
+
+    @abstractmethod
+    async def work(self, claim: Claim) -> None:
+        """Work one claimed item to its next state; errors are handled by the caller."""
+
+    async def release_on_stop(self, claim: Claim) -> None:
+        """Give an unfinished item back at shutdown, due at once."""
+        await self.schedules.release(claim, delay_s=0)
+
+    async def retry_later(self, claim: Claim, delay_s: float) -> None:
+        """Give an item back after a failure nobody could act on, due after `delay_s`."""
+        await self.schedules.release(claim, delay_s=delay_s)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Claim and work items until `stop` is set, then drain."""
+        failures = 0
+        stopping = asyncio.create_task(stop.wait())
+        try:
+            while not stop.is_set():
+                free = self.concurrency - len(self._in_hand)
+                claims: list[Claim] = []
+                if free > 0:
+                    try:
+                        claims = await self.claim(min(free, self.batch))
+                        failures = 0
+                    except (RedisError, OSError) as exc:
+                        failures += 1
+                        delay = backoff_s(failures, base_s=0.1, cap_s=5.0, rng=self.rng)
+                        log.warning(
+                            "%s: claiming failed (%s), retrying in %.2fs",
+                            self.name,
+                            type(exc).__name__,
+                            delay,
+                        )
+                        await _wait_any(stopping, seconds=delay)
+                        continue
+                for claim in claims:
+                    task = asyncio.create_task(self._guarded(claim))
+                    self._in_hand[task] = claim
+                    task.add_done_callback(self._done)
+                self.heartbeat.beat(self.name)
+                if len(claims) < min(max(free, 1), self.batch):
+                    # Nothing more is due (or no slot is free): wait for a slot or a tick.
+                    self._wake.clear()
+                    await _wait_any(
+                        stopping, asyncio.ensure_future(self._wake.wait()), seconds=self.idle_s
+                    )
+        finally:
+            stopping.cancel()
+            await self._drain()
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._in_hand.pop(task, None)
+        self._wake.set()
+
+    async def _guarded(self, claim: Claim) -> None:
+        """Work one item; what fails is logged and retried later, never lost."""
+        try:
+            await self.work(claim)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            delay = backoff_s(2, base_s=1.0, cap_s=30.0, rng=self.rng)
+            log.exception("%s: %s failed, due again in %.1fs", self.name, claim.member, delay)
+            with contextlib.suppress(RedisError, OSError):
+                await self.retry_later(claim, delay)
+
+    async def _drain(self) -> None:
+        """Let the items in hand finish within `drain_s`, then release the rest."""
+        if not self._in_hand:
+            return
+        log.info("%s: draining %d item(s)", self.name, len(self._in_hand))
+        _, pending = await asyncio.wait(set(self._in_hand), timeout=self.drain_s)
+        leftover = [self._in_hand[task] for task in pending if task in self._in_hand]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for claim in leftover:
+            try:
+                await self.release_on_stop(claim)
+            except (RedisError, OSError) as exc:
+                # Its lease runs out and another worker takes it: nothing is lost.
+                log.warning("%s: could not release %s (%s)", self.name, claim.member, exc)
+        if leftover:
+            log.info("%s: released %d unfinished item(s)", self.name, len(leftover))
+
+
+async def _wait_any(
+    stopping: asyncio.Task[bool], *others: asyncio.Future[bool], seconds: float
+) -> None:
+    """Wait until stop is set, one of `others` is done, or `seconds` pass."""
+    await asyncio.wait({stopping, *others}, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    for waiter in others:
+        waiter.cancel()

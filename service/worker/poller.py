@@ -1,0 +1,179 @@
+"""The poller: follows jobs inside RunComfy until they end, and cancels queued ones.
+
+Each job in `in_queue` or `in_progress` is a member of the poll schedule. The
+interval grows with the time since the job's last change, from
+`GATEWAY_POLL_INTERVAL_MIN_S` to `_MAX_S` (a tenth of that age, clamped), so a
+fresh job is seen quickly and a long one costs few calls. Unknown upstream
+statuses keep polling until the job deadline (`GATEWAY_JOB_TIMEOUT_S`), then
+the job fails with `timeout`. Upstream errors back off, jittered, and never
+end a job by themselves: only its deadline does.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+
+from service.config import Settings
+from service.models import UPSTREAM_STATUSES, JobErrorInfo
+from service.runcomfy.client import RunComfyClient, UpstreamError
+from service.store.jobs import JobStore, Outcome, StoredJob
+from service.store.schedules import Claim, Schedules
+from service.worker.loop import ClaimLoop, Heartbeat, backoff_s
+
+log = logging.getLogger(__name__)
+
+QUEUED = frozenset({"in_queue", "queued", "pending", "submitted"})
+RUNNING = frozenset({"in_progress", "running", "processing", "started"})
+COMPLETED = frozenset({"completed", "succeeded", "success"})
+FAILED = frozenset({"failed", "error", "errored"})
+CANCELLED = frozenset({"cancelled", "canceled"})
+
+
+class Poller(ClaimLoop):
+    """Polls RunComfy for jobs in its queue and moves them along the state machine."""
+
+    name = "poller"
+
+    def __init__(
+        self,
+        settings: Settings,
+        jobs: JobStore,
+        schedules: Schedules,
+        client: RunComfyClient,
+        heartbeat: Heartbeat,
+        *,
+        concurrency: int = 256,
+    ) -> None:
+        super().__init__(
+            schedules, heartbeat, concurrency=concurrency, batch=200, drain_s=settings.shutdown_s
+        )
+        self.settings = settings
+        self.jobs = jobs
+        self.client = client
+        self._errors: dict[str, int] = {}
+
+    async def claim(self, max_items: int) -> list[Claim]:
+        """Claim jobs whose next poll is due."""
+        return await self.schedules.claim("poll", max_items)
+
+    def interval_s(self, stored: StoredJob) -> float:
+        """How long until the next poll: a tenth of the time since the last change, clamped."""
+        record = stored.record
+        since = record.started_at or record.submitted_at or record.created_at
+        age = (datetime.now(UTC) - since).total_seconds()
+        low, high = self.settings.poll_interval_min_s, self.settings.poll_interval_max_s
+        return min(high, max(low, age / 10))
+
+    async def work(self, claim: Claim) -> None:
+        """Poll one job and record what changed."""
+        stored = await self.jobs.get(claim.member)
+        if stored is None or stored.record.status not in UPSTREAM_STATUSES:
+            await self.schedules.release(claim, delay_s=None)
+            return
+        record = stored.record
+        if datetime.now(UTC) >= record.deadline_at:
+            await self._timeout(stored, claim)
+            return
+        try:
+            if record.cancel_requested_at is not None and record.status == "in_queue":
+                await self._cancel(stored, claim)
+            else:
+                await self._poll(stored, claim)
+            self._errors.pop(record.id, None)
+        except UpstreamError as exc:
+            failures = self._errors[record.id] = self._errors.get(record.id, 0) + 1
+            delay = max(
+                backoff_s(failures, base_s=self.interval_s(stored), cap_s=60.0, rng=self.rng),
+                getattr(exc, "retry_after_s", None) or 0.0,
+            )
+            log.warning(
+                "poller: %s: %s (%s), polling again in %.1fs",
+                record.id,
+                type(exc).__name__,
+                exc,
+                delay,
+            )
+            await self.schedules.release(claim, delay_s=delay)
+
+    async def _poll(self, stored: StoredJob, claim: Claim) -> None:
+        record = stored.record
+        answer = await self.client.status(_request_id(stored))
+        status = (answer.status or "").lower()
+        interval = self.interval_s(stored)
+        if status in QUEUED:
+            if record.upstream is None or answer.queue_position != record.upstream.queue_position:
+                await self.jobs.queue_position(
+                    stored, claim.lease, answer.queue_position, poll_in_s=interval
+                )
+            else:
+                await self.schedules.release(claim, delay_s=interval)
+        elif status in RUNNING:
+            if record.status == "in_queue":
+                await self.jobs.started(
+                    stored, claim.lease, poll_in_s=self.settings.poll_interval_min_s
+                )
+            else:
+                await self.schedules.release(claim, delay_s=interval)
+        elif status in COMPLETED | FAILED:
+            await self._finish(stored, claim)
+        elif status in CANCELLED:
+            await self.jobs.finish(stored, "cancelled", lease=claim.lease)
+        else:
+            # Unknown statuses must not end the job: keep polling until its deadline.
+            log.info("poller: %s: unknown upstream status %r", record.id, answer.status)
+            await self.schedules.release(claim, delay_s=interval)
+
+    async def _finish(self, stored: StoredJob, claim: Claim) -> None:
+        """Fetch the result of an ended request and end the job with it."""
+        result = await self.client.result(_request_id(stored))
+        status = (result.status or "").lower()
+        if status in COMPLETED:
+            await self.jobs.finish(stored, "completed", lease=claim.lease, output=result.output)
+        elif status in FAILED:
+            code, message = result.error_parts()
+            error = JobErrorInfo(
+                code=f"upstream_{code}" if code else "upstream_failed",
+                message=message or "RunComfy reported the request failed",
+            )
+            await self.jobs.finish(stored, "failed", lease=claim.lease, error=error)
+        elif status in CANCELLED:
+            await self.jobs.finish(stored, "cancelled", lease=claim.lease)
+        else:
+            # The result lags the status: look again soon.
+            await self.schedules.release(claim, delay_s=self.settings.poll_interval_min_s)
+
+    async def _cancel(self, stored: StoredJob, claim: Claim) -> None:
+        """A caller asked to cancel this queued job: ask RunComfy, record what it said."""
+        answer = await self.client.cancel(_request_id(stored))
+        outcome = (answer.outcome or answer.status or "").lower()
+        log.info("poller: %s: upstream cancel answered %r", stored.record.id, outcome)
+        if outcome in CANCELLED:
+            await self.jobs.finish(stored, "cancelled", lease=claim.lease)
+        elif outcome == "not_cancellable":
+            await self.jobs.cancel_refused(stored, claim.lease, poll_in_s=0)
+        else:
+            # `cancellation_requested` or unknown: the status will tell; the poll continues.
+            await self.jobs.cancel_refused(
+                stored, claim.lease, poll_in_s=self.settings.poll_interval_min_s
+            )
+
+    async def _timeout(self, stored: StoredJob, claim: Claim) -> None:
+        """The job outlived GATEWAY_JOB_TIMEOUT_S: fail it, and cancel it upstream if queued."""
+        record = stored.record
+        error = JobErrorInfo(
+            code="timeout",
+            message=f"not finished within {self.settings.job_timeout_s:g}s",
+        )
+        done = await self.jobs.finish(stored, "failed", lease=claim.lease, error=error)
+        if done is Outcome.DONE and record.status == "in_queue" and record.upstream:
+            try:
+                await self.client.cancel(record.upstream.request_id)
+            except UpstreamError as exc:
+                log.warning("poller: %s timed out; upstream cancel failed: %s", record.id, exc)
+
+
+def _request_id(stored: StoredJob) -> str:
+    """The upstream request id; every job in `in_queue` or `in_progress` has one."""
+    upstream = stored.record.upstream
+    return upstream.request_id if upstream is not None else ""

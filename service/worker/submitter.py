@@ -1,0 +1,184 @@
+"""The submitter: sends pending jobs to RunComfy, within the shared slot caps.
+
+A submit is paid and RunComfy has no idempotency key, so it is recorded as
+`sent` in the job before it is sent. Then:
+
+- RunComfy accepted it: the job is `in_queue` and polled from now on.
+- RunComfy answered an error (*definite*: nothing was created) or could not be
+  reached: retried with exponential backoff and jitter, honouring
+  `Retry-After`, at most `MAX_SUBMIT_RETRIES` times, then `failed`; errors
+  that retrying cannot fix (invalid input, auth) fail at once.
+- No answer came after sending (*unknown*: a paid request may exist), or a
+  worker died between sending and recording the answer: by default the job
+  fails with `upstream_submit_unknown` rather than risk paying twice
+  (`GATEWAY_SUBMIT_UNKNOWN=retry` submits once more instead). Either way every
+  submit stays in the job's `submits` log, so a duplicate is visible.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import Final
+
+import msgspec
+
+from service.config import Settings
+from service.models import MODEL, JobErrorInfo
+from service.runcomfy.client import (
+    RunComfyClient,
+    UpstreamOutcomeUnknown,
+    UpstreamRejected,
+    UpstreamUnreachable,
+)
+from service.store.jobs import JobStore, Outcome, StoredJob
+from service.store.schedules import Claim, Schedules
+from service.worker.loop import ClaimLoop, Heartbeat, backoff_s
+
+log = logging.getLogger(__name__)
+
+MAX_SUBMIT_RETRIES: Final = 8
+_encoder = msgspec.json.Encoder()
+
+
+class Submitter(ClaimLoop):
+    """Claims pending jobs fairly across tenants and submits them upstream."""
+
+    name = "submitter"
+
+    def __init__(
+        self,
+        settings: Settings,
+        jobs: JobStore,
+        schedules: Schedules,
+        client: RunComfyClient,
+        heartbeat: Heartbeat,
+        *,
+        concurrency: int = 32,
+    ) -> None:
+        super().__init__(schedules, heartbeat, concurrency=concurrency, drain_s=settings.shutdown_s)
+        self.settings = settings
+        self.jobs = jobs
+        self.client = client
+        self._tenant_caps = {
+            t.id: t.max_in_flight
+            for t in settings.tenants.by_id.values()
+            if t.max_in_flight is not None
+        }
+
+    async def claim(self, max_items: int) -> list[Claim]:
+        """Claim pending jobs while RunComfy has free slots for them."""
+        return await self.schedules.claim_submits(
+            max_items,
+            global_cap=self.settings.upstream_max_in_flight,
+            tenant_caps=self._tenant_caps,
+        )
+
+    async def release_on_stop(self, claim: Claim) -> None:
+        """Give a job back at shutdown; its slot too, unless a submit may be upstream."""
+        stored = await self.jobs.get(claim.member)
+        sent = (
+            stored is not None
+            and stored.record.submits[-1:] != []
+            and (stored.record.submits[-1].outcome == "sent")
+        )
+        await self.schedules.release(claim, delay_s=0, free_slot=not sent)
+
+    async def work(self, claim: Claim) -> None:  # noqa: C901 - one branch per upstream outcome
+        """Submit one pending job and record what RunComfy answered."""
+        stored = await self.jobs.get(claim.member)
+        if stored is None or stored.record.status != "pending":
+            # Cancelled or expired since it was queued; the change that did it cleaned up.
+            await self.schedules.release(claim, delay_s=None, free_slot=True)
+            return
+        record = stored.record
+        if datetime.now(UTC) >= record.deadline_at:
+            error = JobErrorInfo(code="timeout", message="no upstream slot before the job deadline")
+            await self.jobs.finish(stored, "failed", lease=claim.lease, error=error)
+            return
+        if record.submits and record.submits[-1].outcome == "sent":
+            await self._unknown(stored, claim, "a worker stopped after sending the submit")
+            return
+        outcome, stored = await self.jobs.record_submit(stored, claim.lease)
+        if outcome is not Outcome.DONE:
+            return  # changed meanwhile (e.g. cancelled) or the lease was lost: not sent
+        try:
+            answer = await self.client.submit(MODEL, _encoder.encode(record.input))
+        except UpstreamOutcomeUnknown as exc:
+            await self._unknown(stored, claim, str(exc))
+        except UpstreamUnreachable as exc:
+            await self._later_or_fail(stored, claim, "unreachable", str(exc), None, "unreachable")
+        except UpstreamRejected as exc:
+            if exc.retryable:
+                kind = f"upstream_{exc.kind}"
+                await self._later_or_fail(
+                    stored, claim, "rejected", str(exc), exc.retry_after_s, kind
+                )
+            else:
+                error = JobErrorInfo(code=f"upstream_{exc.kind}", message=exc.message or str(exc))
+                await self.jobs.finish(
+                    stored, "failed", lease=claim.lease, error=error, submit_outcome="rejected"
+                )
+        else:
+            if not answer.request_id:
+                await self._unknown(stored, claim, "RunComfy answered without a request_id")
+                return
+            done = await self.jobs.submitted(
+                stored,
+                claim.lease,
+                answer.request_id,
+                poll_in_s=self.settings.poll_interval_min_s,
+            )
+            if done is not Outcome.DONE:
+                log.warning(
+                    "submitter: %s was accepted upstream as %s but changed meanwhile (%s)",
+                    record.id,
+                    answer.request_id,
+                    done.name,
+                )
+
+    async def _later_or_fail(  # noqa: PLR0917 - private, called twice
+        self,
+        stored: StoredJob,
+        claim: Claim,
+        outcome: str,
+        detail: str,
+        retry_after_s: float | None,
+        code: str,
+    ) -> None:
+        """A definite failure: retry with backoff while retries remain, else fail the job."""
+        retries = stored.record.submit_retries
+        if retries >= MAX_SUBMIT_RETRIES:
+            log.warning(
+                "submitter: giving up on %s after %d retries: %s", stored.record.id, retries, detail
+            )
+            error = JobErrorInfo(
+                code=code, message=f"gave up after {retries + 1} submits: {detail}"
+            )
+            await self.jobs.finish(
+                stored, "failed", lease=claim.lease, error=error, submit_outcome=outcome
+            )
+            return
+        delay = backoff_s(retries + 1, base_s=1.0, cap_s=120.0, rng=self.rng)
+        if retry_after_s is not None:
+            delay = max(delay, retry_after_s)
+        await self.jobs.submit_later(stored, claim.lease, outcome, detail, delay_s=delay)
+
+    async def _unknown(self, stored: StoredJob, claim: Claim, detail: str) -> None:
+        """The submit may have created a paid request: apply the documented policy."""
+        if self.settings.submit_unknown_policy == "retry" and not any(
+            s.outcome == "unknown" for s in stored.record.submits
+        ):
+            log.warning(
+                "submitter: %s outcome unknown (%s); submitting once more", stored.record.id, detail
+            )
+            await self.jobs.submit_later(stored, claim.lease, "unknown", detail, delay_s=0)
+            return
+        log.warning("submitter: %s outcome unknown (%s); failing it", stored.record.id, detail)
+        error = JobErrorInfo(
+            code="upstream_submit_unknown",
+            message="the submit was sent but no answer came; not sent again to avoid paying twice",
+        )
+        await self.jobs.finish(
+            stored, "failed", lease=claim.lease, error=error, submit_outcome="unknown"
+        )

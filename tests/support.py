@@ -1,0 +1,144 @@
+"""Test helpers: tenants with known keys, a real webhook receiver, waiting on conditions."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from aiohttp import web
+from standardwebhooks.webhooks import Webhook
+
+from service.config import Tenant, Tenants
+from service.localredis import free_port
+from service.models import EventType, JobRecord, VideoInput, WebhookSpec, utcnow
+from service.store.connection import new_id
+
+
+@dataclass
+class TestTenant:
+    """A tenant and the plain secrets a caller and a receiver would hold."""
+
+    id: str
+    api_key: str
+    secret: bytes
+
+    @property
+    def whsec(self) -> str:
+        return "whsec_" + base64.b64encode(self.secret).decode()
+
+    def tenant(self, *, hosts: tuple[str, ...] = ("127.0.0.1",), **limits: Any) -> Tenant:
+        return Tenant(
+            id=self.id,
+            api_key_hashes=(hashlib.sha256(self.api_key.encode()).hexdigest(),),
+            webhook_secrets=(self.secret,),
+            callback_hosts=hosts,
+            **limits,
+        )
+
+    def toml(self, *, hosts: tuple[str, ...] = ("127.0.0.1",)) -> str:
+        digest = hashlib.sha256(self.api_key.encode()).hexdigest()
+        host_list = ", ".join(f'"{h}"' for h in hosts)
+        return (
+            f"[tenants.{self.id}]\n"
+            f'api_keys = ["{digest}"]\n'
+            f'webhook_secret = "{self.whsec}"\n'
+            f"callback_hosts = [{host_list}]\n"
+        )
+
+
+def new_tenant(tenant_id: str = "orders") -> TestTenant:
+    return TestTenant(
+        id=tenant_id, api_key="key_" + secrets.token_hex(8), secret=secrets.token_bytes(24)
+    )
+
+
+def tenants_of(*tenants: Tenant) -> Tenants:
+    return Tenants(by_id={t.id: t for t in tenants})
+
+
+@dataclass
+class Received:
+    headers: dict[str, str]
+    body: bytes
+
+    def verified_by(self, whsec: str) -> dict[str, Any]:
+        """The event, verified with the stock standardwebhooks library (raises if invalid)."""
+        return Webhook(whsec).verify(self.body, self.headers)  # type: ignore[no-any-return]
+
+
+@dataclass
+class Receiver:
+    """A real webhook receiver on 127.0.0.1; `statuses` scripts its answers, then 200."""
+
+    statuses: list[int] = field(default_factory=list)
+    received: list[Received] = field(default_factory=list)
+    port: int = 0
+    _runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hook"
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        self.received.append(Received(dict(request.headers), await request.read()))
+        status = self.statuses.pop(0) if self.statuses else 200
+        return web.Response(status=status, text="ok" if status < 300 else "nope")
+
+    async def start(self) -> Receiver:
+        app = web.Application()
+        app.router.add_post("/hook", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        self.port = free_port()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+async def wait_for(
+    check: Callable[[], Awaitable[Any]], *, timeout: float = 15.0, every: float = 0.05
+) -> Any:
+    """Poll `check` until it returns something truthy, failing after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s (last: {value!r})")
+        await asyncio.sleep(every)
+
+
+def job_record(
+    tenant: str,
+    *,
+    webhook_url: str | None = None,
+    timeout_s: float = 7200,
+    events: list[EventType] | None = None,
+) -> JobRecord:
+    """A pending job as the API would store it."""
+    now = utcnow()
+    webhook = None
+    if webhook_url is not None:
+        webhook = WebhookSpec(url=webhook_url)
+        if events is not None:
+            webhook.events = events
+    return JobRecord(
+        id=new_id("job_"),
+        tenant=tenant,
+        key_id="key_test",
+        input=VideoInput(prompt="a cat on a skateboard", video_url="https://example.com/v.mp4"),
+        webhook=webhook,
+        created_at=now,
+        deadline_at=now + timedelta(seconds=timeout_s),
+    )

@@ -1,0 +1,306 @@
+"""The worker's loops against a real Redis, the real emulator and a real webhook receiver."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import pytest
+
+from service.config import Settings, load_settings
+from service.runcomfy.emulator import EmulatorConfig, start_emulator
+from service.store.connection import connect
+from service.store.deliveries import DeliveryStore
+from service.store.jobs import JobStore, StoredJob
+from service.store.keys import Keys
+from service.store.schedules import Schedules
+from service.worker.main import run_worker
+from tests.support import Receiver, job_record, new_tenant, tenants_of, wait_for
+
+TENANT = new_tenant("orders")
+
+
+@dataclass
+class Gateway:
+    settings: Settings
+    jobs: JobStore
+    deliveries: DeliveryStore
+    schedules: Schedules
+    emulator: str
+    receiver: Receiver
+    stop: asyncio.Event
+    task: asyncio.Task[None]
+
+    async def submit(self, **kwargs: Any) -> str:
+        kwargs.setdefault("webhook_url", self.receiver.url)
+        record = job_record(TENANT.id, **kwargs)
+        await self.jobs.create(record)
+        return record.id
+
+    async def final(self, job_id: str, timeout: float = 15) -> StoredJob:
+        async def check() -> StoredJob | None:
+            stored = await self.jobs.get(job_id)
+            done = stored and stored.record.status in {"completed", "failed", "cancelled"}
+            return stored if done else None
+
+        return await wait_for(check, timeout=timeout)
+
+    async def emulator_state(self) -> dict[str, Any]:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{self.emulator}/_emulator/requests") as answer:
+                return await answer.json()  # type: ignore[no-any-return]
+
+    async def configure_emulator(self, **config: Any) -> None:
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{self.emulator}/_emulator/config", json=config) as answer:
+                assert answer.status == 200, await answer.text()
+
+    async def webhooks(self, count: int) -> list[dict[str, Any]]:
+        async def check() -> bool:
+            return len(self.receiver.received) >= count
+
+        await wait_for(check)
+        return [r.verified_by(TENANT.whsec) for r in self.receiver.received]
+
+
+@pytest.fixture
+async def gateway_factory(redis_server, keys: Keys) -> AsyncIterator[Any]:
+    started: list[tuple[Gateway, Any]] = []
+
+    async def start(
+        emulator: EmulatorConfig | None = None,
+        *,
+        env: dict[str, str] | None = None,
+        statuses: list[int] | None = None,
+        **limits: Any,
+    ) -> Gateway:
+        runner, url = await start_emulator(emulator or EmulatorConfig(queue_s=0.2, run_s=0.2))
+        receiver = await Receiver(statuses=list(statuses or [])).start()
+        settings = load_settings(
+            {
+                "REDIS_URL": redis_server.url,
+                "RUNCOMFY_BASE_URL": url,
+                "RUNCOMFY_API_TOKEN": "test-token",
+                "GATEWAY_POLL_INTERVAL_MIN_S": "0.05",
+                "GATEWAY_POLL_INTERVAL_MAX_S": "0.2",
+                "GATEWAY_WEBHOOK_RETRY_SCHEDULE": "0.05,0.05,0.05",
+                "GATEWAY_LEASE_S": "5",
+                "GATEWAY_UPSTREAM_TIMEOUT_S": "1",
+                "GATEWAY_WEBHOOK_TIMEOUT_S": "2",
+                "GATEWAY_SHUTDOWN_S": "3",
+                **(env or {}),
+            },
+            tenants=tenants_of(TENANT.tenant(**limits)),
+        )
+        redis = connect(redis_server.url)
+        stop = asyncio.Event()
+        gateway = Gateway(
+            settings=settings,
+            jobs=JobStore(redis, keys, retention_s=settings.job_retention_s),
+            deliveries=DeliveryStore(redis, keys, retention_s=settings.job_retention_s),
+            schedules=Schedules(redis, keys, lease_s=settings.lease_s),
+            emulator=url,
+            receiver=receiver,
+            stop=stop,
+            task=asyncio.create_task(run_worker(settings, stop, keys=keys)),
+        )
+        started.append((gateway, (runner, redis)))
+        return gateway
+
+    yield start
+    for gateway, (runner, redis) in started:
+        gateway.stop.set()
+        await asyncio.wait_for(gateway.task, 10)
+        await gateway.receiver.stop()
+        await runner.cleanup()
+        await redis.aclose()
+
+
+async def test_a_job_completes_with_output_and_one_verified_webhook(gateway_factory):
+    """A job runs to completed, carries the emulator's output video, and its webhook verifies."""
+    gw = await gateway_factory()
+    job_id = await gw.submit()
+    final = await gw.final(job_id)
+    assert final.record.status == "completed"
+    video = final.record.output["video"]
+    async with aiohttp.ClientSession() as http, http.get(video) as answer:
+        assert answer.status == 200
+    assert final.record.submitted_at and final.record.started_at and final.record.finished_at
+    [event] = await gw.webhooks(1)
+    assert event["type"] == "job.completed"
+    assert event["data"]["id"] == job_id
+    assert event["data"]["output"]["video"] == video
+    assert (await gw.emulator_state())["submits"] == 1
+    stored = await wait_for(
+        lambda: _when(gw.jobs.get(job_id), lambda s: s.webhook_state == "delivered")
+    )
+    assert stored.webhook_attempts == 1
+
+
+async def test_a_failed_upstream_job_ends_failed_with_its_error(gateway_factory):
+    """RunComfy reporting failure ends the job failed, with the upstream error and a webhook."""
+    gw = await gateway_factory(EmulatorConfig(queue_s=0.1, run_s=0.1, fail_rate=1.0))
+    job_id = await gw.submit()
+    final = await gw.final(job_id)
+    assert final.record.status == "failed"
+    assert final.record.error is not None
+    assert final.record.error.code.startswith("upstream_")
+    assert final.record.error.message
+    [event] = await gw.webhooks(1)
+    assert event["type"] == "job.failed"
+    assert event["data"]["error"]["code"] == final.record.error.code
+
+
+async def test_cancelling_a_queued_job_cancels_it_upstream(gateway_factory):
+    """A cancel request on an in_queue job makes the worker cancel it at RunComfy."""
+    gw = await gateway_factory(EmulatorConfig(queue_s=30, run_s=1))
+    job_id = await gw.submit()
+    stored = await wait_for(
+        lambda: _when(gw.jobs.get(job_id), lambda s: s.record.status == "in_queue")
+    )
+    await gw.jobs.cancel_requested(stored)
+    final = await gw.final(job_id)
+    assert final.record.status == "cancelled"
+    [event] = await gw.webhooks(1)
+    assert event["type"] == "job.cancelled"
+    items = (await gw.emulator_state())["items"]
+    assert [i["status"] for i in items] == ["cancelled"]
+
+
+async def test_started_event_is_sent_only_when_subscribed(gateway_factory):
+    """A job subscribed to job.started gets it before job.completed."""
+    gw = await gateway_factory()
+    await gw.submit(events=["job.started", "job.completed"])
+    events = await gw.webhooks(2)
+    assert [e["type"] for e in events] == ["job.started", "job.completed"]
+    assert events[0]["data"]["status"] == "in_progress"
+
+
+async def test_rate_limited_submits_are_retried_and_recorded(gateway_factory):
+    """429 answers are definite: the submit is retried with backoff and each try is recorded."""
+    gw = await gateway_factory(
+        EmulatorConfig(queue_s=0.1, run_s=0.1, rate_429=1.0, retry_after_s=0.1)
+    )
+    job_id = await gw.submit()
+    await wait_for(
+        lambda: _when(gw.jobs.get(job_id), lambda s: len(s.record.submits) >= 2)
+    )
+    await gw.configure_emulator(rate_429=0.0)
+    final = await gw.final(job_id, timeout=30)
+    assert final.record.status == "completed"
+    outcomes = [s.outcome for s in final.record.submits]
+    assert outcomes[-1] == "accepted"
+    assert set(outcomes[:-1]) == {"rejected"}
+    assert (await gw.emulator_state())["submits"] == 1
+
+
+async def test_a_submit_with_unknown_outcome_is_not_repeated(gateway_factory):
+    """A submit answered by a dropped connection fails the job instead of paying twice."""
+    gw = await gateway_factory(
+        EmulatorConfig(queue_s=0.1, run_s=0.1, drop_rate=1.0, faults_on_submit_only=True)
+    )
+    job_id = await gw.submit()
+    final = await gw.final(job_id)
+    assert final.record.status == "failed"
+    assert final.record.error.code == "upstream_submit_unknown"
+    assert [s.outcome for s in final.record.submits] == ["unknown"]
+    assert (await gw.emulator_state())["submits"] == 1  # the paid request does exist upstream
+
+
+async def test_unknown_outcome_retry_policy_submits_once_more_and_says_so(gateway_factory):
+    """With GATEWAY_SUBMIT_UNKNOWN=retry the job is submitted again and both submits are logged."""
+    gw = await gateway_factory(
+        EmulatorConfig(queue_s=0.1, run_s=0.1, drop_rate=1.0, faults_on_submit_only=True),
+        env={"GATEWAY_SUBMIT_UNKNOWN": "retry"},
+    )
+    job_id = await gw.submit()
+    await wait_for(lambda: _when(gw.jobs.get(job_id), lambda s: len(s.record.submits) >= 1))
+    await gw.configure_emulator(drop_rate=0.0)
+    final = await gw.final(job_id)
+    assert [s.outcome for s in final.record.submits] in (
+        ["unknown", "accepted"],
+        ["unknown", "unknown"],
+    )
+    assert final.view_json().count(b'"upstream_submits":2') == 1
+
+
+async def test_a_job_past_its_deadline_fails_with_timeout(gateway_factory):
+    """A job still queued upstream at its deadline ends failed with code timeout."""
+    gw = await gateway_factory(EmulatorConfig(queue_s=60, run_s=1))
+    job_id = await gw.submit(timeout_s=1.0)
+    final = await gw.final(job_id)
+    assert final.record.status == "failed"
+    assert final.record.error.code == "timeout"
+
+
+async def test_jobs_in_runcomfy_never_exceed_the_tenant_cap(gateway_factory):
+    """With max_in_flight 2, RunComfy never holds more than 2 of the tenant's jobs."""
+    gw = await gateway_factory(EmulatorConfig(queue_s=0.3, run_s=0.3), max_in_flight=2)
+    ids = [await gw.submit(webhook_url=None) for _ in range(6)]
+    peak = 0
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        items = (await gw.emulator_state())["items"]
+        live = sum(1 for i in items if i["status"] in {"in_queue", "in_progress"})
+        peak = max(peak, live)
+        stored = await gw.jobs.get_many(ids)
+        if all(s.record.status == "completed" for s in stored):
+            break
+        await asyncio.sleep(0.02)
+    assert all(s.record.status == "completed" for s in await gw.jobs.get_many(ids))
+    assert 1 <= peak <= 2
+
+
+async def test_webhooks_are_retried_with_the_same_id_until_delivered(gateway_factory):
+    """A receiver failing twice gets the same webhook-id three times; the third ends it."""
+    gw = await gateway_factory(statuses=[500, 503])
+    job_id = await gw.submit()
+    events = await gw.webhooks(3)
+    ids = {r.headers["webhook-id"] for r in gw.receiver.received}
+    assert len(ids) == 1
+    assert {e["type"] for e in events} == {"job.completed"}
+    bodies = {r.body for r in gw.receiver.received}
+    assert len(bodies) == 1  # the exact same bytes every time
+    stored = await wait_for(
+        lambda: _when(gw.jobs.get(job_id), lambda s: s.webhook_state == "delivered")
+    )
+    assert stored.webhook_attempts == 3
+    log = await gw.deliveries.log(await gw.deliveries.final_delivery_id(job_id))
+    assert [a.status_code for a in log] == [500, 503, 200]
+    assert log[0].next_attempt_at is not None
+    assert log[-1].next_attempt_at is None
+
+
+async def test_a_delivery_that_exhausts_its_schedule_is_failed_and_kept(gateway_factory):
+    """After the last retry the delivery is failed, logged, and can be re-sent."""
+    gw = await gateway_factory(statuses=[500] * 4)
+    job_id = await gw.submit()
+    stored = await wait_for(
+        lambda: _when(gw.jobs.get(job_id), lambda s: s.webhook_state == "failed"), timeout=20
+    )
+    assert stored.webhook_attempts == 4
+    await gw.deliveries.resend(job_id)
+    stored = await wait_for(
+        lambda: _when(gw.jobs.get(job_id), lambda s: s.webhook_state == "delivered")
+    )
+    assert stored.webhook_attempts == 5
+    assert len({r.headers["webhook-id"] for r in gw.receiver.received}) == 1
+
+
+async def test_stopping_the_worker_returns_within_the_shutdown_budget(gateway_factory):
+    """Setting stop makes the worker drain and return within GATEWAY_SHUTDOWN_S."""
+    gw = await gateway_factory(EmulatorConfig(queue_s=30, run_s=1))
+    await gw.submit()
+    started = time.monotonic()
+    gw.stop.set()
+    await asyncio.wait_for(gw.task, 10)
+    assert time.monotonic() - started < gw.settings.shutdown_s + 1
+
+
+async def _when(coro: Any, predicate: Any) -> Any:
+    value = await coro
+    return value if value is not None and predicate(value) else None
