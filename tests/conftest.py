@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from aiohttp import web
 
 from service.localredis import LocalRedis
+from service.runcomfy.emulator import EmulatorConfig, start_emulator
 from service.store.connection import connect
 from service.store.keys import Keys
+from tests.support import StartEmulator
 
 
 @pytest.fixture(scope="session")
@@ -31,3 +35,19 @@ async def redis(redis_server: LocalRedis) -> AsyncIterator[aioredis.Redis]:
     client = connect(redis_server.url)
     yield client
     await client.aclose()
+
+
+@pytest.fixture
+async def emulator() -> AsyncIterator[StartEmulator]:
+    """Start real emulator servers on free ports (fast timings by default); stop them after."""
+    runners: list[web.AppRunner] = []
+
+    async def start(**fields: Any) -> str:
+        config = EmulatorConfig(**{"queue_s": 0.2, "run_s": 0.2, "seed": 7, **fields})
+        runner, url = await start_emulator(config)
+        runners.append(runner)
+        return url
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()

@@ -20,6 +20,9 @@ from service.localredis import free_port
 from service.models import EventType, JobRecord, VideoInput, WebhookSpec, utcnow
 from service.store.connection import new_id
 
+StartEmulator = Callable[..., Awaitable[str]]
+"""The `emulator` fixture: start an emulator with EmulatorConfig fields, get its URL."""
+
 
 @dataclass
 class TestTenant:

@@ -83,7 +83,9 @@ def test_a_bad_tenants_file_is_refused(toml, says):
 
 def test_a_plain_api_key_is_refused_without_echoing_it():
     """A plain key pasted where its hash belongs is refused, and never shown."""
-    toml = TENANT.toml().replace(hashlib.sha256(TENANT.api_key.encode()).hexdigest(), "my-plain-key")
+    toml = TENANT.toml().replace(
+        hashlib.sha256(TENANT.api_key.encode()).hexdigest(), "my-plain-key"
+    )
     with pytest.raises(ConfigError) as caught:
         parse_tenants(toml)
     assert "sha256" in str(caught.value)

@@ -7,35 +7,17 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
-from service.runcomfy.emulator import MODEL, OUTPUT_BYTES, EmulatorConfig, start_emulator
+from service.runcomfy.emulator import MODEL, OUTPUT_BYTES, EmulatorConfig
+from tests.support import StartEmulator
 
 INPUT = {"prompt": "a cat surfing", "video_url": "https://example.com/in.mp4"}
 SUBMIT = f"/v1/models/{MODEL}"
-
-StartEmulator = Callable[..., Awaitable[str]]
-
-
-@pytest.fixture
-async def emulator() -> AsyncIterator[StartEmulator]:
-    """Start real emulator servers on free ports (fast timings by default); stop them after."""
-    runners: list[web.AppRunner] = []
-
-    async def start(**fields: Any) -> str:
-        config = EmulatorConfig(**{"queue_s": 0.2, "run_s": 0.2, "seed": 7, **fields})
-        runner, url = await start_emulator(config)
-        runners.append(runner)
-        return url
-
-    yield start
-    for runner in runners:
-        await runner.cleanup()
 
 
 @pytest.fixture

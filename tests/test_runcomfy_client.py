@@ -22,7 +22,7 @@ from service.runcomfy.client import (
     UpstreamUnreachable,
     create_upstream_session,
 )
-from service.runcomfy.emulator import MODEL, EmulatorConfig, start_emulator
+from service.runcomfy.emulator import MODEL
 from service.runcomfy.wire import (
     CANCEL_DECODER,
     ERROR_DECODER,
@@ -30,28 +30,12 @@ from service.runcomfy.wire import (
     STATUS_DECODER,
     SUBMIT_DECODER,
 )
+from tests.support import StartEmulator
 
 TOKEN = "sk-test-9f8e7d6c5b4a-secret"  # noqa: S105 -- a test token, the one we hunt for
 INPUT = msgspec.json.encode({"prompt": "a cat surfing", "video_url": "https://example.com/in.mp4"})
 
-StartEmulator = Callable[..., Awaitable[str]]
 ServeScript = Callable[[Callable[[web.Request], Awaitable[web.StreamResponse]]], Awaitable[str]]
-
-
-@pytest.fixture
-async def emulator() -> AsyncIterator[StartEmulator]:
-    """Start real emulator servers on free ports (fast timings by default); stop them after."""
-    runners: list[web.AppRunner] = []
-
-    async def start(**fields: Any) -> str:
-        config = EmulatorConfig(**{"queue_s": 0.2, "run_s": 0.2, "seed": 7, **fields})
-        runner, url = await start_emulator(config)
-        runners.append(runner)
-        return url
-
-    yield start
-    for runner in runners:
-        await runner.cleanup()
 
 
 @pytest.fixture

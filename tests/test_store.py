@@ -89,9 +89,7 @@ async def test_a_stale_version_or_a_lost_lease_changes_nothing(jobs, schedules):
     assert (await jobs.get(record.id)).record.status == "pending"
 
 
-async def test_submit_claims_respect_global_and_tenant_caps_and_alternate_tenants(
-    jobs, schedules
-):
+async def test_submit_claims_respect_global_and_tenant_caps_and_alternate_tenants(jobs, schedules):
     """Claims stop at the caps on jobs inside RunComfy and take tenants in turn."""
     for _ in range(5):
         await jobs.create(make_record("big"))
@@ -105,7 +103,7 @@ async def test_cancelled_pending_job_frees_its_slot_and_leaves_the_queue(jobs, s
     """Finishing a claimed pending job removes it from the submit queue and frees its slot."""
     record = make_record(webhook=False)
     await jobs.create(record)
-    [claim] = await schedules.claim_submits(1, global_cap=1, tenant_caps={})
+    [_claim] = await schedules.claim_submits(1, global_cap=1, tenant_caps={})
     stored = await jobs.get(record.id)
     assert await jobs.finish(stored, "cancelled", lease=None) is Outcome.DONE
     assert (await schedules.depths())["inflight"] == 0

@@ -50,14 +50,14 @@ class Gateway:
         return await wait_for(check, timeout=timeout)
 
     async def emulator_state(self) -> dict[str, Any]:
-        async with aiohttp.ClientSession() as http:
-            async with http.get(f"{self.emulator}/_emulator/requests") as answer:
-                return await answer.json()  # type: ignore[no-any-return]
+        url = f"{self.emulator}/_emulator/requests"
+        async with aiohttp.ClientSession() as http, http.get(url) as answer:
+            return await answer.json()  # type: ignore[no-any-return]
 
     async def configure_emulator(self, **config: Any) -> None:
-        async with aiohttp.ClientSession() as http:
-            async with http.post(f"{self.emulator}/_emulator/config", json=config) as answer:
-                assert answer.status == 200, await answer.text()
+        url = f"{self.emulator}/_emulator/config"
+        async with aiohttp.ClientSession() as http, http.post(url, json=config) as answer:
+            assert answer.status == 200, await answer.text()
 
     async def webhooks(self, count: int) -> list[dict[str, Any]]:
         async def check() -> bool:
@@ -129,7 +129,9 @@ async def test_a_job_completes_with_output_and_one_verified_webhook(gateway_fact
     video = final.record.output["video"]
     async with aiohttp.ClientSession() as http, http.get(video) as answer:
         assert answer.status == 200
-    assert final.record.submitted_at and final.record.started_at and final.record.finished_at
+    assert final.record.submitted_at
+    assert final.record.started_at
+    assert final.record.finished_at
     [event] = await gw.webhooks(1)
     assert event["type"] == "job.completed"
     assert event["data"]["id"] == job_id
@@ -186,9 +188,7 @@ async def test_rate_limited_submits_are_retried_and_recorded(gateway_factory):
         EmulatorConfig(queue_s=0.1, run_s=0.1, rate_429=1.0, retry_after_s=0.1)
     )
     job_id = await gw.submit()
-    await wait_for(
-        lambda: _when(gw.jobs.get(job_id), lambda s: len(s.record.submits) >= 2)
-    )
+    await wait_for(lambda: _when(gw.jobs.get(job_id), lambda s: len(s.record.submits) >= 2))
     await gw.configure_emulator(rate_429=0.0)
     final = await gw.final(job_id, timeout=30)
     assert final.record.status == "completed"
