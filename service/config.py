@@ -88,6 +88,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     webhook_deadline_s: float = 15.0
     upstream_timeout_s: float = 20.0
     submit_unknown_policy: Literal["fail", "retry"] = "fail"
+    upstream_rate_per_s: float = 10.0
+    upstream_burst: int = 20
+    funds_pause_s: float = 60.0
 
     def __repr__(self) -> str:
         tenants = list(self.tenants.by_id)
@@ -264,4 +267,7 @@ def load_settings(  # noqa: C901 - one flat check per variable reads best
         worker_metrics_port=_integer(env, "GATEWAY_WORKER_METRICS_PORT", 9091, minimum=0),
         webhook_deadline_s=webhook_deadline_s,
         upstream_timeout_s=upstream_timeout_s,
+        upstream_rate_per_s=_number(env, "GATEWAY_UPSTREAM_RATE_PER_S", 10.0, minimum=0.01),
+        upstream_burst=_integer(env, "GATEWAY_UPSTREAM_BURST", 20),
+        funds_pause_s=_number(env, "GATEWAY_FUNDS_PAUSE_S", 60.0, minimum=0.1),
     )

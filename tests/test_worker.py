@@ -17,6 +17,7 @@ from service.store.connection import connect
 from service.store.deliveries import DeliveryStore
 from service.store.jobs import JobStore, StoredJob
 from service.store.keys import Keys
+from service.store.limits import Limits
 from service.store.schedules import Schedules
 from service.worker.main import run_worker
 from tests.support import Receiver, job_record, new_tenant, tenants_of, wait_for
@@ -30,6 +31,7 @@ class Gateway:
     jobs: JobStore
     deliveries: DeliveryStore
     schedules: Schedules
+    limits: Limits
     emulator: str
     receiver: Receiver
     stop: asyncio.Event
@@ -103,6 +105,7 @@ async def gateway_factory(redis_server, keys: Keys) -> AsyncIterator[Any]:
             jobs=JobStore(redis, keys, retention_s=settings.job_retention_s),
             deliveries=DeliveryStore(redis, keys, retention_s=settings.job_retention_s),
             schedules=Schedules(redis, keys, lease_s=settings.lease_s),
+            limits=Limits(redis, keys),
             emulator=url,
             receiver=receiver,
             stop=stop,
@@ -304,3 +307,20 @@ async def test_stopping_the_worker_returns_within_the_shutdown_budget(gateway_fa
 async def _when(coro: Any, predicate: Any) -> Any:
     value = await coro
     return value if value is not None and predicate(value) else None
+
+
+async def test_no_funds_pauses_submits_then_resumes_without_failing_jobs(gateway_factory):
+    """A 402 pauses every submit; when funds are back, the waiting jobs complete."""
+    gw = await gateway_factory(
+        EmulatorConfig(queue_s=0.1, run_s=0.1, funds_exhausted=True),
+        env={"GATEWAY_FUNDS_PAUSE_S": "0.5"},
+    )
+    ids = [await gw.submit(webhook_url=None) for _ in range(3)]
+    pause = await wait_for(gw.limits.upstream_pause)
+    assert pause.reason == "insufficient_funds"
+    stored = await gw.jobs.get_many(ids)
+    assert all(s.record.status == "pending" for s in stored)
+    await gw.configure_emulator(funds_exhausted=False)
+    finals = [await gw.final(job_id) for job_id in ids]
+    assert {f.record.status for f in finals} == {"completed"}
+    assert all(f.record.submit_retries == 0 for f in finals)

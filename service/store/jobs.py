@@ -356,13 +356,24 @@ class JobStore:
         return await self._apply(stored, new, change, lease=lease, event=None)
 
     async def submit_later(
-        self, stored: StoredJob, lease: Lease, outcome: str, detail: str, *, delay_s: float
+        self,
+        stored: StoredJob,
+        lease: Lease,
+        outcome: str,
+        detail: str,
+        *,
+        delay_s: float,
+        count_retry: bool = True,
     ) -> Outcome:
-        """RunComfy definitely created nothing: record why, free the slot and retry later."""
+        """RunComfy definitely created nothing: record why, free the slot and retry later.
+
+        `count_retry=False` is for waits that say nothing about the job (no
+        funds, rate limited): those are bounded by the job deadline instead.
+        """
         new = msgspec.structs.replace(
             stored.record,
             submits=_settle_last(stored.record, outcome, detail=detail),
-            submit_retries=stored.record.submit_retries + 1,
+            submit_retries=stored.record.submit_retries + int(count_retry),
         )
         change = _Change(submit_in_s=delay_s, release_slot=True)
         return await self._apply(stored, new, change, lease=lease, event=None)

@@ -18,6 +18,8 @@ name is written once, here.
 | `P:lease:<schedule>` | hash | member -> fencing token of its current claim |
 | `P:fence` | counter | fencing tokens |
 | `P:inflight`, `P:inflight:<tenant>` | set | jobs holding an upstream slot |
+| `P:rate:<name>` | string | a GCRA limit's theoretical arrival time (ms) |
+| `P:upstream-pause` | hash | `reason`, `until` (ms), `count`; expires with the pause |
 | `P:dlv:<id>` | hash | one delivery: `job`, `tenant`, `type`, `url`, `body`, `state`, ... |
 | `P:dlv:<id>:log` | list | its attempt log (DeliveryAttempt JSON) |
 """
@@ -67,6 +69,14 @@ class Keys:
     def lease(self, schedule: str) -> str:
         """Fencing tokens of a schedule's current claims."""
         return f"{self.prefix}:lease:{schedule}"
+
+    def rate(self, name: str) -> str:
+        """A GCRA rate limit's theoretical arrival time."""
+        return f"{self.prefix}:rate:{name}"
+
+    def pause(self) -> str:
+        """The upstream pause everyone honours (402, 429)."""
+        return f"{self.prefix}:upstream-pause"
 
     def delivery(self, delivery_id: str) -> str:
         """One webhook delivery."""

@@ -22,6 +22,7 @@ from service.store.connection import connect
 from service.store.deliveries import DeliveryStore
 from service.store.jobs import JobStore
 from service.store.keys import Keys
+from service.store.limits import Limits
 from service.store.schedules import Schedules
 from service.webhooks.delivery import create_webhook_session
 from service.worker.dispatcher import Dispatcher
@@ -89,7 +90,14 @@ async def run_worker(
         timeout_s=settings.upstream_timeout_s,
     )
     loops = [
-        Submitter(settings, jobs, schedules, client, heartbeat),
+        Submitter(
+            settings,
+            jobs=jobs,
+            schedules=schedules,
+            client=client,
+            limits=Limits(redis, keys),
+            heartbeat=heartbeat,
+        ),
         Poller(settings, jobs, schedules, client, heartbeat),
         Dispatcher(settings, deliveries, schedules, hooks, heartbeat),
     ]

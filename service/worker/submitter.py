@@ -8,6 +8,12 @@ A submit is paid and RunComfy has no idempotency key, so it is recorded as
   reached: retried with exponential backoff and jitter, honouring
   `Retry-After`, at most `MAX_SUBMIT_RETRIES` times, then `failed`; errors
   that retrying cannot fix (invalid input, auth) fail at once.
+- 402 (no funds) and 429 (rate limited) pause submits for every replica
+  (`Limits.pause_upstream`) instead of hammering RunComfy; the job waits
+  without using up its retries, bounded by its deadline.
+
+Submits also pass a shared GCRA rate limit (`GATEWAY_UPSTREAM_RATE_PER_S`,
+`GATEWAY_UPSTREAM_BURST`) before they are sent.
 - No answer came after sending (*unknown*: a paid request may exist), or a
   worker died between sending and recording the answer: by default the job
   fails with `upstream_submit_unknown` rather than risk paying twice
@@ -18,6 +24,7 @@ A submit is paid and RunComfy has no idempotency key, so it is recorded as
 from __future__ import annotations
 
 import logging
+import time
 from datetime import UTC, datetime
 from typing import Final
 
@@ -32,12 +39,15 @@ from service.runcomfy.client import (
     UpstreamUnreachable,
 )
 from service.store.jobs import JobStore, Outcome, StoredJob
+from service.store.limits import Limits
 from service.store.schedules import Claim, Schedules
 from service.worker.loop import ClaimLoop, Heartbeat, backoff_s
 
 log = logging.getLogger(__name__)
 
 MAX_SUBMIT_RETRIES: Final = 8
+RATE_LIMIT_PAUSE_S: Final = 5.0
+PAUSE_CHECK_S: Final = 0.5
 _encoder = msgspec.json.Encoder()
 
 
@@ -49,17 +59,21 @@ class Submitter(ClaimLoop):
     def __init__(
         self,
         settings: Settings,
+        *,
         jobs: JobStore,
         schedules: Schedules,
         client: RunComfyClient,
+        limits: Limits,
         heartbeat: Heartbeat,
-        *,
         concurrency: int = 32,
     ) -> None:
         super().__init__(schedules, heartbeat, concurrency=concurrency, drain_s=settings.shutdown_s)
         self.settings = settings
         self.jobs = jobs
         self.client = client
+        self.limits = limits
+        self._pause_checked_at = -PAUSE_CHECK_S
+        self._paused = False
         self._tenant_caps = {
             t.id: t.max_in_flight
             for t in settings.tenants.by_id.values()
@@ -67,7 +81,13 @@ class Submitter(ClaimLoop):
         }
 
     async def claim(self, max_items: int) -> list[Claim]:
-        """Claim pending jobs while RunComfy has free slots for them."""
+        """Claim pending jobs while RunComfy has free slots for them and no pause is on."""
+        now = time.monotonic()
+        if now - self._pause_checked_at >= PAUSE_CHECK_S:
+            self._paused = await self.limits.upstream_pause() is not None
+            self._pause_checked_at = now
+        if self._paused:
+            return []
         return await self.schedules.claim_submits(
             max_items,
             global_cap=self.settings.upstream_max_in_flight,
@@ -84,8 +104,8 @@ class Submitter(ClaimLoop):
         )
         await self.schedules.release(claim, delay_s=0, free_slot=not sent)
 
-    async def work(self, claim: Claim) -> None:  # noqa: C901 - one branch per upstream outcome
-        """Submit one pending job and record what RunComfy answered."""
+    async def work(self, claim: Claim) -> None:
+        """Submit one pending job, unless something says not to now."""
         stored = await self.jobs.get(claim.member)
         if stored is None or stored.record.status != "pending":
             # Cancelled or expired since it was queued; the change that did it cleaned up.
@@ -99,9 +119,22 @@ class Submitter(ClaimLoop):
         if record.submits and record.submits[-1].outcome == "sent":
             await self._unknown(stored, claim, "a worker stopped after sending the submit")
             return
+        wait_s = await self.limits.acquire(
+            "submit",
+            rate_per_s=self.settings.upstream_rate_per_s,
+            burst=self.settings.upstream_burst,
+        )
+        if wait_s > 0:
+            await self.schedules.release(claim, delay_s=wait_s, free_slot=True)
+            return
         outcome, stored = await self.jobs.record_submit(stored, claim.lease)
         if outcome is not Outcome.DONE:
             return  # changed meanwhile (e.g. cancelled) or the lease was lost: not sent
+        await self._send(stored, claim)
+
+    async def _send(self, stored: StoredJob, claim: Claim) -> None:
+        """Send the submit recorded as `sent` and record what RunComfy answered."""
+        record = stored.record
         try:
             answer = await self.client.submit(MODEL, _encoder.encode(record.input))
         except UpstreamOutcomeUnknown as exc:
@@ -109,7 +142,9 @@ class Submitter(ClaimLoop):
         except UpstreamUnreachable as exc:
             await self._later_or_fail(stored, claim, "unreachable", str(exc), None, "unreachable")
         except UpstreamRejected as exc:
-            if exc.retryable:
+            if exc.kind in {"insufficient_funds", "rate_limited"}:
+                await self._pause(stored, claim, exc)
+            elif exc.retryable:
                 kind = f"upstream_{exc.kind}"
                 await self._later_or_fail(
                     stored, claim, "rejected", str(exc), exc.retry_after_s, kind
@@ -163,6 +198,25 @@ class Submitter(ClaimLoop):
         if retry_after_s is not None:
             delay = max(delay, retry_after_s)
         await self.jobs.submit_later(stored, claim.lease, outcome, detail, delay_s=delay)
+
+    async def _pause(self, stored: StoredJob, claim: Claim, exc: UpstreamRejected) -> None:
+        """No funds or rate limited: stop every replica's submits for a while, keep the job."""
+        if exc.kind == "insufficient_funds":
+            seconds = max(self.settings.funds_pause_s, exc.retry_after_s or 0.0)
+            log.error("submitter: RunComfy has no funds (402); pausing submits for %.0fs", seconds)
+        else:
+            seconds = exc.retry_after_s or RATE_LIMIT_PAUSE_S
+            log.warning("submitter: RunComfy rate limited us (429); pausing submits %.1fs", seconds)
+        await self.limits.pause_upstream(exc.kind, seconds)
+        self._paused, self._pause_checked_at = True, time.monotonic()
+        await self.jobs.submit_later(
+            stored,
+            claim.lease,
+            "rejected",
+            str(exc),
+            delay_s=seconds * self.rng.uniform(1.0, 1.2),
+            count_retry=False,
+        )
 
     async def _unknown(self, stored: StoredJob, claim: Claim, detail: str) -> None:
         """The submit may have created a paid request: apply the documented policy."""

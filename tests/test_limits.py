@@ -1,0 +1,72 @@
+"""Shared limits in Redis: the GCRA rate limiter and the upstream pause."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.store.limits import Limits
+from tests.support import wait_for
+
+
+@pytest.fixture
+def limits(redis, keys):
+    return Limits(redis, keys)
+
+
+async def test_a_burst_is_granted_then_callers_are_told_how_long_to_wait(limits):
+    """GCRA grants `burst` calls at once, then answers the wait until the next one."""
+    grants = [await limits.acquire("t", rate_per_s=10, burst=3) for _ in range(3)]
+    assert grants == [0, 0, 0]
+    wait = await limits.acquire("t", rate_per_s=10, burst=3)
+    assert 0.05 < wait <= 0.1
+
+
+async def test_a_refused_call_takes_nothing_from_the_limit(limits):
+    """Asking while over the limit does not push the next grant further away."""
+    await limits.acquire("t", rate_per_s=2, burst=1)
+    first = await limits.acquire("t", rate_per_s=2, burst=1)
+    second = await limits.acquire("t", rate_per_s=2, burst=1)
+    assert first > 0
+    assert second <= first
+
+
+async def test_limits_are_independent_by_name(limits):
+    """Two named limits do not share their budget."""
+    assert await limits.acquire("a", rate_per_s=1, burst=1) == 0
+    assert await limits.acquire("b", rate_per_s=1, burst=1) == 0
+    assert await limits.acquire("a", rate_per_s=1, burst=1) > 0
+
+
+async def test_the_limit_refills_with_time(limits):
+    """After the interval passes, a call is granted again."""
+    await limits.acquire("t", rate_per_s=20, burst=1)
+    assert await limits.acquire("t", rate_per_s=20, burst=1) > 0
+    assert await wait_for(lambda: _granted(limits), timeout=2)
+
+
+async def _granted(limits):
+    return await limits.acquire("t", rate_per_s=20, burst=1) == 0
+
+
+async def test_a_pause_is_seen_until_it_expires(limits):
+    """A pause is visible with its reason and ends by itself."""
+    assert await limits.upstream_pause() is None
+    await limits.pause_upstream("insufficient_funds", 0.3)
+    pause = await limits.upstream_pause()
+    assert pause.reason == "insufficient_funds"
+    assert 0 < pause.remaining_s <= 0.3
+    await wait_for(lambda: _no_pause(limits), timeout=3)
+
+
+async def test_a_shorter_pause_never_shortens_a_longer_one(limits):
+    """A 429's short pause does not cut a 402's long one."""
+    await limits.pause_upstream("insufficient_funds", 30)
+    count = await limits.pause_upstream("rate_limited", 1)
+    pause = await limits.upstream_pause()
+    assert pause.reason == "insufficient_funds"
+    assert pause.remaining_s > 20
+    assert count == 2
+
+
+async def _no_pause(limits):
+    return await limits.upstream_pause() is None
