@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
 import pytest
@@ -11,6 +12,7 @@ from service.store.connection import new_id
 from service.store.deliveries import DeliveryStore, Resend
 from service.store.jobs import JobStore, Lease, Outcome, body_hash
 from service.store.schedules import Schedules
+from tests.support import wait_for
 
 RETENTION = 3600
 
@@ -153,3 +155,71 @@ async def test_resend_requeues_the_final_event(jobs, schedules, deliveries):
     assert await schedules.claim("deliver", 10) == []
     assert await deliveries.resend(record.id) is Resend.QUEUED
     assert [c.member for c in await schedules.claim("deliver", 10)] == [claim.member]
+
+
+async def test_an_expired_lease_lets_another_worker_claim_and_fences_the_first(redis, keys, jobs):
+    """After its lease runs out an item is claimed again, and the first holder's writes fail."""
+    short = Schedules(redis, keys, lease_s=0.2)
+    record = make_record()
+    await jobs.create(record)
+    [first] = await short.claim_submits(1, global_cap=5, tenant_caps={})
+    assert await short.claim_submits(1, global_cap=5, tenant_caps={}) == []
+    [second] = await wait_for(lambda: short.claim_submits(1, global_cap=5, tenant_caps={}))
+    assert second.member == first.member
+    assert second.lease.token != first.lease.token
+    stored = await jobs.get(record.id)
+    assert (await jobs.record_submit(stored, first.lease))[0] is Outcome.LEASE_LOST
+    assert (await jobs.record_submit(stored, second.lease))[0] is Outcome.DONE
+
+
+async def test_concurrent_claimers_never_get_the_same_item(redis, keys, jobs):
+    """Many workers claiming at once each get different items, and all items are claimed."""
+    for _ in range(40):
+        await jobs.create(make_record())
+    workers = [Schedules(redis, keys, lease_s=30) for _ in range(4)]
+    batches = await asyncio.gather(
+        *(w.claim_submits(7, global_cap=100, tenant_caps={}) for w in workers for _ in range(2))
+    )
+    claimed = [c.member for batch in batches for c in batch]
+    assert len(claimed) == len(set(claimed)) == 40
+
+
+async def test_scripts_survive_a_script_cache_flush(redis, jobs, schedules):
+    """After SCRIPT FLUSH (as after a failover) every script is loaded again on use."""
+    record = make_record()
+    await jobs.create(record)
+    await redis.script_flush()
+    [claim] = await schedules.claim_submits(1, global_cap=5, tenant_caps={})
+    await redis.script_flush()
+    stored = await jobs.get(record.id)
+    assert (await jobs.record_submit(stored, claim.lease))[0] is Outcome.DONE
+
+
+async def test_a_finished_job_and_everything_it_left_expire(redis, keys, jobs, deliveries):
+    """A final job, its delivery, attempt log and Idempotency-Key all carry the retention TTL."""
+    record = make_record()
+    await jobs.create(record, idempotency=("i" * 64, body_hash(b"b")))
+    assert await redis.ttl(keys.job(record.id)) == -1  # live jobs never expire
+    stored = await jobs.get(record.id)
+    await jobs.finish(stored, "completed", lease=None, output={"video": "https://x"})
+    delivery_id = await deliveries.final_delivery_id(record.id)
+    for key in (
+        keys.job(record.id),
+        keys.delivery(delivery_id),
+        keys.idempotency("orders", "i" * 64),
+    ):
+        assert 0 < await redis.ttl(key) <= RETENTION
+    assert await redis.scard(keys.inflight()) == 0
+    assert await redis.hlen(keys.lease("submit")) == 0
+
+
+async def test_old_index_entries_are_trimmed_when_jobs_are_created(redis, keys):
+    """Index entries older than the retention are dropped, so indexes never outgrow it."""
+    short = JobStore(redis, keys, retention_s=60)
+    old = make_record()
+    old.id = "job_00000000000000000000000000"  # an id from 1970: long past retention
+    await short.create(old)
+    await short.create(make_record())
+    listed = await redis.zrange(keys.jobs("orders"), 0, -1)
+    assert old.id.encode() not in listed
+    assert len(listed) == 1
