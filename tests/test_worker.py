@@ -10,8 +10,10 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from service.config import Settings, load_settings
+from service.localredis import free_port
 from service.runcomfy.emulator import EmulatorConfig, start_emulator
 from service.store.connection import connect
 from service.store.deliveries import DeliveryStore
@@ -78,6 +80,7 @@ async def gateway_factory(redis_server, keys: Keys) -> AsyncIterator[Any]:
         *,
         env: dict[str, str] | None = None,
         statuses: list[int] | None = None,
+        hosts: tuple[str, ...] = ("127.0.0.1",),
         **limits: Any,
     ) -> Gateway:
         runner, url = await start_emulator(emulator or EmulatorConfig(queue_s=0.2, run_s=0.2))
@@ -96,7 +99,7 @@ async def gateway_factory(redis_server, keys: Keys) -> AsyncIterator[Any]:
                 "GATEWAY_SHUTDOWN_S": "3",
                 **(env or {}),
             },
-            tenants=tenants_of(TENANT.tenant(**limits)),
+            tenants=tenants_of(TENANT.tenant(hosts=hosts, **limits)),
         )
         redis = connect(redis_server.url)
         stop = asyncio.Event()
@@ -324,3 +327,50 @@ async def test_no_funds_pauses_submits_then_resumes_without_failing_jobs(gateway
     finals = [await gw.final(job_id) for job_id in ids]
     assert {f.record.status for f in finals} == {"completed"}
     assert all(f.record.submit_retries == 0 for f in finals)
+
+
+async def test_a_hanging_receiver_does_not_delay_deliveries_to_others(gateway_factory):
+    """While one host never answers, webhooks to another host arrive without waiting on it."""
+    hang = asyncio.Event()
+    hanging: list[int] = []
+
+    async def never(request: web.Request) -> web.Response:
+        hanging.append(1)
+        await hang.wait()
+        return web.Response(status=200)
+
+    app = web.Application()
+    app.router.add_post("/hook", never)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "localhost", port).start()
+    try:
+        gw = await gateway_factory(
+            EmulatorConfig(queue_s=0, run_s=0),
+            env={
+                "GATEWAY_WEBHOOK_TIMEOUT_S": "4",
+                "GATEWAY_UPSTREAM_RATE_PER_S": "10000",
+                "GATEWAY_UPSTREAM_BURST": "1000",
+                "GATEWAY_UPSTREAM_MAX_IN_FLIGHT": "1000",
+            },
+            hosts=("127.0.0.1", "localhost"),
+        )
+        for _ in range(150):  # more than all the dispatcher's slots
+            await gw.submit(webhook_url=f"http://localhost:{port}/hook")
+        await wait_for(lambda: _async(len(hanging) >= 8))  # the hanging host holds its share
+        started = time.monotonic()
+        fast = [await gw.submit() for _ in range(5)]
+        await gw.webhooks(5)
+        assert time.monotonic() - started < 3  # well inside the hanging host's 4 s deadline
+        assert {r.verified_by(TENANT.whsec)["data"]["id"] for r in gw.receiver.received} == set(
+            fast
+        )
+        assert len(hanging) <= 8  # never more than per_host attempts at that host at once
+    finally:
+        hang.set()
+        await runner.cleanup()
+
+
+async def _async(value: Any) -> Any:
+    return value
