@@ -77,6 +77,22 @@ async def test_job_runs_through_every_state_and_queues_one_webhook(jobs, schedul
     assert (await schedules.depths())["inflight"] == 0
 
 
+async def test_the_backlog_holds_exactly_the_pending_jobs(redis, keys, jobs, schedules):
+    """The KEDA backlog counts pending jobs and drops each as it leaves pending."""
+    records = [make_record() for _ in range(3)]
+    for record in records:
+        await jobs.create(record)
+    assert await redis.zcard(keys.backlog()) == 3
+    [claim] = await schedules.claim_submits(1, global_cap=5, tenant_caps={})
+    stored = await jobs.get(claim.member)
+    _, stored = await jobs.record_submit(stored, claim.lease)
+    assert await redis.zcard(keys.backlog()) == 3  # still pending while it is being sent
+    await jobs.submitted(stored, claim.lease, "r-1", poll_in_s=1)
+    other = await jobs.get(next(r.id for r in records if r.id != claim.member))
+    await jobs.finish(other, "cancelled", lease=None)
+    assert await redis.zcard(keys.backlog()) == 1
+
+
 async def test_a_stale_version_or_a_lost_lease_changes_nothing(jobs, schedules):
     """A change made from an old read, or with another worker's token, is refused."""
     record = make_record()

@@ -61,6 +61,7 @@ redis.call('ZADD', k_jobs(tenant), 0, id)
 redis.call('ZADD', k_jobs_status(tenant, 'pending'), 0, id)
 redis.call('ZADD', k_submit(tenant), now, id)
 redis.call('ZADD', k_submit_tenants(), 'NX', 0, tenant)
+redis.call('ZADD', k_backlog(), now, id)
 return {1, id}
 """
 )
@@ -82,6 +83,7 @@ redis.call('HSET', jk, 'doc', op.doc, 'status', op.status, 'ver', op.ver + 1)
 if old ~= op.status then
   redis.call('ZREM', k_jobs_status(op.tenant, old), op.id)
   redis.call('ZADD', k_jobs_status(op.tenant, op.status), 0, op.id)
+  if old == 'pending' then redis.call('ZREM', k_backlog(), op.id) end
 end
 if op.leave_submit then
   redis.call('ZREM', k_submit(op.tenant), op.id)

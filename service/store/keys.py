@@ -12,6 +12,7 @@ name is written once, here.
 | `P:jobs:<tenant>` | zset | job ids, all score 0, ordered by the (time-sortable) id |
 | `P:jobs:<tenant>:<status>` | zset | the same, per status |
 | `P:submit:<tenant>` | zset | pending job ids by due time (ms) |
+| `P:backlog` | zset | every pending job, all tenants (KEDA scales workers on its ZCARD) |
 | `P:submit-tenants` | zset | tenants with pending work, least recently served first |
 | `P:rr` | counter | round-robin ticket for `submit-tenants` |
 | `P:poll` / `P:deliver` | zset | job ids / delivery ids by due time (ms) |
@@ -58,6 +59,10 @@ class Keys:
         """The `poll` or `deliver` schedule."""
         return f"{self.prefix}:{name}"
 
+    def backlog(self) -> str:
+        """Every pending job, all tenants: what KEDA's redis scaler measures (ZCARD)."""
+        return f"{self.prefix}:backlog"
+
     def submit_tenants(self) -> str:
         """Tenants with pending work."""
         return f"{self.prefix}:submit-tenants"
@@ -96,6 +101,7 @@ local function k_jobs_status(t, s) return P .. ':jobs:' .. t .. ':' .. s end
 local function k_submit(t) return P .. ':submit:' .. t end
 local function k_schedule(name) return P .. ':' .. name end
 local function k_submit_tenants() return P .. ':submit-tenants' end
+local function k_backlog() return P .. ':backlog' end
 local function k_rr() return P .. ':rr' end
 local function k_inflight() return P .. ':inflight' end
 local function k_inflight_t(t) return P .. ':inflight:' .. t end
