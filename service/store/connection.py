@@ -18,16 +18,18 @@ _CROCKFORD: Final = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _last_id = 0
 
 
-def connect(url: str, *, max_connections: int = 64) -> aioredis.Redis:
+def connect(url: str, *, max_connections: int = 64, pool_timeout_s: float = 5.0) -> aioredis.Redis:
     """A client for `url` whose sockets time out and keep alive, so a dead peer is noticed.
 
     A command retries a few times with jittered backoff on a dropped
     connection; past that the caller sees the error (the API answers 503, the
-    worker loops back off).
+    worker loops back off). The pool is a blocking one: a burst of requests
+    waits up to `pool_timeout_s` for a free connection rather than failing.
     """
-    return aioredis.Redis.from_url(
+    pool = aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
+        timeout=pool_timeout_s,
         socket_timeout=5.0,
         socket_connect_timeout=3.0,
         socket_keepalive=True,
@@ -36,6 +38,7 @@ def connect(url: str, *, max_connections: int = 64) -> aioredis.Redis:
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
         decode_responses=False,
     )
+    return aioredis.Redis(connection_pool=pool)
 
 
 def new_id(prefix: str) -> str:
