@@ -1,0 +1,5 @@
+"""`python -m service`: the same as the `runcomfy-gateway` console script."""
+
+from service.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,125 @@
+"""The Litestar app factory: `create_app(settings)` wires routes, problems, metrics and Redis.
+
+Nothing is opened at import or at construction: the lifespan opens the Redis
+client (lazily connecting, so the app starts while Redis is down and `/readyz`
+says so) and builds the stores on `app.state.services`, and closes the client
+at shutdown.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Final, cast
+
+from litestar import Litestar
+from litestar.datastructures import State
+from litestar.exceptions import HTTPException
+from litestar.middleware import ASGIMiddleware
+from litestar.types import ASGIApp, HTTPScope, Message, Receive, Scope, Send
+
+from service.api.openapi import serve_openapi
+from service.api.problems import REDIS_UNAVAILABLE, ProblemError, exception_handlers
+from service.api.routes import Services, route_handlers
+from service.api.validation import InvalidInputError, MalformedBodyError
+from service.config import Settings
+from service.metrics import ApiMetrics
+from service.store.connection import connect
+from service.store.deliveries import DeliveryStore
+from service.store.jobs import JobStore
+from service.store.keys import Keys
+from service.store.limits import Limits
+from service.store.schedules import Schedules
+
+MAX_BODY_BYTES: Final = 1_000_000
+"""DESIGN §3: a request body over 1 MB answers 413 (counted as sent, not as announced)."""
+
+
+def create_app(settings: Settings, *, keys: Keys | None = None) -> Litestar:
+    """The HTTP API for `settings`; `keys` gives tests a private Redis key prefix."""
+    metrics = ApiMetrics()
+    store_keys = keys if keys is not None else Keys()
+
+    @asynccontextmanager
+    async def open_redis(app: Litestar) -> AsyncIterator[None]:
+        redis = connect(settings.redis_url)
+        retention = settings.job_retention_s
+        app.state.services = Services(
+            settings=settings,
+            redis=redis,
+            jobs=JobStore(redis, store_keys, retention_s=retention),
+            deliveries=DeliveryStore(redis, store_keys, retention_s=retention),
+            schedules=Schedules(redis, store_keys, lease_s=settings.lease_s),
+            limits=Limits(redis, store_keys),
+            metrics=metrics,
+        )
+        try:
+            yield
+        finally:
+            await redis.aclose()
+
+    async def count_unrouted(exc: Exception, scope: Scope) -> None:
+        # Requests that matched no route never reach the route middleware; count them here.
+        if "route_handler" not in scope and scope["type"] == "http":
+            method = cast("HTTPScope", scope)["method"]
+            status = str(_status_of(exc))
+            metrics.requests.labels(route="unmatched", method=method, status=status).inc()
+
+    return Litestar(
+        route_handlers=[*route_handlers(), serve_openapi],
+        lifespan=[open_redis],
+        state=State({"settings": settings, "metrics": metrics}),
+        exception_handlers=exception_handlers(),
+        after_exception=[count_unrouted],
+        middleware=[RequestMetrics(metrics)],
+        request_max_body_size=MAX_BODY_BYTES,
+        openapi_config=None,  # the document is built by service.api.openapi and served as is
+        logging_config=None,  # the process configures logging (cli.py), not the framework
+        debug=False,
+    )
+
+
+class RequestMetrics(ASGIMiddleware):
+    """Counts every routed request by route template, method and status, with its latency."""
+
+    scopes = ("http",)  # type: ignore[assignment]
+
+    def __init__(self, metrics: ApiMetrics) -> None:
+        self.metrics = metrics
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
+        """Time the request and note the status of its answer."""
+        started = time.perf_counter()
+        status = 500
+
+        async def note_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await next_app(scope, receive, note_status)
+        except Exception as exc:
+            # The route's exception handlers answer first; this is only what escaped them.
+            status = _status_of(exc)
+            raise
+        finally:
+            route = scope.get("path_template") or "unmatched"
+            method = cast("HTTPScope", scope)["method"]
+            self.metrics.observe_request(route, method, status, time.perf_counter() - started)
+
+
+def _status_of(exc: Exception) -> int:
+    if isinstance(exc, ProblemError):
+        return exc.status
+    if isinstance(exc, MalformedBodyError):
+        return 400
+    if isinstance(exc, InvalidInputError):
+        return 422
+    if isinstance(exc, HTTPException):
+        return exc.status_code
+    if isinstance(exc, REDIS_UNAVAILABLE):
+        return 503
+    return 500

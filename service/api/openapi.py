@@ -1,0 +1,133 @@
+"""The OpenAPI 3.1 document, generated from the route handlers and the Structs in `models.py`.
+
+Litestar generates the document from the same route tree the app serves. One
+thing it cannot see: `POST /v1/jobs` reads its body raw (so validation can name
+every bad field), so the generated operation has no request body. A
+documentation-only twin handler that takes `data: JobRequest` makes Litestar
+generate that body and its schemas; it is moved onto `POST /v1/jobs` and the
+twin dropped. Building the document needs no Redis and no settings.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any, Final
+
+import msgspec
+from litestar import Litestar, get, post
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.spec import Components, SecurityScheme, Tag
+from litestar.params import JSONBody
+
+from service import models
+from service.api import routes
+from service.api.problems import PROBLEM_JSON
+from service.api.routes import route_handlers
+from service.models import JobRequest
+
+_TWIN_PATH: Final = "/_openapi/job-request"
+_DESCRIPTION: Final = """\
+An internal gateway in front of RunComfy's `tencent/hunyuan/video-to-video` model. \
+Submit a job, get a signed Standard Webhooks callback when it completes, fails or is \
+cancelled. Every `/v1` call needs `Authorization: Bearer <api key>`; a tenant sees only \
+its own jobs. Every error is `application/problem+json` (RFC 9457)."""
+
+
+def _version() -> str:
+    try:
+        return version("runcomfy-gateway")
+    except PackageNotFoundError:
+        return "0.0.0"
+
+
+def openapi_config() -> OpenAPIConfig:
+    """The document's header: title, version, tags and the bearer security scheme."""
+    return OpenAPIConfig(
+        title="runcomfy-gateway",
+        version=_version(),
+        description=_DESCRIPTION,
+        tags=[
+            Tag(name="jobs", description="Video-to-video jobs and their webhooks."),
+            Tag(name="operations", description="Probes and metrics; no API key needed."),
+        ],
+        components=Components(
+            security_schemes={
+                "apiKey": SecurityScheme(
+                    type="http",
+                    scheme="bearer",
+                    description="A tenant's API key, as `Authorization: Bearer <key>`.",
+                )
+            }
+        ),
+        use_handler_docstrings=False,
+        create_examples=False,
+    )
+
+
+@post(_TWIN_PATH, sync_to_thread=False)
+def _job_request_twin(data: JSONBody[JobRequest]) -> None:
+    """Never served: only lets Litestar generate the JobRequest body schema."""
+    del data
+
+
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI 3.1 document of the HTTP API, as a JSON-ready dict."""
+    app = Litestar(
+        route_handlers=[*route_handlers(), _job_request_twin],
+        openapi_config=openapi_config(),
+        logging_config=None,
+    )
+    document = app.openapi_schema.to_schema()
+    paths: dict[str, Any] = document["paths"]
+    body = paths.pop(_TWIN_PATH)["post"]["requestBody"]
+    body["description"] = (
+        "The job. `input` follows the model's schema exactly; unknown fields are rejected "
+        "at every level."
+    )
+    paths["/v1/jobs"]["post"]["requestBody"] = body
+    for path_item in paths.values():
+        for operation in path_item.values():
+            if isinstance(operation, dict) and "responses" in operation:
+                _drop_generic_400(operation["responses"])
+    _describe_structs(document["components"]["schemas"])
+    return document
+
+
+def _drop_generic_400(responses: dict[str, Any]) -> None:
+    """Drop Litestar's generic 400 (its own error shape), which this API never answers."""
+    answer = responses.get("400")
+    if answer is not None and PROBLEM_JSON not in answer.get("content", {}):
+        del responses["400"]
+
+
+def _describe_structs(schemas: dict[str, Any]) -> None:
+    """Give each Struct's schema its docstring, and close the ones that reject unknown fields."""
+    for name, schema in schemas.items():
+        struct = getattr(models, name, None) or getattr(routes, name, None)
+        if not (isinstance(struct, type) and issubclass(struct, msgspec.Struct)):
+            continue
+        doc = inspect.getdoc(struct)
+        if doc and "description" not in schema:
+            schema["description"] = doc.split("\n\n")[0].replace("\n", " ")
+        if struct.__struct_config__.forbid_unknown_fields:
+            schema["additionalProperties"] = False
+
+
+def render(document: dict[str, Any]) -> str:
+    """The document as checked in under `openapi/`: sorted keys, indent 2, final newline."""
+    return json.dumps(document, indent=2, sort_keys=True) + "\n"
+
+
+@functools.cache
+def _served() -> bytes:
+    # Built once per process on first request: the document depends only on the code.
+    return json.dumps(openapi_document(), sort_keys=True).encode()
+
+
+@get("/openapi.json", include_in_schema=False, media_type="application/json", sync_to_thread=False)
+def serve_openapi() -> bytes:
+    """The OpenAPI document, served by the API itself."""
+    return _served()

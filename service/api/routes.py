@@ -1,0 +1,441 @@
+"""The HTTP routes of DESIGN §3: thin handlers from a request to the job store and back.
+
+Every `/v1` handler gets the authenticated `Caller` and the `Services` the
+app's lifespan opened; it checks what the contract asks, calls the store, and
+answers a Struct from `models.py`. Errors are raised as problems (`problems.py`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import re
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Annotated, Any, Final
+
+import msgspec
+import redis.asyncio as aioredis
+from litestar import Request, Response, Router, get, post
+from litestar.datastructures import ResponseHeader
+from litestar.di import NamedDependency, Provide
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.params import HeaderParameter, PathParameter, QueryParameter
+from litestar.types import ControllerRouterHandler
+from redis.exceptions import RedisError
+
+from service.api.auth import Caller, provide_caller
+from service.api.problems import RETRY_AFTER_S, ProblemError, problem_responses
+from service.api.validation import (
+    MAX_IDEMPOTENCY_KEY_CHARS,
+    decode_object,
+    idempotency_key_hash,
+    request_digest,
+    validate_job_request,
+)
+from service.config import Settings, Tenant
+from service.metrics import PROMETHEUS_CONTENT_TYPE, ApiMetrics
+from service.models import DeliveryLog, Job, JobList, JobRecord, JobRequest, JobStatus, utcnow
+from service.store.connection import new_id
+from service.store.deliveries import DeliveryStore, Resend
+from service.store.jobs import JobStore, Outcome, StoredJob
+from service.store.limits import Limits
+from service.store.schedules import Schedules
+
+log = logging.getLogger(__name__)
+
+JOB_ID_PATTERN: Final = r"^job_[0-9A-HJKMNP-TV-Z]{26}$"
+"""What `new_id("job_")` makes: the prefix and 26 Crockford base32 characters."""
+_JOB_ID = re.compile(JOB_ID_PATTERN)
+
+CANCEL_TRIES: Final = 5
+"""How often a cancel re-reads and decides again when a worker changed the job meanwhile."""
+
+READY_TIMEOUT_S: Final = 1.0
+"""`/readyz` and `/metrics` wait this long for Redis: a probe must answer quickly."""
+
+
+@dataclass(frozen=True)
+class Services:
+    """What the handlers use; the app's lifespan opens it and puts it on `app.state`."""
+
+    settings: Settings
+    redis: aioredis.Redis
+    jobs: JobStore
+    deliveries: DeliveryStore
+    schedules: Schedules
+    limits: Limits
+    metrics: ApiMetrics
+
+
+class ProbeStatus(msgspec.Struct):
+    """The answer of `/healthz` and `/readyz`."""
+
+    status: str
+
+
+def provide_services(request: Request[Any, Any, Any]) -> Services:
+    """The `services` dependency: what the lifespan opened."""
+    services: Services = request.app.state.services
+    return services
+
+
+JobId = Annotated[str, PathParameter(description="The job's id, as answered by `POST /v1/jobs`.")]
+IdempotencyKey = Annotated[
+    str | None,
+    HeaderParameter(
+        name="Idempotency-Key",
+        min_length=1,
+        max_length=MAX_IDEMPOTENCY_KEY_CHARS,
+        description=(
+            "Makes the submit safe to retry: per tenant, kept for the retention period. "
+            "The same key with the same body answers 200 with the same job; with another "
+            "body, 409."
+        ),
+    ),
+]
+_LOCATION = [
+    ResponseHeader(
+        name="Location", description="`/v1/jobs/{id}` of the job.", documentation_only=True
+    )
+]
+
+
+@post(
+    "/jobs",
+    status_code=202,
+    summary="Submit a job",
+    description=(
+        "Validates the request (every offending field is named in one 422), stores the job "
+        "as `pending` and queues it for RunComfy. Nothing is sent upstream for invalid input."
+    ),
+    response_headers=_LOCATION,
+    responses={
+        200: ResponseSpec(
+            data_container=Job,
+            description="A replay of an Idempotency-Key with the same body: the same job.",
+            generate_examples=False,
+        ),
+        **problem_responses(
+            400,
+            401,
+            409,
+            413,
+            415,
+            422,
+            429,
+            503,
+            s409="This Idempotency-Key was used with another body.",
+        ),
+    },
+)
+async def submit_job(
+    request: Request[Any, Any, Any],
+    caller: NamedDependency[Caller],
+    services: NamedDependency[Services],
+    idempotency_key: IdempotencyKey = None,
+) -> Response[Job]:
+    """Validate and store a new job, or answer the one an Idempotency-Key names."""
+    await _admit_submission(services.limits, caller.tenant)
+    _require_json(request)
+    data = decode_object(await request.body())
+    job_request = validate_job_request(data, callback_hosts=caller.tenant.callback_hosts)
+    record = _new_record(job_request, caller, services.settings)
+    idempotency = None
+    if idempotency_key is not None:
+        idempotency = (idempotency_key_hash(idempotency_key), request_digest(job_request))
+    created = await services.jobs.create(record, idempotency=idempotency)
+    if created.created:
+        services.metrics.jobs_accepted.labels(tenant=caller.tenant.id).inc()
+        return _job_answer(record.view("pending", 0), 202)
+    if not created.same_body:
+        raise ProblemError(
+            409,
+            "this Idempotency-Key was already used with a different request body",
+            kind="idempotency-conflict",
+        )
+    stored = await services.jobs.get(created.job_id)
+    if stored is None:
+        raise ProblemError(
+            409,
+            "this Idempotency-Key names a job that no longer exists",
+            kind="idempotency-conflict",
+        )
+    return _job_answer(_view(stored), 200)
+
+
+@get("/jobs/{job_id:str}", summary="Get a job", responses=problem_responses(401, 404, 503))
+async def get_job(
+    job_id: JobId, caller: NamedDependency[Caller], services: NamedDependency[Services]
+) -> Job:
+    """The job, if it is the caller's."""
+    return _view(await _owned_job(services.jobs, caller, job_id))
+
+
+@post(
+    "/jobs/{job_id:str}/cancel",
+    status_code=200,
+    summary="Cancel a job",
+    description=(
+        "`pending`: cancelled at once (200). `in_queue`: RunComfy is asked to cancel (202); "
+        "the job becomes `cancelled`, or carries on if RunComfy answers `not_cancellable`. "
+        "`in_progress` or final: 409."
+    ),
+    responses={
+        202: ResponseSpec(
+            data_container=Job,
+            description="The upstream cancel is under way.",
+            generate_examples=False,
+        ),
+        **problem_responses(
+            401, 404, 409, 503, s409="The job is in_progress or final: it cannot be cancelled."
+        ),
+    },
+)
+async def cancel_job(
+    job_id: JobId, caller: NamedDependency[Caller], services: NamedDependency[Services]
+) -> Response[Job]:
+    """Cancel a pending job now, or ask RunComfy to cancel a queued one."""
+    jobs = services.jobs
+    for _ in range(CANCEL_TRIES):
+        stored = await _owned_job(jobs, caller, job_id)
+        status = stored.record.status
+        if status == "pending":
+            outcome, answer = await jobs.finish(stored, "cancelled", lease=None), 200
+        elif status == "in_queue":
+            if stored.record.cancel_requested_at is not None:
+                return Response(_view(stored), status_code=202)
+            outcome, answer = await jobs.cancel_requested(stored), 202
+        else:
+            raise ProblemError(409, _not_cancellable(status), kind="not-cancellable")
+        if outcome is Outcome.DONE:
+            return Response(_view(await _owned_job(jobs, caller, job_id)), status_code=answer)
+        # STALE: a worker changed the job since it was read; read again and decide again.
+    raise ProblemError(
+        503,
+        "the job kept changing while it was being cancelled; retry",
+        headers={"Retry-After": "1"},
+    )
+
+
+@get(
+    "/jobs",
+    summary="List jobs",
+    description="The caller's jobs, newest first, a page at a time.",
+    responses=problem_responses(401, 422, 503),
+)
+async def list_jobs(
+    caller: NamedDependency[Caller],
+    services: NamedDependency[Services],
+    status: Annotated[
+        JobStatus | None, QueryParameter(description="Only jobs with this status.")
+    ] = None,
+    limit: Annotated[int, QueryParameter(ge=1, le=100, description="Jobs per page.")] = 20,
+    cursor: Annotated[
+        str | None,
+        QueryParameter(
+            pattern=JOB_ID_PATTERN,
+            description="`next_cursor` of the previous page; omit for the first page.",
+        ),
+    ] = None,
+) -> JobList:
+    """A page of the caller's jobs, newest first."""
+    page, next_cursor = await services.jobs.page(
+        caller.tenant.id, status=status, limit=limit, cursor=cursor
+    )
+    return JobList(items=[_view(stored) for stored in page], next_cursor=next_cursor)
+
+
+@get(
+    "/jobs/{job_id:str}/deliveries",
+    summary="The webhook attempt log",
+    description="Every delivery attempt of the job's final event, oldest first.",
+    responses=problem_responses(401, 404, 503),
+)
+async def list_deliveries(
+    job_id: JobId, caller: NamedDependency[Caller], services: NamedDependency[Services]
+) -> DeliveryLog:
+    """The attempt log of the job's final-event webhook (empty until it exists)."""
+    await _owned_job(services.jobs, caller, job_id)
+    delivery_id = await services.deliveries.final_delivery_id(job_id)
+    items = await services.deliveries.log(delivery_id) if delivery_id else []
+    return DeliveryLog(items=items)
+
+
+@post(
+    "/jobs/{job_id:str}/deliveries",
+    status_code=202,
+    summary="Send the final webhook again",
+    description=(
+        "Queues the job's final event again, with the same `webhook-id`; answers the job, "
+        "its `webhook.state` back to `pending`."
+    ),
+    responses=problem_responses(
+        401,
+        404,
+        409,
+        503,
+        s404="No such job, or the job has no webhook for its final event.",
+        s409="The job is not final yet.",
+    ),
+)
+async def resend_delivery(
+    job_id: JobId, caller: NamedDependency[Caller], services: NamedDependency[Services]
+) -> Job:
+    """Queue the job's final event again."""
+    stored = await _owned_job(services.jobs, caller, job_id)
+    if stored.record.webhook is None:
+        raise ProblemError(404, "the job has no webhook", kind="no-webhook")
+    outcome = await services.deliveries.resend(job_id)
+    if outcome is Resend.NOT_FINAL:
+        raise ProblemError(
+            409, f"the job is {stored.record.status}, not final yet", kind="not-final"
+        )
+    if outcome is Resend.NO_WEBHOOK:
+        raise ProblemError(
+            404, "the job's final event is not one its webhook asked for", kind="no-webhook"
+        )
+    if outcome is Resend.GONE:
+        raise ProblemError(404, "no such job")
+    return _view(await _owned_job(services.jobs, caller, job_id))
+
+
+@get("/healthz", summary="Liveness", description="Answers while the process serves; no I/O.")
+async def healthz() -> ProbeStatus:
+    """Alive: the process answers HTTP."""
+    return ProbeStatus(status="ok")
+
+
+@get(
+    "/readyz",
+    summary="Readiness",
+    description="Answers 200 while Redis answers a PING.",
+    responses=problem_responses(503),
+)
+async def readyz(services: NamedDependency[Services]) -> ProbeStatus:
+    """Ready when Redis answers a PING within a second."""
+    try:
+        await asyncio.wait_for(services.redis.ping(), READY_TIMEOUT_S)
+    except (RedisError, OSError, TimeoutError) as exc:
+        log.warning("api: not ready: Redis does not answer (%s)", type(exc).__name__)
+        raise ProblemError(
+            503, "Redis does not answer", headers={"Retry-After": str(RETRY_AFTER_S)}
+        ) from None
+    return ProbeStatus(status="ready")
+
+
+@get(
+    "/metrics",
+    summary="Prometheus metrics",
+    media_type="text/plain",  # what the document shows; the answer carries the full type
+    description="Request counts and latency, jobs accepted by tenant, schedule depths.",
+)
+async def metrics(services: NamedDependency[Services]) -> Response[bytes]:
+    """The API's metrics in Prometheus text format (schedule depths read now, best effort)."""
+    try:
+        depths = await asyncio.wait_for(services.schedules.depths(), READY_TIMEOUT_S)
+    except (RedisError, OSError, TimeoutError):
+        depths = None  # the API's own counters are still worth scraping
+    services.metrics.set_depths(depths)
+    return Response(services.metrics.render(), media_type=PROMETHEUS_CONTENT_TYPE)
+
+
+def route_handlers() -> list[ControllerRouterHandler]:
+    """The route tree: `/v1` (authenticated) and the probes, with their dependencies."""
+    services = Provide(provide_services, sync_to_thread=False)
+    v1 = Router(
+        "/v1",
+        route_handlers=[
+            submit_job,
+            get_job,
+            cancel_job,
+            list_jobs,
+            list_deliveries,
+            resend_delivery,
+        ],
+        dependencies={
+            "caller": Provide(provide_caller, sync_to_thread=False),
+            "services": services,
+        },
+        security=[{"apiKey": []}],
+        tags=["jobs"],
+    )
+    probes = Router(
+        "/",
+        route_handlers=[healthz, readyz, metrics],
+        dependencies={"services": services},
+        tags=["operations"],
+    )
+    return [v1, probes]
+
+
+async def _admit_submission(limits: Limits, tenant: Tenant) -> None:
+    """Enforce the tenant's `rate_per_s` on job submissions (429 with Retry-After)."""
+    if tenant.rate_per_s is None:
+        return
+    rate = tenant.rate_per_s
+    # A second's worth of submissions may come at once; beyond that, one per 1/rate s.
+    wait_s = await limits.acquire(
+        f"api-submit:{tenant.id}", rate_per_s=rate, burst=max(1, math.ceil(rate))
+    )
+    if wait_s > 0:
+        raise ProblemError(
+            429,
+            f"this tenant may submit {rate:g} jobs per second; retry later",
+            headers={"Retry-After": str(max(1, math.ceil(wait_s)))},
+        )
+
+
+def _require_json(request: Request[Any, Any, Any]) -> None:
+    """Refuse a body declared as something other than JSON (no Content-Type is fine)."""
+    if "content-type" not in request.headers:
+        return
+    media_type = request.content_type[0].lower()
+    if media_type != "application/json" and not media_type.endswith("+json"):
+        raise ProblemError(
+            415,
+            f"send the body as application/json, not {media_type or 'an empty type'}",
+            headers={"Accept-Post": "application/json"},
+        )
+
+
+def _new_record(
+    job_request: JobRequest, caller: NamedDependency[Caller], settings: Settings
+) -> JobRecord:
+    """The stored form of a new, pending job."""
+    now = utcnow()
+    return JobRecord(
+        id=new_id("job_"),
+        tenant=caller.tenant.id,
+        key_id=caller.key_id,
+        input=job_request.input,
+        webhook=job_request.webhook,
+        metadata=job_request.metadata,
+        created_at=now,
+        deadline_at=now + timedelta(seconds=settings.job_timeout_s),
+    )
+
+
+async def _owned_job(jobs: JobStore, caller: NamedDependency[Caller], job_id: str) -> StoredJob:
+    """The job if it exists and is the caller's; otherwise the same 404 either way."""
+    stored = None
+    if _JOB_ID.match(job_id):  # anything else was never an id: no need to ask Redis
+        stored = await jobs.get(job_id)
+    if stored is None or stored.record.tenant != caller.tenant.id:
+        raise ProblemError(404, "no such job")
+    return stored
+
+
+def _view(stored: StoredJob) -> Job:
+    return stored.record.view(stored.webhook_state, stored.webhook_attempts)
+
+
+def _job_answer(job: Job, status: int) -> Response[Job]:
+    return Response(job, status_code=status, headers={"Location": f"/v1/jobs/{job.id}"})
+
+
+def _not_cancellable(status: str) -> str:
+    if status == "in_progress":
+        return "the job is in_progress: RunComfy cannot cancel a running request"
+    return f"the job is already {status}"

@@ -1,0 +1,273 @@
+"""Validating a job request, naming every offending field at once.
+
+msgspec stops at the first error, which would make a caller fix one field per
+round trip. So `validate_job_request` walks the request Structs field by field
+(`msgspec.structs.fields`), converts each value to its field's type in strict
+mode, and collects one `FieldError` (a JSON pointer and what is wrong) per
+offending field, unknown fields included, at every level. Only a request with
+no error is converted to `JobRequest`, by msgspec itself, so the Structs in
+`models.py` stay the single definition of the shape.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import types
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, Final, Literal, Union, get_args, get_origin
+
+import msgspec
+from msgspec import Struct
+
+from service.models import (
+    MAX_METADATA_BYTES,
+    EventType,
+    FieldError,
+    JobRequest,
+    VideoInput,
+    WebhookSpec,
+    video_url_problem,
+)
+from service.store.jobs import body_hash
+from service.webhooks.guard import callback_url_problem
+
+MAX_IDEMPOTENCY_KEY_CHARS: Final = 255
+
+# Canonical bytes of a validated request: sorted keys, defaults filled, so two
+# bodies that differ only in formatting, key order or spelled-out defaults match.
+_canonical = msgspec.json.Encoder(order="sorted")
+_json = msgspec.json.Encoder()
+
+
+class MalformedBodyError(ValueError):
+    """The body is not a JSON object; the message says what it is instead."""
+
+
+class InvalidInputError(ValueError):
+    """The request names fields that break the schema; `errors` has one entry per field."""
+
+    def __init__(self, errors: Sequence[FieldError]) -> None:
+        super().__init__(f"{len(errors)} invalid field(s)")
+        self.errors = list(errors)
+
+
+def decode_object(body: bytes) -> dict[str, Any]:
+    """The body as a JSON object, or `MalformedBodyError` saying why it is not one."""
+    if not body.strip():
+        raise MalformedBodyError("the body is empty; send a JSON object")
+    try:
+        value = msgspec.json.decode(body)
+    except msgspec.DecodeError as exc:
+        raise MalformedBodyError(f"the body is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise MalformedBodyError(f"the body must be a JSON object, not {_json_type(value)}")
+    return value
+
+
+@dataclass(frozen=True)
+class _Context:
+    callback_hosts: Sequence[str]
+
+
+# A rule checks a value that already has its field's type and returns the value
+# to keep (possibly normalised) and the problem with it, if any.
+_Rule = Callable[[Any, _Context], tuple[Any, str | None]]
+
+
+def _video_url(url: str, _: _Context) -> tuple[Any, str | None]:
+    return url, video_url_problem(url)
+
+
+def _webhook_url(url: str, context: _Context) -> tuple[Any, str | None]:
+    return url, callback_url_problem(url, context.callback_hosts)
+
+
+def _events(events: list[str], _: _Context) -> tuple[Any, str | None]:
+    unique = list(dict.fromkeys(events))  # a repeated event means the same as once
+    return unique, None if unique else "must name at least one event"
+
+
+def _metadata(metadata: dict[str, Any] | None, _: _Context) -> tuple[Any, str | None]:
+    if metadata is None:
+        return None, None
+    size = len(_json.encode(metadata))
+    if size > MAX_METADATA_BYTES:
+        return metadata, f"must be at most {MAX_METADATA_BYTES} bytes as JSON, is {size}"
+    return metadata, None
+
+
+_RULES: Final[dict[tuple[type[Struct], str], _Rule]] = {
+    (VideoInput, "video_url"): _video_url,
+    (WebhookSpec, "url"): _webhook_url,
+    (WebhookSpec, "events"): _events,
+    (JobRequest, "metadata"): _metadata,
+}
+
+# Fields checked against another type than their declared one, with the rule
+# doing the rest: events are checked item by item (so a pointer names the bad
+# item) before duplicates are dropped and the length is judged.
+_CHECK_AS: Final[dict[tuple[type[Struct], str], Any]] = {
+    (WebhookSpec, "events"): list[EventType],
+}
+
+
+def validate_job_request(data: dict[str, Any], *, callback_hosts: Sequence[str]) -> JobRequest:
+    """The request as a `JobRequest` with defaults filled; `InvalidInputError` names every error."""
+    errors: list[FieldError] = []
+    cleaned = _walk(JobRequest, data, "#", errors, _Context(callback_hosts))
+    if errors:
+        raise InvalidInputError(errors)
+    try:
+        return msgspec.convert(cleaned, JobRequest, strict=True)
+    except msgspec.ValidationError as exc:  # a rule the walk missed: still name the field
+        pointer, detail = _locate(str(exc), "#", JobRequest)
+        raise InvalidInputError([FieldError(pointer=pointer, detail=detail)]) from None
+
+
+def request_digest(request: JobRequest) -> str:
+    """What an Idempotency-Key replay is compared with: the hash of the canonical request."""
+    return body_hash(_canonical.encode(request))
+
+
+def idempotency_key_hash(key: str) -> str:
+    """The stored form of an Idempotency-Key: its SHA-256, so any characters are safe in Redis."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _walk(
+    struct: type[Struct],
+    value: dict[str, Any],
+    pointer: str,
+    errors: list[FieldError],
+    context: _Context,
+) -> dict[str, Any]:
+    """Check one object against `struct`, appending to `errors`; return it with values cleaned."""
+    fields = msgspec.structs.fields(struct)
+    known = {field.encode_name for field in fields}
+    errors.extend(
+        FieldError(pointer=_child(pointer, name), detail="is not a known field")
+        for name in value
+        if name not in known
+    )
+    cleaned: dict[str, Any] = {}
+    for field in fields:
+        here = _child(pointer, field.encode_name)
+        if field.encode_name not in value:
+            if field.required:
+                errors.append(FieldError(pointer=here, detail="is required"))
+            continue
+        item = value[field.encode_name]
+        nested = _struct_in(field.type)
+        if nested is not None and isinstance(item, dict):
+            cleaned[field.encode_name] = _walk(nested, item, here, errors, context)
+            continue
+        check_as = _CHECK_AS.get((struct, field.encode_name), field.type)
+        try:
+            typed = msgspec.convert(item, check_as, strict=True)
+        except msgspec.ValidationError as exc:
+            error_pointer, detail = _locate(str(exc), here, check_as)
+            errors.append(FieldError(pointer=error_pointer, detail=detail))
+            continue
+        rule = _RULES.get((struct, field.encode_name))
+        if rule is not None:
+            item, problem = rule(typed, context)
+            if problem is not None:
+                errors.append(FieldError(pointer=here, detail=problem))
+                continue
+        cleaned[field.encode_name] = item
+    return cleaned
+
+
+def _struct_in(annotation: object) -> type[Struct] | None:
+    """The Struct type a field holds (`VideoInput`, `WebhookSpec | None`), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, Struct):
+        return annotation
+    if get_origin(annotation) in {Union, types.UnionType}:
+        for arg in get_args(annotation):
+            if isinstance(arg, type) and issubclass(arg, Struct):
+                return arg
+    return None
+
+
+def _child(pointer: str, name: str) -> str:
+    """`pointer` extended by one member name, escaped as RFC 6901 says."""
+    return f"{pointer}/{name.replace('~', '~0').replace('/', '~1')}"
+
+
+_AT = re.compile(r"^(?P<message>.*) - at `\$(?P<path>.*)`$", re.DOTALL)
+_PATH_PART = re.compile(r"\[(\d+)\]|\.([A-Za-z0-9_]+)")
+
+
+def _locate(message: str, pointer: str, annotation: object) -> tuple[str, str]:
+    """Turn msgspec's "... - at `$[1]`" into a JSON pointer and a readable detail."""
+    match = _AT.match(message)
+    if match is not None:
+        message = match["message"]
+        for index, name in _PATH_PART.findall(match["path"]):
+            pointer = _child(pointer, index or name)
+    return pointer, readable_error(message, annotation)
+
+
+_TYPE_NAMES: Final = {
+    "int": "an integer",
+    "float": "a number",
+    "str": "a string",
+    "bool": "a boolean",
+    "object": "an object",
+    "array": "an array",
+    "null": "null",
+}
+_EXPECTED_TYPE = re.compile(r"^Expected `(\w+)(?: \| null)?`, got `(\w+)`$")
+_BOUND = re.compile(r"^Expected `(\w+)` (>=|<=|>|<) (\S+)$")
+_LENGTH = re.compile(r"^Expected `(\w+)` of length (>=|<=) (\d+)$")
+
+
+def readable_error(message: str, annotation: object = None) -> str:
+    """Say msgspec's message about a value of type `annotation` the way the API says things."""
+    if message.startswith("Invalid enum value"):
+        allowed = _literal_values(annotation)
+        if allowed:
+            return "must be one of " + ", ".join(_json.encode(v).decode() for v in allowed)
+    if match := _EXPECTED_TYPE.match(message):
+        expected, got = match.groups()
+        return f"must be {_name(expected)}, not {_name(got)}"
+    if match := _BOUND.match(message):
+        _, op, bound = match.groups()
+        return f"must be {op} {bound}"
+    if match := _LENGTH.match(message):
+        kind, op, bound = match.groups()
+        if op == ">=" and bound == "1":
+            return "must not be empty"
+        unit = "characters" if kind == "str" else "items"
+        return f"must have {'at least' if op == '>=' else 'at most'} {bound} {unit}"
+    return message
+
+
+def _name(msgspec_type: str) -> str:
+    return _TYPE_NAMES.get(msgspec_type, f"`{msgspec_type}`")
+
+
+def _literal_values(annotation: object) -> tuple[Any, ...]:
+    """The allowed values of a Literal, looking through Annotated, unions and lists."""
+    origin = get_origin(annotation)
+    if origin is Literal:
+        return get_args(annotation)
+    if origin in {Annotated, list, Union, types.UnionType}:
+        for arg in get_args(annotation):
+            if values := _literal_values(arg):
+                return values
+    return ()
+
+
+def _json_type(value: object) -> str:
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    return "null"

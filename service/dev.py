@@ -1,0 +1,170 @@
+"""`runcomfy-gateway dev`: the whole gateway in one process, for a laptop or a fresh machine.
+
+With no `REDIS_URL` it starts a private redis-server on a free port; with no
+`RUNCOMFY_API_TOKEN` it starts the built-in emulator and points at it; with no
+`GATEWAY_TENANTS_FILE` it makes a demo tenant with a fresh API key and a local
+webhook receiver that verifies every signature and prints each event. Then it
+serves the API and runs the worker, prints how to submit a job, and on Ctrl-C
+stops everything it started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import secrets
+import sys
+import time
+from collections.abc import Mapping
+from contextlib import AsyncExitStack
+
+import msgspec
+from aiohttp import web
+
+from service.config import Settings, Tenant, Tenants, load_settings
+from service.localredis import LocalRedis, free_port
+from service.runcomfy.emulator import EmulatorConfig, start_emulator
+from service.webhooks.signing import sign
+from service.worker.main import install_stop_signals, run_worker
+
+DEMO_TENANT = "demo"
+
+
+def verify_signature(secrets_: tuple[bytes, ...], headers: Mapping[str, str], body: bytes) -> bool:
+    """Check a Standard Webhooks signature as a receiver would (timestamp within 5 minutes)."""
+    msg_id = headers.get("webhook-id", "")
+    try:
+        timestamp = int(headers.get("webhook-timestamp", ""))
+    except ValueError:
+        return False
+    if abs(time.time() - timestamp) > 300:
+        return False
+    expected = set(sign(secrets_, msg_id, timestamp, body).split())
+    given = headers.get("webhook-signature", "").split()
+    return any(hmac.compare_digest(g, e) for g in given for e in expected)
+
+
+def _receiver(secrets_: tuple[bytes, ...], out: list[str]) -> web.Application:
+    """A webhook receiver that verifies each delivery and prints one line for it."""
+
+    async def receive(request: web.Request) -> web.Response:
+        body = await request.read()
+        ok = verify_signature(secrets_, request.headers, body)
+        event = msgspec.json.decode(body)
+        data = event.get("data", {})
+        detail = data.get("output") or data.get("error") or ""
+        line = (
+            f"webhook {event.get('type')} for {data.get('id')}: signature "
+            f"{'verified' if ok else 'INVALID'} {msgspec.json.encode(detail).decode()}"
+        )
+        out.append(line)
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+        return web.json_response({"ok": ok}, status=200 if ok else 400)
+
+    app = web.Application()
+    app.router.add_post("/webhook", receive)
+    return app
+
+
+def _demo_tenant() -> tuple[Tenants, str]:
+    api_key = "rcg_demo_" + secrets.token_urlsafe(18)
+    tenant = Tenant(
+        id=DEMO_TENANT,
+        api_key_hashes=(hashlib.sha256(api_key.encode()).hexdigest(),),
+        webhook_secrets=(secrets.token_bytes(24),),
+        callback_hosts=("127.0.0.1", "localhost"),
+    )
+    return Tenants(by_id={DEMO_TENANT: tenant}), api_key
+
+
+def _banner(api: str, api_key: str | None, notes: list[str], hook_url: str | None) -> str:
+    key = api_key or "<one of your tenants' API keys>"
+    events = '["job.started", "job.completed", "job.failed", "job.cancelled"]'
+    webhook = f', "webhook": {{"url": "{hook_url}", "events": {events}}}' if hook_url else ""
+    body = (
+        '{"input": {"prompt": "a paper boat drifting down a rainy street", '
+        f'"video_url": "https://example.com/input.mp4"}}{webhook}}}'
+    )
+    lines = [
+        "",
+        "runcomfy-gateway dev is running",
+        f"  API       {api}",
+        f"  API key   {key}",
+        *(f"  {note}" for note in notes),
+        "",
+        "Submit a job:",
+        (
+            f"  curl -sS -X POST {api}/v1/jobs -H 'Authorization: Bearer {key}' "
+            f"-H 'Content-Type: application/json' -d '{body}'"
+        ),
+        "",
+        "Watch it (use the id from the answer):",
+        f"  curl -sS {api}/v1/jobs/JOB_ID -H 'Authorization: Bearer {key}'",
+        "",
+        "Ctrl-C stops everything.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+async def dev_main(env: Mapping[str, str], *, host: str, port: int) -> None:
+    """Start what is missing, serve the API, run the worker; stop all on Ctrl-C."""
+    from service.api.server import embedded_api  # noqa: PLC0415 - keeps `dev --help` light
+
+    stop = asyncio.Event()
+    install_stop_signals(stop)
+    overrides = dict(env)
+    notes: list[str] = []
+    async with AsyncExitStack() as stack:
+        if not env.get("REDIS_URL"):
+            local = LocalRedis()
+            await asyncio.to_thread(local.start)
+            stack.callback(local.cleanup)
+            overrides["REDIS_URL"] = local.url
+            notes.append(f"Redis     {local.url} (private, removed on exit)")
+        if not env.get("RUNCOMFY_API_TOKEN"):
+            runner, url = await start_emulator(EmulatorConfig.from_env(env), host="127.0.0.1")
+            stack.push_async_callback(runner.cleanup)
+            overrides["RUNCOMFY_BASE_URL"] = url
+            overrides["RUNCOMFY_API_TOKEN"] = "dev-emulator-token"  # noqa: S105 - not a secret
+            notes.append(f"RunComfy  emulator at {url}")
+        overrides.setdefault("GATEWAY_POLL_INTERVAL_MIN_S", "0.5")
+        overrides.setdefault("GATEWAY_POLL_INTERVAL_MAX_S", "2")
+        api_key: str | None = None
+        hook_url: str | None = None
+        if env.get("GATEWAY_TENANTS_FILE"):
+            settings = load_settings(overrides)
+        else:
+            tenants, api_key = _demo_tenant()
+            settings = load_settings(overrides, tenants=tenants)
+            hook_url = await _start_receiver(stack, settings)
+            notes.append(f"Webhooks  {hook_url} (verifies and prints each event)")
+        server = embedded_api(settings, host=host, port=port)
+        api_task = asyncio.create_task(server.serve())
+        worker_task = asyncio.create_task(run_worker(settings, stop))
+        while not server.started and not api_task.done():  # noqa: ASYNC110 - uvicorn has no event
+            await asyncio.sleep(0.05)
+        if api_task.done():
+            stop.set()
+            await worker_task
+            api_task.result()
+            return
+        shown = "127.0.0.1" if host in {"0.0.0.0", ""} else host  # noqa: S104 - shown, not bound
+        sys.stdout.write(_banner(f"http://{shown}:{port}", api_key, notes, hook_url) + "\n")
+        sys.stdout.flush()
+        await stop.wait()
+        server.should_exit = True
+        await asyncio.gather(api_task, worker_task, return_exceptions=True)
+        sys.stdout.write("stopped\n")
+
+
+async def _start_receiver(stack: AsyncExitStack, settings: Settings) -> str:
+    tenant = settings.tenants.by_id[DEMO_TENANT]
+    runner = web.AppRunner(_receiver(tenant.webhook_secrets, []), access_log=None)
+    await runner.setup()
+    stack.push_async_callback(runner.cleanup)
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return f"http://127.0.0.1:{port}/webhook"

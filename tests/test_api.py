@@ -1,0 +1,719 @@
+"""The HTTP API against a real Redis: the contract of DESIGN §3, answer by answer."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import msgspec
+import pytest
+
+from service.api.app import create_app
+from service.config import Settings, load_settings
+from service.localredis import free_port
+from service.models import MAX_METADATA_BYTES, DeliveryAttempt, utcnow
+from service.store.deliveries import DeliveryStore
+from service.store.jobs import JobStore, Outcome
+from service.store.schedules import Claim, Schedules
+from tests.support import new_tenant
+
+TENANT = new_tenant("orders")
+OTHER = new_tenant("billing")
+HOSTS = ("hooks.example.com", "*.orders.internal")
+VIDEO = "https://example.com/in.mp4"
+PROBLEM = "application/problem+json"
+
+
+def job_body(**extra: Any) -> dict[str, Any]:
+    return {"input": {"prompt": "a paper boat", "video_url": VIDEO}, **extra}
+
+
+def with_input(**fields: Any) -> dict[str, Any]:
+    body = job_body()
+    body["input"].update(fields)
+    return body
+
+
+def without_input(name: str) -> dict[str, Any]:
+    body = job_body()
+    del body["input"][name]
+    return body
+
+
+def with_webhook(**webhook: Any) -> dict[str, Any]:
+    return job_body(webhook={"url": "https://hooks.example.com/rc", **webhook})
+
+
+@pytest.fixture
+def settings(tmp_path, redis_server) -> Settings:
+    tenants = tmp_path / "tenants.toml"
+    tenants.write_text(TENANT.toml(hosts=HOSTS) + "\n" + OTHER.toml(hosts=HOSTS))
+    env = {
+        "REDIS_URL": redis_server.url,
+        "RUNCOMFY_API_TOKEN": "test-token",
+        "GATEWAY_TENANTS_FILE": str(tenants),
+    }
+    return load_settings(env)
+
+
+@asynccontextmanager
+async def serve(settings, keys, api_key: str | None = TENANT.api_key) -> AsyncIterator[Any]:
+    """The app in this event loop (lifespan included), and a client that calls it."""
+    app = create_app(settings, keys=keys)
+    started, stop = asyncio.Event(), asyncio.Event()
+
+    async def run_lifespan() -> None:
+        # One task enters and leaves the lifespan: pytest may run a fixture's
+        # setup and teardown in different tasks, which anyio's scopes refuse.
+        async with app.lifespan():
+            started.set()
+            await stop.wait()
+
+    lifespan = asyncio.create_task(run_lifespan())
+    ready = asyncio.ensure_future(started.wait())
+    await asyncio.wait({lifespan, ready}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+    assert started.is_set(), lifespan
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://gateway.test", headers=headers
+        ) as client:
+            yield client
+    finally:
+        stop.set()
+        await lifespan
+
+
+@pytest.fixture
+async def api(settings, keys):
+    async with serve(settings, keys) as client:
+        yield client
+
+
+@pytest.fixture
+async def other(settings, keys):
+    async with serve(settings, keys, OTHER.api_key) as client:
+        yield client
+
+
+@pytest.fixture
+def jobs(redis, keys, settings):
+    return JobStore(redis, keys, retention_s=settings.job_retention_s)
+
+
+@pytest.fixture
+def schedules(redis, keys):
+    return Schedules(redis, keys, lease_s=30)
+
+
+@pytest.fixture
+def deliveries(redis, keys, settings):
+    return DeliveryStore(redis, keys, retention_s=settings.job_retention_s)
+
+
+async def submit(api, body: dict[str, Any] | None = None, **kwargs: Any) -> dict[str, Any]:
+    answer = await api.post("/v1/jobs", json=body or job_body(), **kwargs)
+    assert answer.status_code == 202, answer.text
+    return answer.json()
+
+
+def assert_problem(answer: httpx.Response, status: int) -> dict[str, Any]:
+    assert answer.status_code == status, answer.text
+    assert answer.headers["content-type"].startswith(PROBLEM)
+    problem = answer.json()
+    assert problem["status"] == status
+    assert problem["type"].startswith("urn:runcomfy-gateway:problem:")
+    assert problem["title"]
+    assert problem["detail"]
+    assert "Traceback" not in answer.text
+    return problem
+
+
+def pointers(answer: httpx.Response) -> set[str]:
+    return {error["pointer"] for error in assert_problem(answer, 422)["errors"]}
+
+
+async def to_in_queue(jobs, schedules, job_id: str) -> Claim:
+    """Move a pending job to in_queue the way the submitter does; return its submit claim."""
+    claims = await schedules.claim_submits(100, global_cap=100, tenant_caps={})
+    [claim] = [c for c in claims if c.member == job_id]
+    stored = await jobs.get(job_id)
+    outcome, stored = await jobs.record_submit(stored, claim.lease)
+    assert outcome is Outcome.DONE
+    assert await jobs.submitted(stored, claim.lease, "req-1", poll_in_s=0) is Outcome.DONE
+    return claim
+
+
+async def to_in_progress(jobs, schedules, job_id: str) -> Claim:
+    """Move a pending job on to in_progress, as the poller does; return its poll claim."""
+    await to_in_queue(jobs, schedules, job_id)
+    [poll] = [c for c in await schedules.claim("poll", 100) if c.member == job_id]
+    assert await jobs.started(await jobs.get(job_id), poll.lease, poll_in_s=0) is Outcome.DONE
+    [poll] = [c for c in await schedules.claim("poll", 100) if c.member == job_id]
+    return poll
+
+
+async def to_completed(jobs, schedules, job_id: str) -> None:
+    poll = await to_in_progress(jobs, schedules, job_id)
+    stored = await jobs.get(job_id)
+    output = {"video": "https://cdn.example.com/out.mp4"}
+    assert await jobs.finish(stored, "completed", lease=poll.lease, output=output) is Outcome.DONE
+
+
+# Submitting
+
+
+async def test_a_new_job_answers_202_with_location_and_every_default(api):
+    """POST /v1/jobs answers 202, the pending job with defaults filled, and its Location."""
+    answer = await api.post("/v1/jobs", json=job_body(metadata={"order": 4711}))
+    assert answer.status_code == 202, answer.text
+    job = answer.json()
+    assert answer.headers["location"] == f"/v1/jobs/{job['id']}"
+    assert job["id"].startswith("job_")
+    assert job["status"] == "pending"
+    assert job["model"] == "tencent/hunyuan/video-to-video"
+    assert job["input"] == {
+        "prompt": "a paper boat",
+        "video_url": VIDEO,
+        "pro_mode": False,
+        "resolution": "720p",
+        "aspect_ratio": "16:9",
+        "num_frames": 129,
+        "strength": 0.85,
+    }
+    assert job["metadata"] == {"order": 4711}
+    assert job["webhook"] is None
+    assert job["output"] is None
+    assert job["error"] is None
+    assert job["upstream"] is None
+    assert job["created_at"].endswith("Z")
+    assert job["submitted_at"] is None
+    assert (await api.get(answer.headers["location"])).json() == job
+
+
+async def test_a_webhook_is_answered_with_its_default_events_and_state(api):
+    """A webhook without events gets the three final ones, state pending, no attempts."""
+    job = await submit(api, with_webhook())
+    assert job["webhook"] == {
+        "url": "https://hooks.example.com/rc",
+        "events": ["job.completed", "job.failed", "job.cancelled"],
+        "state": "pending",
+        "attempts": 0,
+    }
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        with_input(seed=0),
+        with_input(seed=-7),
+        with_input(seed=2**40),
+        with_input(pro_mode=True),
+        with_input(resolution="480p"),
+        with_input(resolution="580p"),
+        with_input(aspect_ratio="9:16"),
+        with_input(num_frames=85),
+        with_input(strength=0.01),
+        with_input(strength=1),
+        with_input(prompt="p" * 4000),
+        with_input(video_url="https://example.com/" + "v" * 2020),
+        job_body(model="tencent/hunyuan/video-to-video"),
+        with_webhook(url="https://a.orders.internal/hook"),
+        with_webhook(events=["job.started", "job.completed"]),
+        job_body(webhook=None, metadata=None),
+        job_body(metadata={"nested": {"list": [1, 2.5, None, True]}}),
+    ],
+)
+async def test_every_valid_variant_of_the_schema_is_accepted(api, body):
+    """Each allowed value of each field is accepted and kept as sent."""
+    job = await submit(api, body)
+    for name, value in body["input"].items():
+        assert job["input"][name] == value
+
+
+@pytest.mark.parametrize(
+    ("body", "pointer"),
+    [
+        (without_input("prompt"), "#/input/prompt"),
+        (without_input("video_url"), "#/input/video_url"),
+        ({"model": "tencent/hunyuan/video-to-video"}, "#/input"),
+        (job_body(input="a paper boat"), "#/input"),
+        (with_input(prompt=5), "#/input/prompt"),
+        (with_input(prompt=""), "#/input/prompt"),
+        (with_input(prompt="p" * 4001), "#/input/prompt"),
+        (with_input(video_url=5), "#/input/video_url"),
+        (with_input(video_url="ftp://example.com/v.mp4"), "#/input/video_url"),
+        (with_input(video_url="http://localhost/v.mp4"), "#/input/video_url"),
+        (with_input(video_url="http://127.0.0.1/v.mp4"), "#/input/video_url"),
+        (with_input(video_url="http://10.1.2.3/v.mp4"), "#/input/video_url"),
+        (with_input(video_url="not a url"), "#/input/video_url"),
+        (with_input(video_url="https://example.com/" + "v" * 2048), "#/input/video_url"),
+        (with_input(seed=1.5), "#/input/seed"),
+        (with_input(seed=True), "#/input/seed"),
+        (with_input(seed="7"), "#/input/seed"),
+        (with_input(seed=None), "#/input/seed"),
+        (with_input(pro_mode="true"), "#/input/pro_mode"),
+        (with_input(pro_mode=1), "#/input/pro_mode"),
+        (with_input(resolution="1080p"), "#/input/resolution"),
+        (with_input(resolution=720), "#/input/resolution"),
+        (with_input(aspect_ratio="4:3"), "#/input/aspect_ratio"),
+        (with_input(num_frames=100), "#/input/num_frames"),
+        (with_input(num_frames="129"), "#/input/num_frames"),
+        (with_input(num_frames=129.0), "#/input/num_frames"),
+        (with_input(strength=0), "#/input/strength"),
+        (with_input(strength=1.01), "#/input/strength"),
+        (with_input(strength="0.5"), "#/input/strength"),
+        (with_input(strength=True), "#/input/strength"),
+        (with_input(steps=30), "#/input/steps"),
+        (job_body(model="tencent/hunyuan/text-to-video"), "#/model"),
+        (job_body(priority="high"), "#/priority"),
+        (job_body(webhook="https://hooks.example.com/rc"), "#/webhook"),
+        (job_body(webhook={}), "#/webhook/url"),
+        (with_webhook(url="https://evil.example.net/rc"), "#/webhook/url"),
+        (with_webhook(url="https://orders.internal/rc"), "#/webhook/url"),
+        (with_webhook(url="https://user:pass@hooks.example.com/rc"), "#/webhook/url"),
+        (with_webhook(url="ftp://hooks.example.com/rc"), "#/webhook/url"),
+        (with_webhook(url="http://169.254.169.254/latest"), "#/webhook/url"),
+        (with_webhook(url="https://hooks.example.com/" + "h" * 2048), "#/webhook/url"),
+        (with_webhook(events=["job.done"]), "#/webhook/events/0"),
+        (with_webhook(events=["job.completed", "job.exploded"]), "#/webhook/events/1"),
+        (with_webhook(events=[]), "#/webhook/events"),
+        (with_webhook(events="job.completed"), "#/webhook/events"),
+        (with_webhook(signing_key="k"), "#/webhook/signing_key"),
+        (job_body(metadata=["order", 4711]), "#/metadata"),
+        (job_body(metadata={"blob": "x" * MAX_METADATA_BYTES}), "#/metadata"),
+    ],
+)
+async def test_each_schema_violation_answers_422_naming_the_field(api, body, pointer):
+    """An invalid field answers 422 problem+json whose errors name exactly that field."""
+    answer = await api.post("/v1/jobs", json=body)
+    assert pointers(answer) == {pointer}
+    assert (await api.get("/v1/jobs")).json()["items"] == []  # nothing was stored
+
+
+async def test_several_bad_fields_are_all_named_in_one_answer(api):
+    """Every offending field is named at once, not one per round trip."""
+    body = {
+        "input": {"prompt": "", "num_frames": 100, "strength": 2, "seed": "x", "steps": 1},
+        "webhook": {"url": "https://evil.example.net/", "events": ["nope"]},
+        "metadata": "not an object",
+    }
+    assert pointers(await api.post("/v1/jobs", json=body)) == {
+        "#/input/prompt",
+        "#/input/video_url",
+        "#/input/num_frames",
+        "#/input/strength",
+        "#/input/seed",
+        "#/input/steps",
+        "#/webhook/url",
+        "#/webhook/events/0",
+        "#/metadata",
+    }
+
+
+async def test_a_422_says_what_each_field_must_be(api):
+    """Each error's detail says what is wrong in words a caller can act on."""
+    answer = await api.post("/v1/jobs", json=with_input(seed=1.5, resolution="1080p"))
+    details = {e["pointer"]: e["detail"] for e in assert_problem(answer, 422)["errors"]}
+    assert details == {
+        "#/input/seed": "must be an integer, not a number",
+        "#/input/resolution": 'must be one of "480p", "580p", "720p"',
+    }
+
+
+@pytest.mark.parametrize(
+    "raw", [b"{not json", b"[1, 2, 3]", b'"a paper boat"', b"", b"null", b"\xff"]
+)
+async def test_a_body_that_is_not_a_json_object_answers_400(api, raw):
+    """Broken JSON, an array or any non-object body answers 400 problem+json."""
+    answer = await api.post("/v1/jobs", content=raw, headers={"Content-Type": "application/json"})
+    assert_problem(answer, 400)
+
+
+async def test_a_body_over_1_mb_answers_413(api):
+    """A body larger than 1 MB answers 413 problem+json and is not stored."""
+    body = job_body(metadata={"pad": "x" * 1_000_000})
+    answer = await api.post("/v1/jobs", json=body)
+    assert_problem(answer, 413)
+
+
+async def test_a_body_declared_as_another_type_answers_415(api):
+    """A body sent as form data rather than JSON answers 415 problem+json."""
+    answer = await api.post(
+        "/v1/jobs",
+        content=msgspec.json.encode(job_body()),
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert_problem(answer, 415)
+
+
+async def test_a_json_body_without_content_type_is_accepted(api):
+    """A JSON body with no Content-Type at all is read as JSON."""
+    answer = await api.post("/v1/jobs", content=msgspec.json.encode(job_body()))
+    assert answer.status_code == 202, answer.text
+
+
+async def test_submissions_over_the_tenant_rate_answer_429(tmp_path, redis_server, keys):
+    """A tenant with rate_per_s = 1 gets 429 with Retry-After for a second submit at once."""
+    limited = new_tenant("limited")
+    tenants = tmp_path / "limited.toml"
+    tenants.write_text(limited.toml(hosts=HOSTS) + "rate_per_s = 1\n")
+    env = {
+        "REDIS_URL": redis_server.url,
+        "RUNCOMFY_API_TOKEN": "test-token",
+        "GATEWAY_TENANTS_FILE": str(tenants),
+    }
+    async with serve(load_settings(env), keys, limited.api_key) as api:
+        await submit(api)
+        answer = await api.post("/v1/jobs", json=job_body())
+        assert_problem(answer, 429)
+        assert int(answer.headers["retry-after"]) >= 1
+
+
+# Idempotency
+
+
+async def test_an_idempotent_replay_answers_200_with_the_same_job(api):
+    """The same Idempotency-Key and body answer 200 with the first job, not a new one."""
+    headers = {"Idempotency-Key": "order-4711"}
+    first = await api.post("/v1/jobs", json=job_body(), headers=headers)
+    assert first.status_code == 202
+    replay = await api.post("/v1/jobs", json=job_body(), headers=headers)
+    assert replay.status_code == 200, replay.text
+    assert replay.json()["id"] == first.json()["id"]
+    assert replay.headers["location"] == first.headers["location"]
+    assert len((await api.get("/v1/jobs")).json()["items"]) == 1
+
+
+async def test_a_replay_that_only_spells_defaults_out_is_the_same_body(api):
+    """A replay differing only in key order and spelled-out defaults is the same request."""
+    headers = {"Idempotency-Key": "order-4712"}
+    first = await submit(api, job_body(), headers=headers)
+    spelled = {
+        "model": "tencent/hunyuan/video-to-video",
+        "input": {"video_url": VIDEO, "num_frames": 129, "prompt": "a paper boat"},
+    }
+    replay = await api.post("/v1/jobs", json=spelled, headers=headers)
+    assert replay.status_code == 200, replay.text
+    assert replay.json()["id"] == first["id"]
+
+
+async def test_the_same_key_with_another_body_answers_409(api):
+    """An Idempotency-Key reused with a different body answers 409 problem+json."""
+    headers = {"Idempotency-Key": "order-4713"}
+    await submit(api, job_body(), headers=headers)
+    answer = await api.post("/v1/jobs", json=with_input(seed=1), headers=headers)
+    assert assert_problem(answer, 409)["type"].endswith(":idempotency-conflict")
+
+
+async def test_idempotency_keys_are_per_tenant(api, other):
+    """Two tenants using the same Idempotency-Key get two different jobs."""
+    headers = {"Idempotency-Key": "shared-key"}
+    mine = await submit(api, job_body(), headers=headers)
+    theirs = await submit(other, job_body(), headers=headers)
+    assert mine["id"] != theirs["id"]
+
+
+async def test_an_idempotency_key_over_255_characters_answers_400(api):
+    """An overlong Idempotency-Key answers 400 problem+json and stores nothing."""
+    answer = await api.post("/v1/jobs", json=job_body(), headers={"Idempotency-Key": "k" * 256})
+    assert (
+        assert_problem(answer, 400)["detail"] == "Idempotency-Key must have at most 255 characters"
+    )
+    assert (await api.get("/v1/jobs")).json()["items"] == []
+
+
+# Authentication and tenancy
+
+
+async def test_a_request_without_an_api_key_answers_401(settings, keys):
+    """No Authorization header answers 401 problem+json with a Bearer challenge."""
+    async with serve(settings, keys, api_key=None) as anonymous:
+        answer = await anonymous.post("/v1/jobs", json=job_body())
+        assert_problem(answer, 401)
+        assert answer.headers["www-authenticate"].startswith("Bearer")
+        assert_problem(await anonymous.get("/v1/jobs"), 401)
+
+
+async def test_a_wrong_api_key_answers_401_without_echoing_it(settings, keys):
+    """An unknown key answers 401 with a Bearer challenge and never repeats the key."""
+    async with serve(settings, keys, api_key="key_not-a-real-one") as stranger:
+        answer = await stranger.get("/v1/jobs")
+        assert_problem(answer, 401)
+        assert answer.headers["www-authenticate"].startswith("Bearer")
+        assert "not-a-real-one" not in answer.text
+
+
+async def test_authentication_comes_before_validation(settings, keys):
+    """An invalid body without a key answers 401, not 422: nothing is read first."""
+    async with serve(settings, keys, api_key=None) as anonymous:
+        assert_problem(await anonymous.post("/v1/jobs", content=b"{broken"), 401)
+
+
+async def test_another_tenants_job_is_not_found_like_an_unknown_one(api, other):
+    """Another tenant's job id answers 404 on every route, exactly like an unknown id."""
+    job = await submit(api, with_webhook())
+    unknown = "job_" + "0" * 26
+    for path in (f"/v1/jobs/{job['id']}", f"/v1/jobs/{unknown}", "/v1/jobs/not-an-id"):
+        assert_problem(await other.get(path), 404)
+    foreign = [
+        await other.get(f"/v1/jobs/{job['id']}"),
+        await other.post(f"/v1/jobs/{job['id']}/cancel"),
+        await other.get(f"/v1/jobs/{job['id']}/deliveries"),
+        await other.post(f"/v1/jobs/{job['id']}/deliveries"),
+    ]
+    missing = await other.get(f"/v1/jobs/{unknown}")
+    for answer in foreign:
+        assert assert_problem(answer, 404) == assert_problem(missing, 404)
+    assert (await other.get("/v1/jobs")).json()["items"] == []
+    assert (await api.get(f"/v1/jobs/{job['id']}")).json()["status"] == "pending"
+
+
+# Listing
+
+
+async def test_jobs_are_listed_newest_first_a_page_at_a_time(api):
+    """GET /v1/jobs pages through the tenant's jobs newest first with next_cursor."""
+    ids = [(await submit(api))["id"] for _ in range(5)]
+    first = (await api.get("/v1/jobs", params={"limit": 2})).json()
+    assert [job["id"] for job in first["items"]] == ids[:-3:-1]
+    second = (await api.get("/v1/jobs", params={"limit": 2, "cursor": first["next_cursor"]})).json()
+    assert [job["id"] for job in second["items"]] == ids[2:0:-1]
+    last = (await api.get("/v1/jobs", params={"limit": 2, "cursor": second["next_cursor"]})).json()
+    assert [job["id"] for job in last["items"]] == ids[:1]
+    assert last["next_cursor"] is None
+
+
+async def test_the_list_defaults_to_20_jobs(api):
+    """Without ?limit= a page holds 20 jobs and points at the next."""
+    for _ in range(21):
+        await submit(api)
+    page = (await api.get("/v1/jobs")).json()
+    assert len(page["items"]) == 20
+    assert page["next_cursor"] is not None
+
+
+async def test_the_list_filters_by_status(api, jobs):
+    """?status= lists only jobs with that status."""
+    kept = await submit(api)
+    cancelled = await submit(api)
+    assert (await api.post(f"/v1/jobs/{cancelled['id']}/cancel")).status_code == 200
+    pending = (await api.get("/v1/jobs", params={"status": "pending"})).json()
+    assert [job["id"] for job in pending["items"]] == [kept["id"]]
+    done = (await api.get("/v1/jobs", params={"status": "cancelled"})).json()
+    assert [job["id"] for job in done["items"]] == [cancelled["id"]]
+
+
+@pytest.mark.parametrize(
+    ("params", "pointer"),
+    [
+        ({"status": "done"}, "#/status"),
+        ({"limit": "0"}, "#/limit"),
+        ({"limit": "101"}, "#/limit"),
+        ({"limit": "ten"}, "#/limit"),
+        ({"cursor": "not-a-job-id"}, "#/cursor"),
+    ],
+)
+async def test_bad_list_parameters_answer_422_naming_them(api, params, pointer):
+    """An unknown status, a limit outside 1-100 or a malformed cursor answers 422."""
+    assert pointers(await api.get("/v1/jobs", params=params)) == {pointer}
+
+
+async def test_an_unknown_status_filter_lists_the_allowed_ones(api):
+    """The 422 for ?status= says which statuses exist."""
+    answer = await api.get("/v1/jobs", params={"status": "done"})
+    [error] = assert_problem(answer, 422)["errors"]
+    assert error["detail"].startswith('must be one of "pending", "in_queue"')
+
+
+# Cancelling
+
+
+async def test_cancelling_a_pending_job_answers_200_cancelled(api):
+    """A pending job is cancelled at once: 200 with the cancelled job."""
+    job = await submit(api)
+    answer = await api.post(f"/v1/jobs/{job['id']}/cancel")
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["status"] == "cancelled"
+    assert answer.json()["finished_at"] is not None
+    assert (await api.get(f"/v1/jobs/{job['id']}")).json()["status"] == "cancelled"
+
+
+async def test_cancelling_a_queued_job_answers_202_and_asks_a_worker(api, jobs, schedules):
+    """An in_queue job answers 202 and is due for a poll that cancels it upstream."""
+    job = await submit(api)
+    await to_in_queue(jobs, schedules, job["id"])
+    await schedules.claim("poll", 100)  # hold the poll, as a busy worker would
+    answer = await api.post(f"/v1/jobs/{job['id']}/cancel")
+    assert answer.status_code == 202, answer.text
+    assert answer.json()["status"] == "in_queue"
+    stored = await jobs.get(job["id"])
+    assert stored.record.cancel_requested_at is not None
+    assert [c.member for c in await schedules.claim("poll", 100)] == [job["id"]]
+
+
+async def test_cancelling_a_queued_job_twice_answers_202_again(api, jobs, schedules):
+    """A second cancel of a job whose upstream cancel is under way answers 202 again."""
+    job = await submit(api)
+    await to_in_queue(jobs, schedules, job["id"])
+    assert (await api.post(f"/v1/jobs/{job['id']}/cancel")).status_code == 202
+    assert (await api.post(f"/v1/jobs/{job['id']}/cancel")).status_code == 202
+
+
+async def test_cancelling_a_running_job_answers_409(api, jobs, schedules):
+    """An in_progress job cannot be cancelled: 409 problem+json."""
+    job = await submit(api)
+    await to_in_progress(jobs, schedules, job["id"])
+    assert_problem(await api.post(f"/v1/jobs/{job['id']}/cancel"), 409)
+    assert (await api.get(f"/v1/jobs/{job['id']}")).json()["status"] == "in_progress"
+
+
+async def test_cancelling_a_final_job_answers_409(api, jobs, schedules):
+    """A completed or cancelled job cannot be cancelled again: 409 problem+json."""
+    done = await submit(api)
+    await to_completed(jobs, schedules, done["id"])
+    assert_problem(await api.post(f"/v1/jobs/{done['id']}/cancel"), 409)
+    cancelled = await submit(api)
+    assert (await api.post(f"/v1/jobs/{cancelled['id']}/cancel")).status_code == 200
+    assert_problem(await api.post(f"/v1/jobs/{cancelled['id']}/cancel"), 409)
+
+
+# Webhook deliveries
+
+
+async def test_the_attempt_log_is_empty_until_the_final_event_exists(api):
+    """A job without a final delivery yet has an empty attempt log."""
+    job = await submit(api, with_webhook())
+    answer = await api.get(f"/v1/jobs/{job['id']}/deliveries")
+    assert answer.status_code == 200
+    assert answer.json() == {"items": []}
+
+
+async def test_the_attempt_log_lists_each_attempt(api, jobs, schedules, deliveries):
+    """GET deliveries lists the attempts the dispatcher recorded for the final event."""
+    job = await submit(api, with_webhook())
+    await to_completed(jobs, schedules, job["id"])
+    [claim] = await schedules.claim("deliver", 100)
+    attempt = DeliveryAttempt(
+        attempt=1,
+        at=utcnow(),
+        status_code=503,
+        latency_ms=12,
+        error="http_503",
+        response_excerpt="busy",
+        next_attempt_at=None,
+    )
+    await deliveries.record_attempt(
+        claim.member, claim.lease, attempt, state="failed", retry_in_s=None
+    )
+    items = (await api.get(f"/v1/jobs/{job['id']}/deliveries")).json()["items"]
+    assert items == [msgspec.to_builtins(attempt)]
+    assert (await api.get(f"/v1/jobs/{job['id']}")).json()["webhook"]["state"] == "failed"
+
+
+async def test_resending_a_final_event_answers_202_and_queues_it(api, jobs, schedules):
+    """POST deliveries on a final job answers 202 and queues the same delivery again."""
+    job = await submit(api, with_webhook())
+    await to_completed(jobs, schedules, job["id"])
+    [first] = await schedules.claim("deliver", 100)
+    answer = await api.post(f"/v1/jobs/{job['id']}/deliveries")
+    assert answer.status_code == 202, answer.text
+    assert answer.json()["webhook"]["state"] == "pending"
+    [again] = await schedules.claim("deliver", 100)
+    assert again.member == first.member
+
+
+async def test_resending_before_the_job_is_final_answers_409(api):
+    """POST deliveries on a job that is not final answers 409 problem+json."""
+    job = await submit(api, with_webhook())
+    assert_problem(await api.post(f"/v1/jobs/{job['id']}/deliveries"), 409)
+
+
+async def test_resending_for_a_job_without_a_webhook_answers_404(api, jobs, schedules):
+    """POST deliveries on a job that has no webhook answers 404 problem+json."""
+    job = await submit(api)
+    await to_completed(jobs, schedules, job["id"])
+    assert_problem(await api.post(f"/v1/jobs/{job['id']}/deliveries"), 404)
+
+
+# Probes, metrics and errors
+
+
+async def test_healthz_answers_ok_without_auth(settings, keys):
+    """/healthz answers 200 {"status": "ok"} with no API key."""
+    async with serve(settings, keys, api_key=None) as anonymous:
+        answer = await anonymous.get("/healthz")
+        assert answer.status_code == 200
+        assert answer.json() == {"status": "ok"}
+
+
+async def test_readyz_answers_ready_while_redis_answers(api):
+    """/readyz answers 200 {"status": "ready"} when Redis answers PING."""
+    answer = await api.get("/readyz")
+    assert answer.status_code == 200
+    assert answer.json() == {"status": "ready"}
+
+
+async def test_without_redis_readyz_and_jobs_answer_503_problems(settings, keys, caplog):
+    """With Redis unreachable, /readyz and job calls answer 503 problem+json, no traceback."""
+    dead = msgspec.structs.replace(settings, redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    caplog.set_level(logging.INFO)
+    async with serve(dead, keys) as api:
+        assert (await api.get("/healthz")).status_code == 200
+        ready = await api.get("/readyz")
+        assert_problem(ready, 503)
+        assert int(ready.headers["retry-after"]) > 0
+        submitted = await api.post("/v1/jobs", json=job_body())
+        assert_problem(submitted, 503)
+        assert int(submitted.headers["retry-after"]) > 0
+        assert_problem(await api.get("/v1/jobs"), 503)
+        assert (await api.get("/metrics")).status_code == 200
+    assert not [record for record in caplog.records if record.exc_info]
+    assert "Traceback" not in caplog.text
+
+
+async def test_metrics_count_requests_and_accepted_jobs(api):
+    """/metrics shows requests by route and status, and jobs accepted per tenant."""
+    await submit(api)
+    await api.get("/v1/jobs/job_" + "0" * 26)
+    await api.get("/no/such/route")
+    text = (await api.get("/metrics")).text
+    assert 'rcg_api_requests_total{method="GET",route="unmatched",status="404"} 1.0' in text
+    assert 'rcg_jobs_accepted_total{tenant="orders"} 1.0' in text
+    assert 'route="/v1/jobs",status="202"' in text
+    assert 'route="/v1/jobs/{job_id}",status="404"' in text
+    assert "rcg_api_request_duration_seconds_bucket" in text
+    assert "rcg_redis_up 1.0" in text
+    assert 'rcg_schedule_depth{schedule="inflight"}' in text
+
+
+async def test_an_unexpected_error_answers_500_problem_without_details(api, monkeypatch):
+    """A bug answers 500 problem+json that names nothing internal."""
+
+    async def broken(self, job_id):
+        raise RuntimeError("secret internals")
+
+    monkeypatch.setattr(JobStore, "get", broken)
+    answer = await api.get("/v1/jobs/job_" + "0" * 26)
+    assert_problem(answer, 500)
+    assert "secret internals" not in answer.text
+
+
+async def test_unknown_routes_and_methods_answer_problems(api):
+    """An unknown path answers 404 and a wrong method 405, both problem+json."""
+    assert_problem(await api.get("/v2/nothing"), 404)
+    answer = await api.delete("/v1/jobs")
+    assert_problem(answer, 405)
+    assert "GET" in answer.headers["allow"]
+
+
+async def test_the_api_serves_its_openapi_document(api):
+    """GET /openapi.json answers the generated OpenAPI 3.1 document."""
+    answer = await api.get("/openapi.json")
+    assert answer.status_code == 200
+    assert answer.json()["openapi"].startswith("3.1")
