@@ -17,7 +17,7 @@ from service.localredis import free_port
 from service.runcomfy.emulator import EmulatorConfig, start_emulator
 from service.store.connection import connect
 from service.store.deliveries import DeliveryStore
-from service.store.jobs import JobStore, StoredJob
+from service.store.jobs import JobStore, Outcome, StoredJob
 from service.store.keys import Keys
 from service.store.limits import Limits
 from service.store.schedules import Schedules
@@ -374,3 +374,22 @@ async def test_a_hanging_receiver_does_not_delay_deliveries_to_others(gateway_fa
 
 async def _async(value: Any) -> Any:
     return value
+
+
+async def test_a_job_cancelled_while_its_submit_is_in_flight_cancels_that_request(
+    gateway_factory,
+):
+    """Cancelling during a slow submit cancels the request it created and records it."""
+    gw = await gateway_factory(EmulatorConfig(queue_s=60, run_s=1, latency_ms=400))
+    job_id = await gw.submit(webhook_url=None)
+    sending = await wait_for(
+        lambda: _when(gw.jobs.get(job_id), lambda s: s.record.submits[-1:] != [])
+    )
+    assert await gw.jobs.finish(sending, "cancelled", lease=None) is Outcome.DONE
+    final = await wait_for(
+        lambda: _when(gw.jobs.get(job_id), lambda s: s.record.submits[-1].outcome == "accepted")
+    )
+    assert final.record.status == "cancelled"
+    assert "upstream cancel: cancelled" in final.record.submits[-1].detail
+    items = (await gw.emulator_state())["items"]
+    assert [i["status"] for i in items] == ["cancelled"]

@@ -326,7 +326,7 @@ class JobStore:
             op.event_type = event
             op.event_url = new.webhook.url
             op.event_body = body.decode()
-        elif final and new.webhook is not None:
+        elif final and new.webhook is not None and stored.record.status not in FINAL_STATUSES:
             op.wh_state = "skipped"
         answer = await self._transition(keys=[self._keys.prefix], args=[_encoder.encode(op)])
         return Outcome(int(answer))
@@ -416,6 +416,20 @@ class JobStore:
         """RunComfy answered `not_cancellable`: the job carries on."""
         new = msgspec.structs.replace(stored.record, cancel_requested_at=None)
         return await self._apply(stored, new, _Change(poll_in_s=poll_in_s), lease=lease, event=None)
+
+    async def late_submit(self, stored: StoredJob, request_id: str, detail: str) -> Outcome:
+        """Record on an already final job that a submit sent before it ended was accepted.
+
+        A caller may cancel a pending job while its paid submit is on the way;
+        the request RunComfy then creates belongs to no live job. The job keeps
+        its final state, and its submit log says what became of that request.
+        """
+        new = msgspec.structs.replace(
+            stored.record,
+            upstream=UpstreamRef(request_id=request_id),
+            submits=_settle_last(stored.record, "accepted", request_id=request_id, detail=detail),
+        )
+        return await self._apply(stored, new, _Change(), lease=None, event=None)
 
     async def finish(
         self,

@@ -31,9 +31,10 @@ from typing import Final
 import msgspec
 
 from service.config import Settings
-from service.models import MODEL, JobErrorInfo
+from service.models import FINAL_STATUSES, MODEL, JobErrorInfo
 from service.runcomfy.client import (
     RunComfyClient,
+    UpstreamError,
     UpstreamOutcomeUnknown,
     UpstreamRejected,
     UpstreamUnreachable,
@@ -164,13 +165,30 @@ class Submitter(ClaimLoop):
                 answer.request_id,
                 poll_in_s=self.settings.poll_interval_min_s,
             )
-            if done is not Outcome.DONE:
+            if done is Outcome.STALE:
+                await self._orphaned(record.id, answer.request_id)
+            elif done is not Outcome.DONE:
                 log.warning(
-                    "submitter: %s was accepted upstream as %s but changed meanwhile (%s)",
+                    "submitter: %s was accepted upstream as %s but %s",
                     record.id,
                     answer.request_id,
                     done.name,
                 )
+
+    async def _orphaned(self, job_id: str, request_id: str) -> None:
+        """The job ended (cancelled) while its submit was on the way: cancel that request too."""
+        stored = await self.jobs.get(job_id)
+        if stored is None or stored.record.status not in FINAL_STATUSES:
+            log.warning("submitter: %s changed while %s was submitted", job_id, request_id)
+            return
+        try:
+            answer = await self.client.cancel(request_id)
+            outcome = answer.outcome or answer.status or "unknown"
+        except UpstreamError as exc:
+            outcome = f"failed ({type(exc).__name__})"
+        log.info("submitter: %s ended while submitting; upstream cancel %s", job_id, outcome)
+        detail = f"accepted after the job was {stored.record.status}; upstream cancel: {outcome}"
+        await self.jobs.late_submit(stored, request_id, detail)
 
     async def _later_or_fail(  # noqa: PLR0917 - private, called twice
         self,
