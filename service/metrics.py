@@ -48,6 +48,12 @@ class ApiMetrics:
             ["schedule"],
             registry=self.registry,
         )
+        self.upstream_paused = Gauge(
+            "rcg_upstream_paused",
+            "1 while upstream submits are paused for every replica, by reason (402, 429).",
+            ["reason"],
+            registry=self.registry,
+        )
         self.redis_up = Gauge(
             "rcg_redis_up",
             "1 when Redis answered the last scrape's read, else 0.",
@@ -64,6 +70,11 @@ class ApiMetrics:
         self.redis_up.set(0 if depths is None else 1)
         for name, value in (depths or {}).items():
             self.schedule_depth.labels(schedule=name).set(value)
+
+    def set_pause(self, reason: str | None) -> None:
+        """Record the upstream pause in force (None: none)."""
+        for known in ("insufficient_funds", "rate_limited"):
+            self.upstream_paused.labels(reason=known).set(1 if reason == known else 0)
 
     def render(self) -> bytes:
         """The registry in Prometheus text format."""

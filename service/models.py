@@ -209,6 +209,20 @@ class JobRecord(Struct, kw_only=True):
         )
 
 
+class UpstreamPauseInfo(Struct):
+    """Upstream submits are paused for every replica: why, and for how much longer."""
+
+    reason: str
+    remaining_s: float
+
+
+class Probe(Struct, omit_defaults=True):
+    """The answer of `/healthz` and `/readyz`; readiness also reports an upstream pause."""
+
+    status: str
+    upstream_pause: UpstreamPauseInfo | None = None
+
+
 class JobList(Struct):
     """One page of `GET /v1/jobs`, newest first."""
 

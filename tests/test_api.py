@@ -18,6 +18,7 @@ from service.localredis import free_port
 from service.models import MAX_METADATA_BYTES, DeliveryAttempt, utcnow
 from service.store.deliveries import DeliveryStore
 from service.store.jobs import JobStore, Outcome
+from service.store.limits import Limits
 from service.store.schedules import Claim, Schedules
 from tests.support import new_tenant
 
@@ -717,3 +718,17 @@ async def test_the_api_serves_its_openapi_document(api):
     answer = await api.get("/openapi.json")
     assert answer.status_code == 200
     assert answer.json()["openapi"].startswith("3.1")
+
+
+async def test_readyz_and_metrics_report_an_upstream_pause(api, redis, keys):
+    """While submits are paused (402), /readyz stays 200 but says why, and metrics show it."""
+    await Limits(redis, keys).pause_upstream("insufficient_funds", 30)
+    answer = await api.get("/readyz")
+    assert answer.status_code == 200
+    pause = answer.json()["upstream_pause"]
+    assert pause["reason"] == "insufficient_funds"
+    assert 0 < pause["remaining_s"] <= 30
+    text = (await api.get("/metrics")).text
+    assert 'rcg_upstream_paused{reason="insufficient_funds"} 1.0' in text
+    assert 'rcg_upstream_paused{reason="rate_limited"} 0.0' in text
+    assert 'rcg_schedule_depth{schedule="backlog"}' in text

@@ -239,3 +239,14 @@ async def test_old_index_entries_are_trimmed_when_jobs_are_created(redis, keys):
     listed = await redis.zrange(keys.jobs("orders"), 0, -1)
     assert old.id.encode() not in listed
     assert len(listed) == 1
+
+
+async def test_one_tenants_thousand_jobs_hold_back_anothers_single_job_by_one_turn(jobs, schedules):
+    """With 1,000 jobs of one tenant queued first, another tenant's job is the second claimed."""
+    for _ in range(1000):
+        await jobs.create(make_record("flood"))
+    single = make_record("quiet")
+    await jobs.create(single)
+    first = await schedules.claim_submits(1, global_cap=100, tenant_caps={})
+    second = await schedules.claim_submits(1, global_cap=100, tenant_caps={})
+    assert single.id in {c.member for c in first + second}

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Annotated, Any, Final
 
-import msgspec
 import redis.asyncio as aioredis
 from litestar import Request, Response, Router, get, post
 from litestar.datastructures import ResponseHeader
@@ -36,7 +35,17 @@ from service.api.validation import (
 )
 from service.config import Settings, Tenant
 from service.metrics import PROMETHEUS_CONTENT_TYPE, ApiMetrics
-from service.models import DeliveryLog, Job, JobList, JobRecord, JobRequest, JobStatus, utcnow
+from service.models import (
+    DeliveryLog,
+    Job,
+    JobList,
+    JobRecord,
+    JobRequest,
+    JobStatus,
+    Probe,
+    UpstreamPauseInfo,
+    utcnow,
+)
 from service.store.connection import new_id
 from service.store.deliveries import DeliveryStore, Resend
 from service.store.jobs import JobStore, Outcome, StoredJob
@@ -67,12 +76,6 @@ class Services:
     schedules: Schedules
     limits: Limits
     metrics: ApiMetrics
-
-
-class ProbeStatus(msgspec.Struct):
-    """The answer of `/healthz` and `/readyz`."""
-
-    status: str
 
 
 def provide_services(request: Request[Any, Any, Any]) -> Services:
@@ -302,9 +305,9 @@ async def resend_delivery(
 
 
 @get("/healthz", summary="Liveness", description="Answers while the process serves; no I/O.")
-async def healthz() -> ProbeStatus:
+async def healthz() -> Probe:
     """Alive: the process answers HTTP."""
-    return ProbeStatus(status="ok")
+    return Probe(status="ok")
 
 
 @get(
@@ -313,7 +316,7 @@ async def healthz() -> ProbeStatus:
     description="Answers 200 while Redis answers a PING.",
     responses=problem_responses(503),
 )
-async def readyz(services: NamedDependency[Services]) -> ProbeStatus:
+async def readyz(services: NamedDependency[Services]) -> Probe:
     """Ready when Redis answers a PING within a second."""
     try:
         await asyncio.wait_for(services.redis.ping(), READY_TIMEOUT_S)
@@ -322,7 +325,13 @@ async def readyz(services: NamedDependency[Services]) -> ProbeStatus:
         raise ProblemError(
             503, "Redis does not answer", headers={"Retry-After": str(RETRY_AFTER_S)}
         ) from None
-    return ProbeStatus(status="ready")
+    # A pause (no funds, rate limited) does not make the API unready: it still
+    # accepts jobs, which wait. It is reported so operators see why nothing moves.
+    pause = await services.limits.upstream_pause()
+    if pause is None:
+        return Probe(status="ready")
+    info = UpstreamPauseInfo(reason=pause.reason, remaining_s=round(pause.remaining_s, 1))
+    return Probe(status="ready", upstream_pause=info)
 
 
 @get(
@@ -335,9 +344,11 @@ async def metrics(services: NamedDependency[Services]) -> Response[bytes]:
     """The API's metrics in Prometheus text format (schedule depths read now, best effort)."""
     try:
         depths = await asyncio.wait_for(services.schedules.depths(), READY_TIMEOUT_S)
+        pause = await asyncio.wait_for(services.limits.upstream_pause(), READY_TIMEOUT_S)
     except (RedisError, OSError, TimeoutError):
-        depths = None  # the API's own counters are still worth scraping
+        depths, pause = None, None  # the API's own counters are still worth scraping
     services.metrics.set_depths(depths)
+    services.metrics.set_pause(pause.reason if pause else None)
     return Response(services.metrics.render(), media_type=PROMETHEUS_CONTENT_TYPE)
 
 

@@ -185,5 +185,6 @@ class Schedules:
             pipe.zcard(self._keys.schedule("poll"))
             pipe.zcard(self._keys.schedule("deliver"))
             pipe.scard(self._keys.inflight())
-            poll, deliver, inflight = await pipe.execute()
-        return {"poll": poll, "deliver": deliver, "inflight": inflight}
+            pipe.zcard(self._keys.backlog())
+            poll, deliver, inflight, backlog = await pipe.execute()
+        return {"poll": poll, "deliver": deliver, "inflight": inflight, "backlog": backlog}
