@@ -49,10 +49,18 @@ class Tenant(msgspec.Struct, frozen=True):
         return f"Tenant(id={self.id!r}, keys={len(self.api_key_hashes)})"
 
 
-class Tenants(msgspec.Struct, frozen=True):
-    """All tenants, with a lookup from an API key to its tenant and key id."""
+class Tenants(msgspec.Struct):
+    """All tenants, with a lookup from an API key to its tenant and key id.
+
+    The one mutable piece of configuration: `replace_with` swaps in a freshly
+    read tenants file, and every holder of this object sees it at once.
+    """
 
     by_id: dict[str, Tenant]
+
+    def replace_with(self, other: Tenants) -> None:
+        """Take `other`'s tenants (one assignment: callers never see half a file)."""
+        self.by_id = other.by_id
 
     def authenticate(self, api_key: str) -> tuple[Tenant, str] | None:
         """The tenant and key id (a hash prefix, never the key) for `api_key`, or None.
@@ -76,6 +84,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     runcomfy_base_url: str = DEFAULT_BASE_URL
     runcomfy_token: str
     tenants: Tenants
+    tenants_file: str | None = None
     poll_interval_min_s: float = 2.0
     poll_interval_max_s: float = 15.0
     webhook_retry_schedule: tuple[float, ...] = (5, 300, 1800, 7200, 18000, 36000, 36000)
@@ -218,8 +227,8 @@ def load_settings(  # noqa: C901 - one flat check per variable reads best
     base_url = env.get("RUNCOMFY_BASE_URL") or DEFAULT_BASE_URL
     if not base_url.startswith(("http://", "https://")):
         raise ConfigError("RUNCOMFY_BASE_URL must be an http(s) URL")
+    path = env.get("GATEWAY_TENANTS_FILE") or None
     if tenants is None:
-        path = env.get("GATEWAY_TENANTS_FILE", "")
         if not path:
             raise ConfigError("GATEWAY_TENANTS_FILE is required (a TOML file of tenants)")
         tenants = load_tenants(path)
@@ -256,6 +265,7 @@ def load_settings(  # noqa: C901 - one flat check per variable reads best
         runcomfy_base_url=base_url.rstrip("/"),
         runcomfy_token=token,
         tenants=tenants,
+        tenants_file=path,
         poll_interval_min_s=poll_min,
         poll_interval_max_s=poll_max,
         webhook_retry_schedule=schedule,

@@ -11,18 +11,132 @@ from collections.abc import Mapping
 from prometheus_client import CONTENT_TYPE_LATEST as PROMETHEUS_CONTENT_TYPE
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-__all__ = ["PROMETHEUS_CONTENT_TYPE", "ApiMetrics"]
+__all__ = ["PROMETHEUS_CONTENT_TYPE", "ApiMetrics", "WorkerMetrics"]
 
 # Request latency buckets (seconds): the API answers from Redis, so most answers
 # take milliseconds; the top buckets catch Redis trouble.
 _LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# RunComfy calls cross the internet: tens of milliseconds to the timeout.
+_UPSTREAM_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# Event to delivery: milliseconds when the receiver is up, hours along the retry schedule.
+_DELIVERY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 7200, 36000)
 
 
-class ApiMetrics:
-    """The HTTP API's metrics: requests, their latency, accepted jobs, schedule depths."""
+class _Common:
+    """What both processes count: schedule depths, the upstream pause, finished jobs, tenants."""
+
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.schedule_depth = Gauge(
+            "rcg_schedule_depth",
+            "Members of each schedule and jobs holding upstream slots, read at scrape time.",
+            ["schedule"],
+            registry=self.registry,
+        )
+        self.upstream_paused = Gauge(
+            "rcg_upstream_paused",
+            "1 while upstream submits are paused for every replica, by reason (402, 429).",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.redis_up = Gauge(
+            "rcg_redis_up",
+            "1 when Redis answered the last scrape's read, else 0.",
+            registry=self.registry,
+        )
+        self.jobs_finished = Counter(
+            "rcg_jobs_finished",
+            "Jobs this process moved to a final state, by status and tenant.",
+            ["status", "tenant"],
+            registry=self.registry,
+        )
+        self.tenants_config_ok = Gauge(
+            "rcg_tenants_config_ok",
+            "0 while the last reload of the tenants file was refused (the old tenants stay).",
+            registry=self.registry,
+        )
+        self.tenants_config_ok.set(1)
+        self.tenants_reload_failures = Counter(
+            "rcg_tenants_reload_failures",
+            "Reloads of the tenants file refused because the new file was invalid.",
+            registry=self.registry,
+        )
+
+    def job_finished(self, status: str, tenant: str) -> None:
+        """Count one job reaching a final state."""
+        self.jobs_finished.labels(status=status, tenant=tenant).inc()
+
+    def tenants_reloaded(self, ok: bool) -> None:
+        """Record a reload of the tenants file."""
+        self.tenants_config_ok.set(1 if ok else 0)
+        if not ok:
+            self.tenants_reload_failures.inc()
+
+    def set_depths(self, depths: Mapping[str, int] | None) -> None:
+        """Record the schedule depths read for this scrape, or that Redis did not answer."""
+        self.redis_up.set(0 if depths is None else 1)
+        for name, value in (depths or {}).items():
+            self.schedule_depth.labels(schedule=name).set(value)
+
+    def set_pause(self, reason: str | None) -> None:
+        """Record the upstream pause in force (None: none)."""
+        for known in ("insufficient_funds", "rate_limited"):
+            self.upstream_paused.labels(reason=known).set(1 if reason == known else 0)
+
+    def render(self) -> bytes:
+        """The registry in Prometheus text format."""
+        return generate_latest(self.registry)
+
+
+class WorkerMetrics(_Common):
+    """The worker's metrics: upstream calls, webhook attempts and delivery latency."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry if registry is not None else CollectorRegistry()
+        super().__init__(registry)
+        self.upstream_latency = Histogram(
+            "rcg_upstream_request_duration_seconds",
+            "RunComfy calls by call (submit, status, result, cancel), whatever their outcome.",
+            ["call"],
+            buckets=_UPSTREAM_BUCKETS,
+            registry=self.registry,
+        )
+        self.upstream_errors = Counter(
+            "rcg_upstream_errors",
+            "Failed RunComfy calls by call and kind (rate_limited, server, unknown, ...).",
+            ["call", "kind"],
+            registry=self.registry,
+        )
+        self.webhook_attempts = Counter(
+            "rcg_webhook_attempts",
+            "Webhook delivery attempts by outcome: delivered, or the error class.",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.webhook_latency = Histogram(
+            "rcg_webhook_delivery_seconds",
+            "From the event (a job's state change) to its successful delivery.",
+            buckets=_DELIVERY_BUCKETS,
+            registry=self.registry,
+        )
+
+    def upstream_call(self, call: str, seconds: float, error: str | None) -> None:
+        """Record one RunComfy call (the client's `on_call`)."""
+        self.upstream_latency.labels(call=call).observe(seconds)
+        if error is not None:
+            self.upstream_errors.labels(call=call, kind=error).inc()
+
+    def webhook_attempt(self, outcome: str, since_event_s: float | None) -> None:
+        """Record one delivery attempt; `since_event_s` is set when it delivered."""
+        self.webhook_attempts.labels(outcome=outcome).inc()
+        if since_event_s is not None:
+            self.webhook_latency.observe(since_event_s)
+
+
+class ApiMetrics(_Common):
+    """The HTTP API's metrics: requests, their latency, accepted jobs, and the common ones."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        super().__init__(registry)
         self.requests = Counter(
             "rcg_api_requests",
             "HTTP requests answered, by route template, method and status code.",
@@ -42,40 +156,8 @@ class ApiMetrics:
             ["tenant"],
             registry=self.registry,
         )
-        self.schedule_depth = Gauge(
-            "rcg_schedule_depth",
-            "Members of each schedule and jobs holding upstream slots, read at scrape time.",
-            ["schedule"],
-            registry=self.registry,
-        )
-        self.upstream_paused = Gauge(
-            "rcg_upstream_paused",
-            "1 while upstream submits are paused for every replica, by reason (402, 429).",
-            ["reason"],
-            registry=self.registry,
-        )
-        self.redis_up = Gauge(
-            "rcg_redis_up",
-            "1 when Redis answered the last scrape's read, else 0.",
-            registry=self.registry,
-        )
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         """Count one answered request and its latency."""
         self.requests.labels(route=route, method=method, status=str(status)).inc()
         self.latency.labels(route=route, method=method).observe(seconds)
-
-    def set_depths(self, depths: Mapping[str, int] | None) -> None:
-        """Record the schedule depths read for this scrape, or that Redis did not answer."""
-        self.redis_up.set(0 if depths is None else 1)
-        for name, value in (depths or {}).items():
-            self.schedule_depth.labels(schedule=name).set(value)
-
-    def set_pause(self, reason: str | None) -> None:
-        """Record the upstream pause in force (None: none)."""
-        for known in ("insufficient_funds", "rate_limited"):
-            self.upstream_paused.labels(reason=known).set(1 if reason == known else 0)
-
-    def render(self) -> bytes:
-        """The registry in Prometheus text format."""
-        return generate_latest(self.registry)

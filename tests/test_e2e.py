@@ -344,3 +344,33 @@ async def _status_is(api: httpx.AsyncClient, job_id: str, status: str) -> bool:
 
 async def _async(value: Any) -> Any:
     return value
+
+
+async def test_sighup_reloads_the_tenants_file_and_a_bad_one_is_refused(stack):
+    """SIGHUP makes the API take a new key from the file; an invalid file keeps the old keys."""
+    added = new_tenant("late")
+    tenants = Path(stack["env"]["GATEWAY_TENANTS_FILE"])
+    original = tenants.read_text()
+    api_proc = stack["procs"]["api"].proc
+
+    async def status_for(key: str) -> int:
+        async with httpx.AsyncClient(base_url=stack["api"]) as client:
+            answer = await client.get("/v1/jobs", headers={"Authorization": f"Bearer {key}"})
+            return answer.status_code
+
+    assert await status_for(added.api_key) == 401
+    tenants.write_text(original + "\n" + added.toml())
+    api_proc.send_signal(signal.SIGHUP)
+    await wait_for(lambda: _is(status_for(added.api_key), 200))
+    tenants.write_text("this is [not toml")
+    api_proc.send_signal(signal.SIGHUP)
+    await wait_for(lambda: _async("reload refused" in stack["procs"]["api"].output()))
+    assert await status_for(TENANT.api_key) == 200
+    assert await status_for(added.api_key) == 200
+    async with httpx.AsyncClient(base_url=stack["api"]) as client:
+        assert "rcg_tenants_config_ok 0.0" in (await client.get("/metrics")).text
+    tenants.write_text(original)
+
+
+async def _is(coro: Any, expected: Any) -> bool:
+    return await coro == expected

@@ -81,6 +81,7 @@ async def gateway_factory(redis_server, keys: Keys) -> AsyncIterator[Any]:
         env: dict[str, str] | None = None,
         statuses: list[int] | None = None,
         hosts: tuple[str, ...] = ("127.0.0.1",),
+        metrics_port: int | None = None,
         **limits: Any,
     ) -> Gateway:
         runner, url = await start_emulator(emulator or EmulatorConfig(queue_s=0.2, run_s=0.2))
@@ -112,7 +113,9 @@ async def gateway_factory(redis_server, keys: Keys) -> AsyncIterator[Any]:
             emulator=url,
             receiver=receiver,
             stop=stop,
-            task=asyncio.create_task(run_worker(settings, stop, keys=keys)),
+            task=asyncio.create_task(
+                run_worker(settings, stop, keys=keys, metrics_port=metrics_port)
+            ),
         )
         started.append((gateway, (runner, redis)))
         return gateway
@@ -393,3 +396,19 @@ async def test_a_job_cancelled_while_its_submit_is_in_flight_cancels_that_reques
     assert "upstream cancel: cancelled" in final.record.submits[-1].detail
     items = (await gw.emulator_state())["items"]
     assert [i["status"] for i in items] == ["cancelled"]
+
+
+async def test_worker_metrics_count_calls_jobs_and_deliveries(gateway_factory):
+    """After a job, the worker's /metrics shows its upstream calls, the job and its webhook."""
+    port = free_port()
+    gw = await gateway_factory(metrics_port=port)
+    job_id = await gw.submit()
+    await wait_for(lambda: _when(gw.jobs.get(job_id), lambda s: s.webhook_state == "delivered"))
+    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/metrics") as r:
+        text = await r.text()
+    assert 'rcg_upstream_request_duration_seconds_count{call="submit"} 1.0' in text
+    assert 'rcg_jobs_finished_total{status="completed",tenant="orders"} 1.0' in text
+    assert 'rcg_webhook_attempts_total{outcome="delivered"} 1.0' in text
+    assert "rcg_webhook_delivery_seconds_count 1.0" in text
+    assert 'rcg_schedule_depth{schedule="backlog"} 0.0' in text
+    assert "rcg_tenants_config_ok 1.0" in text

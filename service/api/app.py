@@ -8,6 +8,7 @@ at shutdown.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -31,6 +32,7 @@ from service.store.jobs import JobStore
 from service.store.keys import Keys
 from service.store.limits import Limits
 from service.store.schedules import Schedules
+from service.tenants_watch import TenantsWatcher
 
 MAX_BODY_BYTES: Final = 1_000_000
 """DESIGN §3: a request body over 1 MB answers 413 (counted as sent, not as announced)."""
@@ -48,15 +50,26 @@ def create_app(settings: Settings, *, keys: Keys | None = None) -> Litestar:
         app.state.services = Services(
             settings=settings,
             redis=redis,
-            jobs=JobStore(redis, store_keys, retention_s=retention),
+            jobs=JobStore(redis, store_keys, retention_s=retention, on_finish=metrics.job_finished),
             deliveries=DeliveryStore(redis, store_keys, retention_s=retention),
             schedules=Schedules(redis, store_keys, lease_s=settings.lease_s),
             limits=Limits(redis, store_keys),
             metrics=metrics,
         )
+        stop = asyncio.Event()
+        watching: asyncio.Task[None] | None = None
+        if settings.tenants_file:
+            watcher = TenantsWatcher(
+                settings.tenants, settings.tenants_file, on_result=metrics.tenants_reloaded
+            )
+            watcher.install_sighup()
+            watching = asyncio.create_task(watcher.run(stop))
         try:
             yield
         finally:
+            stop.set()
+            if watching is not None:
+                await watching
             await redis.aclose()
 
     async def count_unrouted(exc: Exception, scope: Scope) -> None:

@@ -24,6 +24,8 @@ No message or repr of these exceptions contains the Bearer token.
 
 import email.utils
 import math
+import time
+from collections.abc import Callable
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Final, Literal, TypeAlias, TypeVar
@@ -79,6 +81,9 @@ _KIND_BY_STATUS: Final[dict[int, RejectionKind]] = {
 _RETRYABLE_KINDS: Final = frozenset({"rate_limited", "insufficient_funds", "server"})
 # 408 Request Timeout and 425 Too Early ask the client to try again later.
 _RETRYABLE_STATUSES: Final = frozenset({408, 425})
+
+CallObserver: TypeAlias = Callable[[str, float, str | None], None]
+"""Told of every call: its name (submit, status, result, cancel), seconds, error kind or None."""
 
 _Answer = TypeVar("_Answer", SubmitAnswer, StatusAnswer, ResultAnswer, CancelAnswer)
 
@@ -199,6 +204,7 @@ class RunComfyClient:
         token: str,
         *,
         timeout_s: float = 30.0,
+        on_call: CallObserver | None = None,
     ) -> None:
         url = URL(base_url)
         if url.scheme not in {"http", "https"} or not url.host:
@@ -215,6 +221,7 @@ class RunComfyClient:
             "User-Agent": USER_AGENT,
         }
         self._json_headers = {**self._headers, "Content-Type": "application/json"}
+        self._on_call = on_call
 
     def __repr__(self) -> str:
         return f"RunComfyClient(base_url={self._base_url!r})"
@@ -224,19 +231,24 @@ class RunComfyClient:
         if not model or model.startswith("/"):
             raise ValueError("model must be a relative model path")
         path = f"/v1/models/{quote(model, safe='/')}"
-        return await self._call("POST", path, SUBMIT_DECODER, payload, require_request_id=True)
+        return await self._call(
+            "submit", "POST", path, SUBMIT_DECODER, payload, require_request_id=True
+        )
 
     async def status(self, request_id: str) -> StatusAnswer:
         """Fetch the status (and queue position) of a request."""
-        return await self._call("GET", self._request_path(request_id, "status"), STATUS_DECODER)
+        path = self._request_path(request_id, "status")
+        return await self._call("status", "GET", path, STATUS_DECODER)
 
     async def result(self, request_id: str) -> ResultAnswer:
         """Fetch the result of a request; before it is final only the status is set."""
-        return await self._call("GET", self._request_path(request_id, "result"), RESULT_DECODER)
+        path = self._request_path(request_id, "result")
+        return await self._call("result", "GET", path, RESULT_DECODER)
 
     async def cancel(self, request_id: str) -> CancelAnswer:
         """Ask RunComfy to cancel a request; only queued requests can be cancelled."""
-        return await self._call("POST", self._request_path(request_id, "cancel"), CANCEL_DECODER)
+        path = self._request_path(request_id, "cancel")
+        return await self._call("cancel", "POST", path, CANCEL_DECODER)
 
     @staticmethod
     def _request_path(request_id: str, action: str) -> str:
@@ -245,6 +257,36 @@ class RunComfyClient:
         return f"/v1/requests/{quote(request_id, safe='')}/{action}"
 
     async def _call(
+        self,
+        name: str,
+        method: str,
+        path: str,
+        decoder: msgspec.json.Decoder[_Answer],
+        payload: bytes | None = None,
+        *,
+        require_request_id: bool = False,
+    ) -> _Answer:
+        """One call, timed and classified for `on_call` (metrics) whatever its outcome."""
+        started = time.perf_counter()
+        error: str | None = None
+        try:
+            return await self._call_once(
+                method, path, decoder, payload, require_request_id=require_request_id
+            )
+        except UpstreamRejected as exc:
+            error = exc.kind
+            raise
+        except UpstreamUnreachable:
+            error = "unreachable"
+            raise
+        except UpstreamOutcomeUnknown:
+            error = "unknown"
+            raise
+        finally:
+            if self._on_call is not None:
+                self._on_call(name, time.perf_counter() - started, error)
+
+    async def _call_once(
         self,
         method: str,
         path: str,

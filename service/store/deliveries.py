@@ -98,6 +98,7 @@ class Delivery:
     body: bytes
     attempts: int
     base: int
+    created_ms: int
 
     @property
     def attempts_since_resend(self) -> int:
@@ -119,11 +120,11 @@ class DeliveryStore:
         """The delivery, or None when it expired."""
         row = await self._redis.hmget(
             self._keys.delivery(delivery_id),
-            ["job", "tenant", "type", "url", "body", "attempts", "base"],
+            ["job", "tenant", "type", "url", "body", "attempts", "base", "created"],
         )
         if row[0] is None:
             return None
-        job, tenant, event_type, url, body, attempts, base = row
+        job, tenant, event_type, url, body, attempts, base, created = row
         return Delivery(
             id=delivery_id,
             job_id=text(job),
@@ -133,6 +134,7 @@ class DeliveryStore:
             body=cast("bytes", body),
             attempts=int(attempts or 0),
             base=int(base or 0),
+            created_ms=int(created or 0),
         )
 
     async def record_attempt(

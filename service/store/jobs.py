@@ -12,6 +12,7 @@ no webhook for a state that did not happen.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from enum import Enum
@@ -109,7 +110,8 @@ end
 if op.event_id then
   local dk = k_delivery(op.event_id)
   redis.call('HSET', dk, 'job', op.id, 'tenant', op.tenant, 'type', op.event_type,
-    'url', op.event_url, 'body', op.event_body, 'state', 'pending', 'attempts', 0, 'base', 0)
+    'url', op.event_url, 'body', op.event_body, 'state', 'pending', 'attempts', 0, 'base', 0,
+    'created', now)
   redis.call('EXPIRE', dk, op.retention_s)
   redis.call('ZADD', k_schedule('deliver'), now, op.event_id)
   if op.final then redis.call('HSET', jk, 'wh_id', op.event_id) end
@@ -209,10 +211,18 @@ def body_hash(body: bytes) -> str:
 class JobStore:
     """Jobs in Redis: create, read, list, and every state change of the state machine."""
 
-    def __init__(self, redis: aioredis.Redis, keys: Keys, *, retention_s: int) -> None:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        keys: Keys,
+        *,
+        retention_s: int,
+        on_finish: Callable[[str, str], None] | None = None,
+    ) -> None:
         self._redis = redis
         self._keys = keys
         self._retention_s = retention_s
+        self._on_finish = on_finish  # (status, tenant), once per job reaching a final state
         self._create = redis.register_script(_CREATE)
         self._transition = redis.register_script(_TRANSITION)
 
@@ -329,7 +339,11 @@ class JobStore:
         elif final and new.webhook is not None and stored.record.status not in FINAL_STATUSES:
             op.wh_state = "skipped"
         answer = await self._transition(keys=[self._keys.prefix], args=[_encoder.encode(op)])
-        return Outcome(int(answer))
+        outcome = Outcome(int(answer))
+        ended = final and stored.record.status not in FINAL_STATUSES
+        if outcome is Outcome.DONE and ended and self._on_finish is not None:
+            self._on_finish(new.status, new.tenant)
+        return outcome
 
     # The state machine. Each method names one edge; all go through `_apply`.
 

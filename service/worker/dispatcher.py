@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from service.config import Settings
+from service.metrics import WorkerMetrics
 from service.models import DeliveryAttempt, utcnow
 from service.store.deliveries import Delivery, DeliveryStore
 from service.store.schedules import Claim, Schedules
@@ -45,6 +46,7 @@ class Dispatcher(ClaimLoop):
         session: aiohttp.ClientSession,
         heartbeat: Heartbeat,
         *,
+        metrics: WorkerMetrics | None = None,
         concurrency: int = 128,
         per_host: int = 8,
         rng: random.Random | None = None,
@@ -60,6 +62,7 @@ class Dispatcher(ClaimLoop):
         self.deliveries = deliveries
         self.session = session
         self.per_host = per_host
+        self.metrics = metrics
         self._busy: Counter[str] = Counter()
 
     async def claim(self, max_items: int) -> list[Claim]:
@@ -129,6 +132,9 @@ class Dispatcher(ClaimLoop):
             response_excerpt=result.response_excerpt,
             next_attempt_at=now + timedelta(seconds=retry_in) if retry_in is not None else None,
         )
+        if self.metrics is not None:
+            since_event = time.time() - delivery.created_ms / 1000 if state == "delivered" else None
+            self.metrics.webhook_attempt(result.error or "delivered", since_event)
         recorded = await self.deliveries.record_attempt(
             delivery.id, claim.lease, attempt, state=state, retry_in_s=retry_in
         )

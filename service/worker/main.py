@@ -15,8 +15,11 @@ import signal
 from dataclasses import dataclass
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
+from redis.exceptions import RedisError
 
 from service.config import Settings
+from service.metrics import WorkerMetrics
 from service.runcomfy.client import RunComfyClient, create_upstream_session
 from service.store.connection import connect
 from service.store.deliveries import DeliveryStore
@@ -24,6 +27,7 @@ from service.store.jobs import JobStore
 from service.store.keys import Keys
 from service.store.limits import Limits
 from service.store.schedules import Schedules
+from service.tenants_watch import TenantsWatcher
 from service.webhooks.delivery import create_webhook_session
 from service.worker.dispatcher import Dispatcher
 from service.worker.loop import Heartbeat
@@ -41,12 +45,14 @@ class HealthServer:
 
     heartbeat: Heartbeat
     schedules: Schedules
+    limits: Limits
+    metrics: WorkerMetrics
 
     def app(self) -> web.Application:
         """The aiohttp app serving the two routes."""
         app = web.Application()
         app.router.add_get("/healthz", self.healthz)
-        app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/metrics", self.render_metrics)
         return app
 
     async def healthz(self, _: web.Request) -> web.Response:
@@ -56,15 +62,16 @@ class HealthServer:
             return web.json_response({"status": "stalled", "loops": stale}, status=503)
         return web.json_response({"status": "ok", "loops": sorted(self.heartbeat.beats)})
 
-    async def metrics(self, _: web.Request) -> web.Response:
-        """Schedule depths in Prometheus text format."""
+    async def render_metrics(self, _: web.Request) -> web.Response:
+        """The worker's metrics in Prometheus text format, depths and pause read now."""
         try:
-            depths = await self.schedules.depths()
-        except (OSError, ConnectionError) as exc:
-            return web.Response(status=503, text=f"# redis unavailable: {type(exc).__name__}\n")
-        lines = ["# TYPE rcg_schedule_depth gauge"]
-        lines += [f'rcg_schedule_depth{{schedule="{name}"}} {n}' for name, n in depths.items()]
-        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+            depths = await asyncio.wait_for(self.schedules.depths(), 1.0)
+            pause = await asyncio.wait_for(self.limits.upstream_pause(), 1.0)
+        except (RedisError, OSError, TimeoutError):
+            depths, pause = None, None  # the process's own counters are still worth scraping
+        self.metrics.set_depths(depths)
+        self.metrics.set_pause(pause.reason if pause else None)
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
 
 async def run_worker(
@@ -76,18 +83,23 @@ async def run_worker(
 ) -> None:
     """Run the submitter, poller and dispatcher until `stop` is set, then drain and close."""
     keys = keys or Keys()
+    metrics = WorkerMetrics()
     redis = connect(settings.redis_url)
     upstream = create_upstream_session(max_connections=256)
     hooks = create_webhook_session()
     heartbeat = Heartbeat()
     schedules = Schedules(redis, keys, lease_s=settings.lease_s)
-    jobs = JobStore(redis, keys, retention_s=settings.job_retention_s)
+    jobs = JobStore(
+        redis, keys, retention_s=settings.job_retention_s, on_finish=metrics.job_finished
+    )
+    limits = Limits(redis, keys)
     deliveries = DeliveryStore(redis, keys, retention_s=settings.job_retention_s)
     client = RunComfyClient(
         upstream,
         settings.runcomfy_base_url,
         settings.runcomfy_token,
         timeout_s=settings.upstream_timeout_s,
+        on_call=metrics.upstream_call,
     )
     loops = [
         Submitter(
@@ -95,21 +107,29 @@ async def run_worker(
             jobs=jobs,
             schedules=schedules,
             client=client,
-            limits=Limits(redis, keys),
+            limits=limits,
             heartbeat=heartbeat,
         ),
         Poller(settings, jobs, schedules, client, heartbeat),
-        Dispatcher(settings, deliveries, schedules, hooks, heartbeat),
+        Dispatcher(settings, deliveries, schedules, hooks, heartbeat, metrics=metrics),
     ]
+    tasks = [loop.run(stop) for loop in loops]
+    if settings.tenants_file:
+        watcher = TenantsWatcher(
+            settings.tenants, settings.tenants_file, on_result=metrics.tenants_reloaded
+        )
+        watcher.install_sighup()
+        tasks.append(watcher.run(stop))
     runner: web.AppRunner | None = None
     try:
         if metrics_port is not None:
-            runner = web.AppRunner(HealthServer(heartbeat, schedules).app(), access_log=None)
+            health = HealthServer(heartbeat, schedules, limits, metrics)
+            runner = web.AppRunner(health.app(), access_log=None)
             await runner.setup()
             await web.TCPSite(runner, "0.0.0.0", metrics_port).start()  # noqa: S104 - a pod port
             log.info("worker: health and metrics on :%d", metrics_port)
         log.info("worker: started (%s)", ", ".join(loop.name for loop in loops))
-        await asyncio.gather(*(loop.run(stop) for loop in loops))
+        await asyncio.gather(*tasks)
     finally:
         if runner is not None:
             await runner.cleanup()

@@ -75,11 +75,6 @@ class Submitter(ClaimLoop):
         self.limits = limits
         self._pause_checked_at = -PAUSE_CHECK_S
         self._paused = False
-        self._tenant_caps = {
-            t.id: t.max_in_flight
-            for t in settings.tenants.by_id.values()
-            if t.max_in_flight is not None
-        }
 
     async def claim(self, max_items: int) -> list[Claim]:
         """Claim pending jobs while RunComfy has free slots for them and no pause is on."""
@@ -92,7 +87,12 @@ class Submitter(ClaimLoop):
         return await self.schedules.claim_submits(
             max_items,
             global_cap=self.settings.upstream_max_in_flight,
-            tenant_caps=self._tenant_caps,
+            # Read each time: the tenants file may have been reloaded.
+            tenant_caps={
+                t.id: t.max_in_flight
+                for t in self.settings.tenants.by_id.values()
+                if t.max_in_flight is not None
+            },
         )
 
     async def release_on_stop(self, claim: Claim) -> None:
