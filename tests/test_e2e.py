@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -374,3 +376,33 @@ async def test_sighup_reloads_the_tenants_file_and_a_bad_one_is_refused(stack):
 
 async def _is(coro: Any, expected: Any) -> bool:
     return await coro == expected
+
+
+def test_sigterm_lets_the_api_finish_a_request_in_flight(stack, tmp_path):
+    """A request still arriving when the API gets SIGTERM is answered before it exits."""
+    port = free_port()
+    proc = Process(
+        ["api", "--host", "127.0.0.1", "--port", str(port)], stack["env"], tmp_path / "a.log"
+    )
+    wait_http(f"http://127.0.0.1:{port}/healthz")
+    body = json.dumps(job_body()).encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        head = (
+            f"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TENANT.api_key}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        conn.sendall(head.encode() + body[:10])  # the request is now in flight
+        wait_sync(lambda: _has_connection(proc.proc.pid))
+        proc.proc.send_signal(signal.SIGTERM)
+        conn.sendall(body[10:])
+        answer = conn.recv(65536).decode()
+    assert answer.startswith("HTTP/1.1 202"), answer[:200]
+    proc.stop()
+    assert "Traceback" not in proc.output()
+
+
+def _has_connection(pid: int) -> bool:
+    found = subprocess.run(
+        ["ss", "-tnp", "state", "established"], capture_output=True, text=True, check=False
+    )
+    return f"pid={pid}," in found.stdout

@@ -412,3 +412,16 @@ async def test_worker_metrics_count_calls_jobs_and_deliveries(gateway_factory):
     assert "rcg_webhook_delivery_seconds_count 1.0" in text
     assert 'rcg_schedule_depth{schedule="backlog"} 0.0' in text
     assert "rcg_tenants_config_ok 1.0" in text
+
+
+async def test_a_410_stops_retrying_at_once(gateway_factory):
+    """A receiver answering 410 Gone ends the delivery as failed after one attempt."""
+    gw = await gateway_factory(statuses=[410, 200, 200])
+    job_id = await gw.submit()
+    stored = await wait_for(
+        lambda: _when(gw.jobs.get(job_id), lambda s: s.webhook_state == "failed")
+    )
+    assert stored.webhook_attempts == 1
+    log = await gw.deliveries.log(await gw.deliveries.final_delivery_id(job_id))
+    assert [(a.status_code, a.next_attempt_at) for a in log] == [(410, None)]
+    assert len(gw.receiver.received) == 1
