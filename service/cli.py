@@ -16,17 +16,16 @@ from collections.abc import Sequence
 import msgspec
 
 from service.config import ConfigError, Settings, load_settings
+from service.logs import configure_logging
 from service.runcomfy.emulator import EmulatorConfig
 
 log = logging.getLogger("service")
 
 
 def _configure_logging() -> None:
-    level = os.environ.get("GATEWAY_LOG_LEVEL", "INFO").upper()
-    logging.basicConfig(
-        level=level if level in logging.getLevelNamesMapping() else "INFO",
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+    configure_logging(
+        os.environ.get("GATEWAY_LOG_LEVEL", "INFO").upper(),
+        os.environ.get("GATEWAY_LOG_FORMAT", "text").lower(),
     )
 
 

@@ -9,7 +9,9 @@ at shutdown.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Final, cast
@@ -25,6 +27,7 @@ from service.api.problems import REDIS_UNAVAILABLE, ProblemError, exception_hand
 from service.api.routes import Services, route_handlers
 from service.api.validation import InvalidInputError, MalformedBodyError
 from service.config import Settings
+from service.logs import request_id_var
 from service.metrics import ApiMetrics
 from service.store.connection import connect
 from service.store.deliveries import DeliveryStore
@@ -94,7 +97,12 @@ def create_app(settings: Settings, *, keys: Keys | None = None) -> Litestar:
 
 
 class RequestMetrics(ASGIMiddleware):
-    """Counts every routed request by route template, method and status, with its latency."""
+    """Counts every routed request by route template, method and status, with its latency.
+
+    It also gives each request its id: the caller's `X-Request-Id` when it is a
+    sane token, else a new one; it is echoed in the answer and carried by every
+    log line written while answering.
+    """
 
     scopes = ("http",)  # type: ignore[assignment]
 
@@ -105,11 +113,16 @@ class RequestMetrics(ASGIMiddleware):
         """Time the request and note the status of its answer."""
         started = time.perf_counter()
         status = 500
+        request_id = _request_id(scope)
+        request_id_var.set(request_id)
 
         async def note_status(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                headers = list(message.get("headers", []))
+                headers.append((b"x-request-id", request_id.encode()))
+                message = {**message, "headers": headers}
             await send(message)
 
         try:
@@ -136,3 +149,16 @@ def _status_of(exc: Exception) -> int:
     if isinstance(exc, REDIS_UNAVAILABLE):
         return 503
     return 500
+
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+
+
+def _request_id(scope: Scope) -> str:
+    """The caller's X-Request-Id if it is a sane token (never trusted blindly), else a new one."""
+    for name, value in cast("HTTPScope", scope)["headers"]:
+        if name == b"x-request-id":
+            text = value.decode("latin-1")
+            if _REQUEST_ID.match(text):
+                return text
+    return uuid.uuid4().hex

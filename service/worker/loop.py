@@ -19,6 +19,7 @@ from abc import ABC, abstractmethod
 
 from redis.exceptions import RedisError
 
+from service.logs import job_id_var, tenant_var
 from service.store.schedules import Claim, Schedules
 
 log = logging.getLogger(__name__)
@@ -131,6 +132,9 @@ class ClaimLoop(ABC):
 
     async def _guarded(self, claim: Claim) -> None:
         """Work one item; what fails is logged and retried later, never lost."""
+        # This task's own context: every log line while working the item names it.
+        job_id_var.set(claim.member)
+        tenant_var.set(claim.tenant or None)
         try:
             await self.work(claim)
         except asyncio.CancelledError:
