@@ -26,7 +26,8 @@ from service import models
 from service.api import routes
 from service.api.problems import PROBLEM_JSON
 from service.api.routes import route_handlers
-from service.models import JobRequest
+from service.api.validation import MAX_METADATA_DEPTH, MAX_SEED, MIN_SEED
+from service.models import MAX_METADATA_BYTES, JobRequest
 
 _TWIN_PATH: Final = "/_openapi/job-request"
 _DESCRIPTION: Final = """\
@@ -93,6 +94,7 @@ def openapi_document() -> dict[str, Any]:
             if isinstance(operation, dict) and "responses" in operation:
                 _drop_generic_400(operation["responses"])
     _describe_structs(document["components"]["schemas"])
+    _state_validation_rules(document["components"]["schemas"])
     return document
 
 
@@ -114,6 +116,36 @@ def _describe_structs(schemas: dict[str, Any]) -> None:
             schema["description"] = doc.split("\n\n")[0].replace("\n", " ")
         if struct.__struct_config__.forbid_unknown_fields:
             schema["additionalProperties"] = False
+
+
+_NO_NUL: Final = r"^[^\x00]*$"
+_HTTP_URL: Final = r"^https?://[^\x00-\x20\x7f]+$"
+
+
+def _state_validation_rules(schemas: dict[str, Any]) -> None:
+    """Say in the schemas what `validation.py` checks beyond the Structs' own types.
+
+    Rules a schema can state are stated exactly (seed bounds, no NUL, http(s) without
+    whitespace); the rest (a public address, the tenant's callback hosts, metadata's
+    size and depth) are described.
+    """
+    video = schemas["VideoInput"]["properties"]
+    video["seed"] = {"type": "integer", "minimum": MIN_SEED, "maximum": MAX_SEED}
+    video["prompt"]["pattern"] = _NO_NUL
+    video["video_url"] |= {
+        "pattern": _HTTP_URL,
+        "description": "A public http(s) URL RunComfy can fetch: not localhost, not a "
+        "private or reserved address.",
+    }
+    schemas["WebhookSpec"]["properties"]["url"] |= {
+        "pattern": _HTTP_URL,
+        "description": "An http(s) URL without user:password, on a host in the tenant's "
+        "`callback_hosts`.",
+    }
+    schemas["JobRequest"]["properties"]["metadata"]["description"] = (
+        f"Any JSON object, kept and answered as sent: at most {MAX_METADATA_BYTES} bytes as "
+        f"JSON, nested at most {MAX_METADATA_DEPTH} levels, no NUL (U+0000) in any string."
+    )
 
 
 def render(document: dict[str, Any]) -> str:

@@ -11,14 +11,16 @@ import asyncio
 import logging
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Annotated, Any, Final
 
 import redis.asyncio as aioredis
-from litestar import Request, Response, Router, get, post
+from litestar import HttpMethod, Request, Response, Router, get, post, route
 from litestar.datastructures import ResponseHeader
 from litestar.di import NamedDependency, Provide
+from litestar.handlers import HTTPRouteHandler
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import HeaderParameter, PathParameter, QueryParameter
 from litestar.types import ControllerRouterHandler
@@ -355,16 +357,10 @@ async def metrics(services: NamedDependency[Services]) -> Response[bytes]:
 def route_handlers() -> list[ControllerRouterHandler]:
     """The route tree: `/v1` (authenticated) and the probes, with their dependencies."""
     services = Provide(provide_services, sync_to_thread=False)
+    jobs = [submit_job, get_job, cancel_job, list_jobs, list_deliveries, resend_delivery]
     v1 = Router(
         "/v1",
-        route_handlers=[
-            submit_job,
-            get_job,
-            cancel_job,
-            list_jobs,
-            list_deliveries,
-            resend_delivery,
-        ],
+        route_handlers=[*_options_handlers(jobs), *jobs],
         dependencies={
             "caller": Provide(provide_caller, sync_to_thread=False),
             "services": services,
@@ -372,13 +368,42 @@ def route_handlers() -> list[ControllerRouterHandler]:
         security=[{"apiKey": []}],
         tags=["jobs"],
     )
-    probes = Router(
+    probes = [healthz, readyz, metrics]
+    operations = Router(
         "/",
-        route_handlers=[healthz, readyz, metrics],
+        route_handlers=[*_options_handlers(probes), *probes],
         dependencies={"services": services},
         tags=["operations"],
     )
-    return [v1, probes]
+    return [v1, operations]
+
+
+def _options_handlers(handlers: Sequence[HTTPRouteHandler]) -> list[HTTPRouteHandler]:
+    """One OPTIONS handler per path, whose `Allow` names every method of that path.
+
+    Litestar 2's own OPTIONS answer names only the methods of the first handler
+    registered on a path (`OPTIONS /v1/jobs` said `Allow: OPTIONS, POST`;
+    litestar#4169, fixed in Litestar 3), so the app brings its own. They must be
+    registered before the others: a path that has an OPTIONS handler gets none of Litestar's.
+    """
+    methods: dict[str, set[str]] = {}
+    for handler in handlers:
+        for path in handler.paths:
+            methods.setdefault(path, {"OPTIONS"}).update(handler.http_methods)
+    return [_options_handler(path, ", ".join(sorted(allow))) for path, allow in methods.items()]
+
+
+def _options_handler(path: str, allow: str) -> HTTPRouteHandler:
+    def options() -> Response[None]:
+        return Response(None, status_code=204, headers={"Allow": allow})
+
+    return route(
+        path,
+        http_method=HttpMethod.OPTIONS,
+        status_code=204,
+        include_in_schema=False,
+        sync_to_thread=False,
+    )(options)
 
 
 async def _admit_submission(limits: Limits, tenant: Tenant) -> None:
@@ -402,11 +427,19 @@ def _require_json(request: Request[Any, Any, Any]) -> None:
     """Refuse a body declared as something other than JSON (no Content-Type is fine)."""
     if "content-type" not in request.headers:
         return
-    media_type = request.content_type[0].lower()
+    media_type, options = request.content_type
+    media_type = media_type.lower()
     if media_type != "application/json" and not media_type.endswith("+json"):
         raise ProblemError(
             415,
             f"send the body as application/json, not {media_type or 'an empty type'}",
+            headers={"Accept-Post": "application/json"},
+        )
+    charset = options.get("charset", "utf-8").strip().lower()
+    if charset not in {"utf-8", "utf8"}:  # RFC 8259: JSON between systems is UTF-8
+        raise ProblemError(
+            415,
+            f"send the body as UTF-8 JSON, not {charset or 'an empty charset'}",
             headers={"Accept-Post": "application/json"},
         )
 

@@ -12,6 +12,7 @@ no error is converted to `JobRequest`, by msgspec itself, so the Structs in
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import types
 from collections.abc import Callable, Sequence
@@ -34,6 +35,13 @@ from service.store.jobs import body_hash
 from service.webhooks.guard import callback_url_problem
 
 MAX_IDEMPOTENCY_KEY_CHARS: Final = 255
+
+MIN_SEED: Final = -(2**63)
+MAX_SEED: Final = 2**64 - 1
+"""A seed is any integer a 64-bit signed or unsigned seed holds; JSON allows more, RunComfy not."""
+
+MAX_METADATA_DEPTH: Final = 32
+"""How deeply `metadata` may nest: 4 KB of `[[[…]]]` would otherwise reach recursion limits."""
 
 # Canonical bytes of a validated request: sorted keys, defaults filled, so two
 # bodies that differ only in formatting, key order or spelled-out defaults match.
@@ -61,9 +69,38 @@ def decode_object(body: bytes) -> dict[str, Any]:
         value = msgspec.json.decode(body)
     except msgspec.DecodeError as exc:
         raise MalformedBodyError(f"the body is not valid JSON: {exc}") from None
+    except UnicodeDecodeError:  # invalid UTF-8 inside a string
+        raise MalformedBodyError("the body is not valid JSON: it is not UTF-8") from None
+    except RecursionError:  # msgspec stops at the interpreter's depth limit
+        raise MalformedBodyError("the body is not valid JSON: it is nested too deeply") from None
     if not isinstance(value, dict):
         raise MalformedBodyError(f"the body must be a JSON object, not {_json_type(value)}")
+    _reject_repeated_members(body)
     return value
+
+
+def _reject_repeated_members(body: bytes) -> None:
+    """Refuse an object that names a member twice: parsers disagree on which one counts.
+
+    msgspec keeps the last silently, so the standard library parses the body again,
+    building no values, only to see each object's member names.
+    """
+
+    def check(pairs: list[tuple[str, None]]) -> None:
+        names = [name for name, _ in pairs]
+        if len(set(names)) < len(names):
+            repeated = next(name for name in names if names.count(name) > 1)
+            shown = _json.encode(repeated[:100]).decode()
+            raise MalformedBodyError(f"the body names the member {shown} twice in one object")
+
+    try:
+        json.loads(body, object_pairs_hook=check, parse_int=_nothing, parse_float=_nothing)
+    except RecursionError:
+        raise MalformedBodyError("the body is not valid JSON: it is nested too deeply") from None
+
+
+def _nothing(_: str) -> None:
+    return None
 
 
 @dataclass(frozen=True)
@@ -77,7 +114,16 @@ _Rule = Callable[[Any, _Context], tuple[Any, str | None]]
 
 
 def _video_url(url: str, _: _Context) -> tuple[Any, str | None]:
+    if _CONTROL.search(url):  # urlsplit silently drops some of them; RunComfy would not
+        return url, "must not contain whitespace or control characters"
     return url, video_url_problem(url)
+
+
+def _seed(seed: int, _: _Context) -> tuple[Any, str | None]:
+    # A rule, not Meta bounds: msgspec's integer bounds stop at int64, a seed may be uint64.
+    if MIN_SEED <= seed <= MAX_SEED:
+        return seed, None
+    return seed, f"must be between {MIN_SEED} and {MAX_SEED}"
 
 
 def _webhook_url(url: str, context: _Context) -> tuple[Any, str | None]:
@@ -92,6 +138,8 @@ def _events(events: list[str], _: _Context) -> tuple[Any, str | None]:
 def _metadata(metadata: dict[str, Any] | None, _: _Context) -> tuple[Any, str | None]:
     if metadata is None:
         return None, None
+    if _depth(metadata) > MAX_METADATA_DEPTH:
+        return metadata, f"must be nested at most {MAX_METADATA_DEPTH} levels deep"
     size = len(_json.encode(metadata))
     if size > MAX_METADATA_BYTES:
         return metadata, f"must be at most {MAX_METADATA_BYTES} bytes as JSON, is {size}"
@@ -100,6 +148,7 @@ def _metadata(metadata: dict[str, Any] | None, _: _Context) -> tuple[Any, str | 
 
 _RULES: Final[dict[tuple[type[Struct], str], _Rule]] = {
     (VideoInput, "video_url"): _video_url,
+    (VideoInput, "seed"): _seed,
     (WebhookSpec, "url"): _webhook_url,
     (WebhookSpec, "events"): _events,
     (JobRequest, "metadata"): _metadata,
@@ -111,6 +160,8 @@ _RULES: Final[dict[tuple[type[Struct], str], _Rule]] = {
 _CHECK_AS: Final[dict[tuple[type[Struct], str], Any]] = {
     (WebhookSpec, "events"): list[EventType],
 }
+
+_CONTROL: Final = re.compile(r"[\x00-\x20\x7f]")
 
 
 def validate_job_request(data: dict[str, Any], *, callback_hosts: Sequence[str]) -> JobRequest:
@@ -170,6 +221,10 @@ def _walk(
             error_pointer, detail = _locate(str(exc), here, check_as)
             errors.append(FieldError(pointer=error_pointer, detail=detail))
             continue
+        if (nul := _nul_at(typed, here)) is not None:
+            # Much downstream cannot hold U+0000 (PostgreSQL text and jsonb, C strings).
+            errors.append(FieldError(pointer=nul, detail="must not contain NUL (U+0000)"))
+            continue
         rule = _RULES.get((struct, field.encode_name))
         if rule is not None:
             item, problem = rule(typed, context)
@@ -178,6 +233,38 @@ def _walk(
                 continue
         cleaned[field.encode_name] = item
     return cleaned
+
+
+def _nul_at(value: object, pointer: str) -> str | None:
+    """The pointer to the first string in `value` holding a NUL character, if any.
+
+    A member name holding one is reported at its object: a pointer naming it would carry it.
+    """
+    pending = [(value, pointer)]
+    while pending:
+        item, here = pending.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return here
+        elif isinstance(item, dict):
+            if any("\x00" in key for key in item):
+                return here
+            pending.extend((child, _child(here, key)) for key, child in reversed(item.items()))
+        elif isinstance(item, list):
+            pending.extend((child, f"{here}/{i}") for i, child in reversed(list(enumerate(item))))
+    return None
+
+
+def _depth(value: object) -> int:
+    """How deeply `value` nests arrays and objects (a scalar is 0), without recursing."""
+    deepest, pending = 0, [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth)
+            children = item.values() if isinstance(item, dict) else item
+            pending.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def _struct_in(annotation: object) -> type[Struct] | None:
@@ -222,9 +309,10 @@ _TYPE_NAMES: Final = {
 _EXPECTED_TYPE = re.compile(r"^Expected `(\w+)(?: \| null)?`, got `(\w+)`$")
 _BOUND = re.compile(r"^Expected `(\w+)` (>=|<=|>|<) (\S+)$")
 _LENGTH = re.compile(r"^Expected `(\w+)` of length (>=|<=) (\d+)$")
+_PATTERN = re.compile(r"^Expected `str` matching regex '(.*)'$")
 
 
-def readable_error(message: str, annotation: object = None) -> str:
+def readable_error(message: str, annotation: object = None) -> str:  # noqa: PLR0911 - one return per message shape
     """Say msgspec's message about a value of type `annotation` the way the API says things."""
     if message.startswith("Invalid enum value"):
         allowed = _literal_values(annotation)
@@ -242,6 +330,8 @@ def readable_error(message: str, annotation: object = None) -> str:
             return "must not be empty"
         unit = "characters" if kind == "str" else "items"
         return f"must have {'at least' if op == '>=' else 'at most'} {bound} {unit}"
+    if match := _PATTERN.match(message):
+        return f"must match {match[1]}"
     return message
 
 

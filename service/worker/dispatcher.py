@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from service.config import Settings
+from service.logs import job_id_var, tenant_var
 from service.metrics import WorkerMetrics
 from service.models import DeliveryAttempt, utcnow
 from service.store.deliveries import Delivery, DeliveryStore
@@ -75,6 +76,8 @@ class Dispatcher(ClaimLoop):
         if delivery is None:
             await self.schedules.release(claim, delay_s=None)
             return
+        job_id_var.set(delivery.job_id)  # log lines name the job, not the delivery id
+        tenant_var.set(delivery.tenant)
         host = urlsplit(delivery.url).hostname or ""
         if self._busy[host] >= self.per_host:
             await self.schedules.release(claim, delay_s=self.rng.uniform(0.5, 1.5))
