@@ -69,3 +69,21 @@ def test_v1_routes_need_the_bearer_scheme_and_answer_problems(document):
 def test_the_document_builds_without_redis_or_settings():
     """Generating the document needs neither Redis nor settings, and is JSON."""
     assert json.loads(render(openapi_document()))["info"]["title"] == "runcomfy-gateway"
+
+
+def test_the_document_has_valid_examples_of_a_request_and_a_webhook():
+    """The request example is a valid job request and the webhook example a valid event."""
+    import msgspec  # noqa: PLC0415
+
+    from service.api.openapi import openapi_document  # noqa: PLC0415
+    from service.models import Job, JobRequest  # noqa: PLC0415
+
+    document = openapi_document()
+    body = document["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]["application/json"]
+    msgspec.convert(body["example"], JobRequest)
+    hook = document["webhooks"]["job-event"]["post"]
+    example = hook["requestBody"]["content"]["application/json"]["example"]
+    assert example["type"] in {"job.completed", "job.failed", "job.cancelled"}
+    msgspec.convert(example["data"], Job)
+    headers = {p["name"] for p in hook["parameters"]}
+    assert headers == {"webhook-id", "webhook-timestamp", "webhook-signature"}

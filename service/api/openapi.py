@@ -13,8 +13,9 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any, Final
+from typing import Any, Final, get_args
 
 import msgspec
 from litestar import Litestar, get, post
@@ -27,7 +28,19 @@ from service.api import routes
 from service.api.problems import PROBLEM_JSON
 from service.api.routes import route_handlers
 from service.api.validation import MAX_METADATA_DEPTH, MAX_SEED, MIN_SEED
-from service.models import MAX_METADATA_BYTES, JobRequest
+from service.models import (
+    DEFAULT_EVENTS,
+    MAX_METADATA_BYTES,
+    MODEL,
+    EventType,
+    Job,
+    JobRequest,
+    UpstreamRef,
+    VideoInput,
+    WebhookEvent,
+    WebhookSpec,
+    WebhookView,
+)
 
 _TWIN_PATH: Final = "/_openapi/job-request"
 _DESCRIPTION: Final = """\
@@ -88,7 +101,9 @@ def openapi_document() -> dict[str, Any]:
         "The job. `input` follows the model's schema exactly; unknown fields are rejected "
         "at every level."
     )
+    body["content"]["application/json"]["example"] = msgspec.to_builtins(_EXAMPLE_REQUEST)
     paths["/v1/jobs"]["post"]["requestBody"] = body
+    document["webhooks"] = _webhooks()
     for path_item in paths.values():
         for operation in path_item.values():
             if isinstance(operation, dict) and "responses" in operation:
@@ -96,6 +111,95 @@ def openapi_document() -> dict[str, Any]:
     _describe_structs(document["components"]["schemas"])
     _state_validation_rules(document["components"]["schemas"])
     return document
+
+
+_EXAMPLE_AT = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+_EXAMPLE_REQUEST = JobRequest(
+    input=VideoInput(
+        prompt="a paper boat drifting down a rainy street, cinematic",
+        video_url="https://media.example.com/input.mp4",
+        seed=42,
+        resolution="580p",
+    ),
+    webhook=WebhookSpec(url="https://orders.internal/hooks/runcomfy"),
+    metadata={"order": 4711},
+)
+_EXAMPLE_JOB = Job(
+    id="job_01KAWJ6X3Z8Q4N5R7T9V2W4Y6A",
+    status="completed",
+    model=MODEL,
+    input=_EXAMPLE_REQUEST.input,
+    output={"video": "https://cdn.runcomfy.example/outputs/5b1c.mp4"},
+    error=None,
+    upstream=UpstreamRef(request_id="5b1c9f0e-2d4a-4c4e-9a57-0b8e1f6d2c3a"),
+    webhook=WebhookView(
+        url="https://orders.internal/hooks/runcomfy",
+        events=list(DEFAULT_EVENTS),
+        state="pending",
+        attempts=0,
+    ),
+    metadata={"order": 4711},
+    created_at=_EXAMPLE_AT,
+    submitted_at=_EXAMPLE_AT,
+    started_at=_EXAMPLE_AT,
+    finished_at=_EXAMPLE_AT,
+    upstream_submits=1,
+)
+
+
+def _webhooks() -> dict[str, Any]:
+    """The webhook the gateway sends, as OpenAPI 3.1 `webhooks` (DESIGN §4)."""
+    headers = {
+        "webhook-id": "One per event; the same on every retry and re-send.",
+        "webhook-timestamp": "Unix seconds of this attempt (verify within ±5 minutes).",
+        "webhook-signature": (
+            "`v1,<base64 HMAC-SHA256 of id.timestamp.body>` with the tenant's secret; "
+            "several, space-separated, during a secret rotation."
+        ),
+    }
+    event = WebhookEvent(type="job.completed", timestamp=_EXAMPLE_AT, data=_EXAMPLE_JOB)
+    return {
+        "job-event": {
+            "post": {
+                "summary": "A job event, signed per Standard Webhooks",
+                "description": (
+                    "Sent to `webhook.url` for the events in `webhook.events` (default: the "
+                    "three final ones). Any 2xx ends the delivery; 410 stops retrying; "
+                    "anything else, timeouts and 3xx (never followed) are retried on "
+                    "GATEWAY_WEBHOOK_RETRY_SCHEDULE. Delivery is at least once: "
+                    "de-duplicate on `webhook-id`."
+                ),
+                "parameters": [
+                    {
+                        "name": name,
+                        "in": "header",
+                        "required": True,
+                        "description": text,
+                        "schema": {"type": "string"},
+                    }
+                    for name, text in headers.items()
+                ],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["type", "timestamp", "data"],
+                                "properties": {
+                                    "type": {"type": "string", "enum": list(get_args(EventType))},
+                                    "timestamp": {"type": "string", "format": "date-time"},
+                                    "data": {"$ref": "#/components/schemas/Job"},
+                                },
+                            },
+                            "example": msgspec.to_builtins(event),
+                        }
+                    },
+                },
+                "responses": {"2XX": {"description": "Delivered: no more attempts."}},
+            }
+        }
+    }
 
 
 def _drop_generic_400(responses: dict[str, Any]) -> None:
