@@ -261,6 +261,7 @@ async def test_jobs_in_runcomfy_never_exceed_the_tenant_cap(gateway_factory):
             break
         await asyncio.sleep(0.02)
     assert all(s.record.status == "completed" for s in await gw.jobs.get_many(ids))
+    print(f"\npeak jobs inside RunComfy for a tenant with max_in_flight 2: {peak}")
     assert 1 <= peak <= 2
 
 
