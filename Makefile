@@ -34,8 +34,10 @@ types: $(STAMP)
 
 check: lint types test ## what CI runs: lint, types, tests
 
-bench: $(STAMP) ## the benchmarks (prints figures)
-	$(BIN)/python tests/bench/bench_http_clients.py
+bench: $(STAMP) ## the benchmarks A-D of issue 7, side by side with their ceilings and peer
+	@# arq pins redis<6; --no-deps keeps the gateway's own redis-py for a fair comparison.
+	$(BIN)/pip install --quiet --no-deps 'arq==0.28.0'
+	$(BIN)/python tests/bench/run.py
 
 openapi: $(STAMP) ## regenerate openapi/openapi.json from the code
 	$(BIN)/runcomfy-gateway openapi > openapi/openapi.json

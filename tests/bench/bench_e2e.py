@@ -1,0 +1,221 @@
+"""B. End to end: 300 jobs from submit to a verified webhook, the gateway vs an arq peer.
+
+Each system gets its own Redis and an instant emulator (queue_s = run_s = 0),
+runs as separate processes (API, worker), and is driven the same way: 300
+submits, 50 at a time, to `POST /v1/jobs`, each naming a receiver here that
+verifies every signature with `standardwebhooks`. The figure is the wall time
+from the first submit to the 300th distinct verified webhook. The gateway runs
+with default settings except GATEWAY_POLL_INTERVAL_MIN_S=0.1 and upstream
+limits raised out of the way; the peer (peer_arq.py) polls every 0.1 s too,
+once with arq's defaults and once tuned (more jobs at once, uvloop).
+
+B2 (`--run-s 1`, not one of issue 7's goals) is the same with upstream runs
+that take a second, as real ones take minutes: the peer then holds an arq
+slot per running job while it sleeps between polls; the gateway does not.
+"""
+
+import argparse
+import asyncio
+import importlib.util
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import aiohttp
+import redis.asyncio as aioredis
+from harness import (
+    BENCH,
+    FAST_FLOW,
+    PYTHON,
+    Child,
+    CpuMeter,
+    Goal,
+    Receiver,
+    Section,
+    Stack,
+    TestTenant,
+    bench_tenant,
+    emulator_counts,
+    free_port,
+    gateway_env,
+    redis_pid,
+    run_async,
+    submit_jobs,
+    wait_http,
+)
+
+JOBS = 300
+TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class Peer:
+    """One configuration of the arq peer."""
+
+    short: str
+    max_jobs: int
+    poll_delay_s: float
+    uvloop: bool
+
+    @property
+    def name(self) -> str:
+        loop = "uvloop" if self.uvloop else "asyncio loop"
+        settings = f"max_jobs={self.max_jobs}, poll_delay={self.poll_delay_s:g} s, {loop}"
+        return f"arq peer, {self.short}: {settings}"
+
+
+PEERS = (
+    Peer("arq defaults", max_jobs=10, poll_delay_s=0.5, uvloop=False),
+    Peer("arq tuned", max_jobs=256, poll_delay_s=0.1, uvloop=True),
+)
+
+
+@dataclass
+class Outcome:
+    """One system's run."""
+
+    wall_s: float
+    accepted_s: float
+    upstream: Counter[str]
+    duplicates: int
+    cpu: dict[str, float]
+
+    def line(self, jobs: int) -> str:
+        calls = ", ".join(
+            f"{k} {self.upstream[k] / jobs:.2f}" for k in ("submit", "status", "result")
+        )
+        cpu = ", ".join(f"{n} {v:.0f}%" for n, v in self.cpu.items())
+        return f"RunComfy calls/job: {calls}; CPU: {cpu}; duplicate webhooks: {self.duplicates}"
+
+
+async def drive(
+    stack: Stack,
+    *,
+    api_url: str,
+    emulator_url: str,
+    tenant: TestTenant,
+    pids: dict[str, int],
+    jobs: int,
+) -> Outcome:
+    """Submit `jobs` jobs and time them to the last verified webhook."""
+    receiver = Receiver(tenant)
+    async with receiver.serving(), aiohttp.ClientSession() as session:
+        meter = CpuMeter(pids)
+        started = time.perf_counter()
+        ids = await submit_jobs(api_url, tenant.api_key, jobs, webhook_url=receiver.url)
+        accepted = time.perf_counter() - started
+        await receiver.wait_for(jobs, TIMEOUT_S)
+        wall = receiver.last_at - started
+        cpu = meter.percent()
+        stack.check_alive()
+        if {a.event["data"]["id"] for a in receiver.arrivals.values()} != set(ids):
+            raise RuntimeError("the webhooks do not match the submitted jobs")
+        counts = await emulator_counts(session, emulator_url)
+    return Outcome(wall, accepted, counts, receiver.duplicates, cpu)
+
+
+async def gateway(tenant: TestTenant, jobs: int, run_s: float) -> Outcome:
+    async with Stack() as stack:
+        server = stack.redis()
+        emulator, emulator_url = await stack.emulator(queue_s=0, run_s=run_s)
+        env = gateway_env(server.url, emulator_url, stack.tenants_file(tenant), **FAST_FLOW)
+        api, api_url = await stack.api(env)
+        worker = await stack.worker(env)
+        pids = {"api": api.pid, "worker": worker.pid, "emulator": emulator.pid}
+        pids["redis"] = redis_pid(server)
+        return await drive(
+            stack, api_url=api_url, emulator_url=emulator_url, tenant=tenant, pids=pids, jobs=jobs
+        )
+
+
+async def peer(tenant: TestTenant, jobs: int, run_s: float, config: Peer) -> Outcome:
+    async with Stack() as stack:
+        server = stack.redis()
+        emulator, emulator_url = await stack.emulator(queue_s=0, run_s=run_s)
+        env = {
+            **os.environ,
+            "REDIS_URL": server.url,
+            "RUNCOMFY_BASE_URL": emulator_url,
+            "RUNCOMFY_API_TOKEN": "bench-token",
+            "PEER_API_KEY": tenant.api_key,
+            "PEER_WEBHOOK_SECRET": tenant.whsec,
+            "PEER_POLL_INTERVAL_S": str(FAST_FLOW["poll_interval_min_s"]),
+            "PEER_MAX_JOBS": str(config.max_jobs),
+            "PEER_POLL_DELAY_S": str(config.poll_delay_s),
+            "PEER_UVLOOP": "1" if config.uvloop else "0",
+        }
+        port = free_port()
+        script = str(BENCH / "peer_arq.py")
+        api = stack.child("peer-api", [PYTHON, script, "api", "--port", str(port)], env)
+        api_url = f"http://127.0.0.1:{port}"
+        await wait_http(f"{api_url}/healthz", api)
+        worker = stack.child("peer-worker", [PYTHON, script, "worker"], env)
+        await arq_started(server.port, worker)
+        pids = {"api": api.pid, "worker": worker.pid, "emulator": emulator.pid}
+        pids["redis"] = redis_pid(server)
+        return await drive(
+            stack, api_url=api_url, emulator_url=emulator_url, tenant=tenant, pids=pids, jobs=jobs
+        )
+
+
+async def arq_started(port: int, worker: Child) -> None:
+    """Wait for arq's health-check key, which its worker writes once its poll loop runs."""
+    client = aioredis.Redis(port=port)
+    deadline = time.monotonic() + 30
+    try:
+        while not await client.exists("arq:queue:health-check"):
+            worker.check_alive()
+            if time.monotonic() > deadline:
+                raise RuntimeError("the arq worker did not start")
+            await asyncio.sleep(0.05)
+    finally:
+        await client.aclose()
+
+
+async def run(jobs: int = JOBS, run_s: float = 0.0) -> Section:
+    """B as issue 7 has it (`run_s` 0, with goals), or with upstream runs of `run_s` seconds."""
+    tenant = bench_tenant()
+    if run_s:
+        title = f"B2. End to end, upstream runs {run_s:g} s: {jobs} jobs, submit to last webhook"
+    else:
+        title = f"B. End to end: {jobs} jobs, first submit to last verified webhook"
+    section = Section(title)
+    ours = await gateway(tenant, jobs, run_s)
+    rows = [("gateway", ours)]
+    if importlib.util.find_spec("arq") is None:
+        section.notes.append("arq peer skipped: arq is not installed (pip install --no-deps arq)")
+    else:
+        rows += [(config.name, await peer(tenant, jobs, run_s, config)) for config in PEERS]
+    for name, outcome in rows:
+        rate = jobs / outcome.wall_s
+        section.figures.append((name, f"{outcome.wall_s:.2f} s ({rate:,.0f} jobs/s)"))
+        section.summary.append((name.split(":")[0], f"{outcome.wall_s:.2f} s"))
+    for config, (_, outcome) in zip(PEERS, rows[1:], strict=False):
+        speedup = outcome.wall_s / ours.wall_s
+        section.figures.append((f"speed-up vs {config.short} (peer / gateway)", f"{speedup:.2f}x"))
+        section.summary.append((f"speed-up vs {config.short}", f"{speedup:.2f}x"))
+        if not run_s:
+            section.goals.append(
+                Goal(f"B speed-up vs {config.short}", ">= 2x", f"{speedup:.2f}x", speedup >= 2)
+            )
+    for name, outcome in rows:
+        section.notes += [
+            f"{name.split(':')[0]}: all {jobs} accepted after {outcome.accepted_s:.2f} s"
+        ]
+        section.notes += [f"  {outcome.line(jobs)}"]
+    return section
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--jobs", type=int, default=JOBS)
+    parser.add_argument("--run-s", type=float, default=0.0, help="upstream run time (B2)")
+    args = parser.parse_args()
+    started = time.monotonic()
+    print(run_async(run(args.jobs, args.run_s)).render())
+    print(f"\n({time.monotonic() - started:.0f}s)")
+
+
+if __name__ == "__main__":
+    main()
