@@ -45,7 +45,7 @@ def verify_signature(secrets_: tuple[bytes, ...], headers: Mapping[str, str], bo
     return any(hmac.compare_digest(g, e) for g in given for e in expected)
 
 
-def _receiver(secrets_: tuple[bytes, ...], out: list[str]) -> web.Application:
+def _receiver(secrets_: tuple[bytes, ...]) -> web.Application:
     """A webhook receiver that verifies each delivery and prints one line for it."""
 
     async def receive(request: web.Request) -> web.Response:
@@ -58,7 +58,6 @@ def _receiver(secrets_: tuple[bytes, ...], out: list[str]) -> web.Application:
             f"webhook {event.get('type')} for {data.get('id')}: signature "
             f"{'verified' if ok else 'INVALID'} {msgspec.json.encode(detail).decode()}"
         )
-        out.append(line)
         sys.stdout.write(line + "\n")
         sys.stdout.flush()
         return web.json_response({"ok": ok}, status=200 if ok else 400)
@@ -162,7 +161,7 @@ async def dev_main(env: Mapping[str, str], *, host: str, port: int) -> None:
 
 async def _start_receiver(stack: AsyncExitStack, settings: Settings) -> str:
     tenant = settings.tenants.by_id[DEMO_TENANT]
-    runner = web.AppRunner(_receiver(tenant.webhook_secrets, []), access_log=None)
+    runner = web.AppRunner(_receiver(tenant.webhook_secrets), access_log=None)
     await runner.setup()
     stack.push_async_callback(runner.cleanup)
     port = free_port()

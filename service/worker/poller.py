@@ -28,6 +28,7 @@ RUNNING = frozenset({"in_progress", "running", "processing", "started"})
 COMPLETED = frozenset({"completed", "succeeded", "success"})
 FAILED = frozenset({"failed", "error", "errored"})
 CANCELLED = frozenset({"cancelled", "canceled"})
+MAX_TRACKED_FAILURES = 10_000
 
 
 class Poller(ClaimLoop):
@@ -51,6 +52,8 @@ class Poller(ClaimLoop):
         self.settings = settings
         self.jobs = jobs
         self.client = client
+        # Consecutive poll failures per job, for its backoff. Bounded: another
+        # replica may end a job this worker failed on, and the entry is never popped.
         self._errors: dict[str, int] = {}
 
     async def claim(self, max_items: int) -> list[Claim]:
@@ -69,10 +72,12 @@ class Poller(ClaimLoop):
         """Poll one job and record what changed."""
         stored = await self.jobs.get(claim.member)
         if stored is None or stored.record.status not in UPSTREAM_STATUSES:
+            self._errors.pop(claim.member, None)
             await self.schedules.release(claim, delay_s=None)
             return
         record = stored.record
         if datetime.now(UTC) >= record.deadline_at:
+            self._errors.pop(record.id, None)
             await self._timeout(stored, claim)
             return
         try:
@@ -82,7 +87,10 @@ class Poller(ClaimLoop):
                 await self._poll(stored, claim)
             self._errors.pop(record.id, None)
         except UpstreamError as exc:
-            failures = self._errors[record.id] = self._errors.get(record.id, 0) + 1
+            failures = self._errors.pop(record.id, 0) + 1
+            if len(self._errors) >= MAX_TRACKED_FAILURES:
+                del self._errors[next(iter(self._errors))]  # the oldest entry
+            self._errors[record.id] = failures
             delay = max(
                 backoff_s(failures, base_s=self.interval_s(stored), cap_s=60.0, rng=self.rng),
                 getattr(exc, "retry_after_s", None) or 0.0,
