@@ -6,12 +6,17 @@ import asyncio
 import base64
 import hashlib
 import secrets
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
+import httpx
 from aiohttp import web
 from standardwebhooks.webhooks import Webhook
 
@@ -145,3 +150,44 @@ def job_record(
         created_at=now,
         deadline_at=now + timedelta(seconds=timeout_s),
     )
+
+
+CLI = [sys.executable, "-m", "service"]
+
+
+class Process:
+    """A gateway command as a child process, its output kept in a file."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+        self.log = log
+        self._file = log.open("wb")
+        self.proc = subprocess.Popen(
+            CLI + args, env=env, stdout=self._file, stderr=subprocess.STDOUT
+        )
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._file.close()
+        return self.proc.returncode
+
+
+def wait_http(url: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(url, timeout=1).status_code < 500:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{url} did not come up within {timeout}s")
+        time.sleep(0.05)

@@ -25,8 +25,7 @@ import pytest
 from aiohttp import web
 
 from service.localredis import LocalRedis, free_port
-from tests.support import Receiver, new_tenant, wait_for
-from tests.test_e2e import Process, wait_http
+from tests.support import Process, Receiver, new_tenant, wait_for, wait_http
 
 pytestmark = pytest.mark.e2e
 

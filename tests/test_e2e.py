@@ -8,7 +8,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -18,51 +17,12 @@ import httpx
 import pytest
 
 from service.localredis import LocalRedis, free_port
-from tests.support import Receiver, new_tenant, wait_for
+from tests.support import CLI, Process, Receiver, new_tenant, wait_for, wait_http
 
 pytestmark = pytest.mark.e2e
 
 TENANT = new_tenant("orders")
 OTHER = new_tenant("billing")
-CLI = [sys.executable, "-m", "service"]
-
-
-class Process:
-    """A gateway command as a child process, its output kept in a file."""
-
-    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
-        self.log = log
-        self._file = log.open("wb")
-        self.proc = subprocess.Popen(
-            CLI + args, env=env, stdout=self._file, stderr=subprocess.STDOUT
-        )
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._file.close()
-        return self.proc.returncode
-
-
-def wait_http(url: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if httpx.get(url, timeout=1).status_code < 500:
-                return
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{url} did not come up within {timeout}s")
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")

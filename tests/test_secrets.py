@@ -27,8 +27,7 @@ import httpx
 import pytest
 
 from service.localredis import LocalRedis, free_port
-from tests.support import Receiver, wait_for
-from tests.test_e2e import CLI, Process, wait_http
+from tests.support import CLI, Process, Receiver, wait_for, wait_http
 
 pytestmark = pytest.mark.e2e
 
