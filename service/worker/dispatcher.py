@@ -3,17 +3,19 @@
 Each attempt sends the exact bytes encoded when the job changed state, with a
 fresh `webhook-timestamp` and signature (receivers check the timestamp within
 ±5 minutes) and the same `webhook-id`. One slow or dead receiver never delays
-the others: at most `per_host` attempts run against one host at a time, and a
-claimed delivery whose host is busy is handed back for a moment instead of
-holding one of the dispatcher's slots while it waits.
+the others: at most `per_host` attempts run against one host at a time, and at
+most `per_host_waiting` more deliveries wait in hand for one of its slots, so
+one host never holds all of the dispatcher's slots. A delivery beyond that, or
+one that waited too long, is handed back for about as long as the host takes
+to free a slot.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import time
-from collections import Counter
 from datetime import timedelta
 from typing import Literal
 from urllib.parse import urlsplit
@@ -33,6 +35,22 @@ from service.worker.loop import ClaimLoop, Heartbeat
 
 log = logging.getLogger(__name__)
 
+CONCURRENCY = 256
+PER_HOST = 64  # attempts in flight at one host; the webhook session's limit_per_host too
+PER_HOST_WAITING = 64
+HAND_BACK_MIN_S = 0.02
+HAND_BACK_MAX_S = 1.5
+
+
+class _HostGate:
+    """One host's attempt slots, and how many deliveries hold or wait for one."""
+
+    def __init__(self, slots: int) -> None:
+        self.slots = asyncio.Semaphore(slots)
+        self.users = 0  # in flight or waiting: the gate is dropped when this falls to 0
+        self.waiting = 0
+        self.freed_at = time.monotonic()  # when a slot last came free
+
 
 class Dispatcher(ClaimLoop):
     """Claims due deliveries and makes one attempt at each."""
@@ -48,10 +66,13 @@ class Dispatcher(ClaimLoop):
         heartbeat: Heartbeat,
         *,
         metrics: WorkerMetrics | None = None,
-        concurrency: int = 128,
-        per_host: int = 8,
+        concurrency: int = CONCURRENCY,
+        per_host: int = PER_HOST,
+        per_host_waiting: int = PER_HOST_WAITING,
         rng: random.Random | None = None,
     ) -> None:
+        if per_host + per_host_waiting >= concurrency:
+            raise ValueError("one host must not be able to take every dispatcher slot")
         super().__init__(
             schedules,
             heartbeat,
@@ -63,8 +84,11 @@ class Dispatcher(ClaimLoop):
         self.deliveries = deliveries
         self.session = session
         self.per_host = per_host
+        self.per_host_waiting = per_host_waiting
+        # Waiting for a slot and the attempt itself must both fit in the claim's lease.
+        self.max_wait_s = max(0.0, (settings.lease_s - settings.webhook_deadline_s) / 2)
         self.metrics = metrics
-        self._busy: Counter[str] = Counter()
+        self._gates: dict[str, _HostGate] = {}
 
     async def claim(self, max_items: int) -> list[Claim]:
         """Claim deliveries whose next attempt is due."""
@@ -79,17 +103,49 @@ class Dispatcher(ClaimLoop):
         job_id_var.set(delivery.job_id)  # log lines name the job, not the delivery id
         tenant_var.set(delivery.tenant)
         host = urlsplit(delivery.url).hostname or ""
-        if self._busy[host] >= self.per_host:
-            await self.schedules.release(claim, delay_s=self.rng.uniform(0.5, 1.5))
+        gate = self._gates.get(host)
+        if gate is None:
+            gate = self._gates[host] = _HostGate(self.per_host)
+        if gate.slots.locked() and gate.waiting >= self.per_host_waiting:
+            await self._hand_back(claim, gate)
             return
-        self._busy[host] += 1
+        gate.users += 1
         try:
-            result = await self._attempt(delivery)
+            if not await self._take_slot(gate):
+                await self._hand_back(claim, gate)
+                return
+            try:
+                result = await self._attempt(delivery)
+            finally:
+                gate.slots.release()
+                gate.freed_at = time.monotonic()
         finally:
-            self._busy[host] -= 1
-            if not self._busy[host]:
-                del self._busy[host]
+            gate.users -= 1
+            if not gate.users:
+                del self._gates[host]
         await self._record(delivery, claim, result)
+
+    async def _take_slot(self, gate: _HostGate) -> bool:
+        """Take one of the host's attempt slots, waiting at most `max_wait_s` for it."""
+        gate.waiting += 1
+        try:
+            async with asyncio.timeout(self.max_wait_s):
+                await gate.slots.acquire()  # a free slot is taken without yielding
+        except TimeoutError:
+            return False
+        finally:
+            gate.waiting -= 1
+        return True
+
+    async def _hand_back(self, claim: Claim, gate: _HostGate) -> None:
+        """Give the delivery back for about as long as its host has gone without freeing a slot.
+
+        A host answering quickly frees slots every few milliseconds, so the delivery is
+        due again almost at once; a hanging one keeps it away for up to `HAND_BACK_MAX_S`.
+        """
+        stalled = time.monotonic() - gate.freed_at
+        delay = min(HAND_BACK_MAX_S, max(HAND_BACK_MIN_S, stalled)) * self.rng.uniform(0.5, 1.5)
+        await self.schedules.release(claim, delay_s=delay)
 
     async def _attempt(self, delivery: Delivery) -> AttemptResult:
         tenant = self.settings.tenants.by_id.get(delivery.tenant)

@@ -29,7 +29,7 @@ from service.store.limits import Limits
 from service.store.schedules import Schedules
 from service.tenants_watch import TenantsWatcher
 from service.webhooks.delivery import create_webhook_session
-from service.worker.dispatcher import Dispatcher
+from service.worker.dispatcher import CONCURRENCY, PER_HOST, Dispatcher
 from service.worker.loop import Heartbeat
 from service.worker.poller import Poller
 from service.worker.submitter import Submitter
@@ -86,7 +86,7 @@ async def run_worker(
     metrics = WorkerMetrics()
     redis = connect(settings.redis_url)
     upstream = create_upstream_session(max_connections=256)
-    hooks = create_webhook_session()
+    hooks = create_webhook_session(limit=CONCURRENCY, limit_per_host=PER_HOST)
     heartbeat = Heartbeat()
     schedules = Schedules(redis, keys, lease_s=settings.lease_s)
     jobs = JobStore(
