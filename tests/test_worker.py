@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import aiohttp
@@ -206,6 +207,25 @@ async def test_rate_limited_submits_are_retried_and_recorded(gateway_factory):
     assert outcomes[-1] == "accepted"
     assert set(outcomes[:-1]) == {"rejected"}
     assert (await gw.emulator_state())["submits"] == 1
+
+
+async def test_submits_reach_runcomfy_no_faster_than_the_shared_rate_limit(gateway_factory):
+    """With rate 5/s and burst 2, no window of submits holds more than 2 + 5/s x its length."""
+    rate, burst = 5.0, 2
+    gw = await gateway_factory(
+        EmulatorConfig(queue_s=0, run_s=0),
+        env={"GATEWAY_UPSTREAM_RATE_PER_S": str(rate), "GATEWAY_UPSTREAM_BURST": str(burst)},
+    )
+    ids = [await gw.submit(webhook_url=None) for _ in range(8)]
+    finals = [await gw.final(job_id) for job_id in ids]
+    assert {f.record.status for f in finals} == {"completed"}
+    items = (await gw.emulator_state())["items"]
+    sent = sorted(datetime.fromisoformat(i["submitted_at"]).timestamp() for i in items)
+    assert len(sent) == len(ids)
+    for first in range(len(sent)):
+        for last in range(first, len(sent)):
+            window = sent[last] - sent[first] + 0.01  # the emulator's clock has ms resolution
+            assert last - first + 1 <= burst + rate * window
 
 
 async def test_a_submit_with_unknown_outcome_is_not_repeated(gateway_factory):

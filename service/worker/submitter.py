@@ -13,7 +13,10 @@ A submit is paid and RunComfy has no idempotency key, so it is recorded as
   without using up its retries, bounded by its deadline.
 
 Submits also pass a shared GCRA rate limit (`GATEWAY_UPSTREAM_RATE_PER_S`,
-`GATEWAY_UPSTREAM_BURST`) before they are sent.
+`GATEWAY_UPSTREAM_BURST`) before they are sent. The jobs claimed in one turn
+are read, and their rate-limit tokens taken, in one round trip each rather
+than one per job; a job whose token could not be taken with the others asks
+for its own.
 - No answer came after sending (*unknown*: a paid request may exist), or a
   worker died between sending and recording the answer: by default the job
   fails with `upstream_submit_unknown` rather than risk paying twice
@@ -25,10 +28,12 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Final
 
 import msgspec
+from redis.exceptions import RedisError
 
 from service.config import Settings
 from service.models import FINAL_STATUSES, MODEL, JobErrorInfo
@@ -52,6 +57,14 @@ PAUSE_CHECK_S: Final = 0.5
 _encoder = msgspec.json.Encoder()
 
 
+@dataclass(frozen=True)
+class _Read:
+    """A claimed job as read right after its claim, and whether its rate token is taken."""
+
+    stored: StoredJob | None
+    rate_granted: bool
+
+
 class Submitter(ClaimLoop):
     """Claims pending jobs fairly across tenants and submits them upstream."""
 
@@ -66,7 +79,7 @@ class Submitter(ClaimLoop):
         client: RunComfyClient,
         limits: Limits,
         heartbeat: Heartbeat,
-        concurrency: int = 32,
+        concurrency: int = 128,
     ) -> None:
         super().__init__(schedules, heartbeat, concurrency=concurrency, drain_s=settings.shutdown_s)
         self.settings = settings
@@ -75,6 +88,7 @@ class Submitter(ClaimLoop):
         self.limits = limits
         self._pause_checked_at = -PAUSE_CHECK_S
         self._paused = False
+        self._read: dict[str, _Read] = {}  # by the claim's fencing token, until work() takes it
 
     async def claim(self, max_items: int) -> list[Claim]:
         """Claim pending jobs while RunComfy has free slots for them and no pause is on."""
@@ -84,7 +98,7 @@ class Submitter(ClaimLoop):
             self._pause_checked_at = now
         if self._paused:
             return []
-        return await self.schedules.claim_submits(
+        claims = await self.schedules.claim_submits(
             max_items,
             global_cap=self.settings.upstream_max_in_flight,
             # Read each time: the tenants file may have been reloaded.
@@ -94,6 +108,32 @@ class Submitter(ClaimLoop):
                 if t.max_in_flight is not None
             },
         )
+        if claims:
+            await self._read_claimed(claims)
+        return claims
+
+    async def _read_claimed(self, claims: list[Claim]) -> None:
+        """Read the claimed jobs and take their rate tokens, in one round trip each.
+
+        If Redis fails here the claims still stand: work() then reads each job
+        and asks for its token itself.
+        """
+        try:
+            stored = await self.jobs.get_many([claim.member for claim in claims])
+            # GCRA grants all or nothing, and never more than the burst at once.
+            wanted = min(len(claims), self.settings.upstream_burst)
+            wait_s = await self.limits.acquire(
+                "submit",
+                rate_per_s=self.settings.upstream_rate_per_s,
+                burst=self.settings.upstream_burst,
+                cost=wanted,
+            )
+        except (RedisError, OSError) as exc:
+            log.warning("submitter: reading %d claimed job(s) failed (%s)", len(claims), exc)
+            return
+        granted = wanted if wait_s == 0 else 0
+        for i, (claim, job) in enumerate(zip(claims, stored, strict=True)):
+            self._read[claim.lease.token] = _Read(job, rate_granted=i < granted)
 
     async def release_on_stop(self, claim: Claim) -> None:
         """Give a job back at shutdown; its slot too, unless a submit may be upstream."""
@@ -107,7 +147,8 @@ class Submitter(ClaimLoop):
 
     async def work(self, claim: Claim) -> None:
         """Submit one pending job, unless something says not to now."""
-        stored = await self.jobs.get(claim.member)
+        read = self._read.pop(claim.lease.token, None)
+        stored = read.stored if read is not None else await self.jobs.get(claim.member)
         if stored is None or stored.record.status != "pending":
             # Cancelled or expired since it was queued; the change that did it cleaned up.
             await self.schedules.release(claim, delay_s=None, free_slot=True)
@@ -120,14 +161,15 @@ class Submitter(ClaimLoop):
         if record.submits and record.submits[-1].outcome == "sent":
             await self._unknown(stored, claim, "a worker stopped after sending the submit")
             return
-        wait_s = await self.limits.acquire(
-            "submit",
-            rate_per_s=self.settings.upstream_rate_per_s,
-            burst=self.settings.upstream_burst,
-        )
-        if wait_s > 0:
-            await self.schedules.release(claim, delay_s=wait_s, free_slot=True)
-            return
+        if read is None or not read.rate_granted:
+            wait_s = await self.limits.acquire(
+                "submit",
+                rate_per_s=self.settings.upstream_rate_per_s,
+                burst=self.settings.upstream_burst,
+            )
+            if wait_s > 0:
+                await self.schedules.release(claim, delay_s=wait_s, free_slot=True)
+                return
         outcome, stored = await self.jobs.record_submit(stored, claim.lease)
         if outcome is not Outcome.DONE:
             return  # changed meanwhile (e.g. cancelled) or the lease was lost: not sent
