@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import logging
 import math
 import ssl
@@ -205,8 +206,7 @@ async def deliver_once(
     if target.scheme not in {"http", "https"} or not target.host:
         return result(None, "invalid_url")
     # aiohttp skips the resolver (and so the guard) for IP literals: check them here.
-    literal = literal_address(target.host)
-    if literal is not None and is_forbidden_address(literal):
+    if _forbidden_literal(target.host):
         logger.warning("webhook to %s refused: forbidden address", target.host)
         return result(None, "forbidden_address")
 
@@ -241,6 +241,13 @@ async def deliver_once(
     if status is None:
         return result(None, failure)
     return result(status, _error_for_status(status), bytes(excerpt), retry_after)
+
+
+@functools.lru_cache(maxsize=1024)
+def _forbidden_literal(host: str) -> bool:
+    """Whether `host` is an IP literal that must never be dialled (a pure function, so cached)."""
+    literal = literal_address(host)
+    return literal is not None and is_forbidden_address(literal)
 
 
 def outcome(result: AttemptResult) -> Outcome:

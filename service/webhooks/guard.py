@@ -217,8 +217,14 @@ def callback_url_problem(url: str, allowed_hosts: Sequence[str]) -> str | None:
     """Return None when a tenant may use `url` as its webhook URL, else a short reason why not.
 
     Parsing is yarl's, the same parser aiohttp uses to connect, so what is checked is what is
-    dialled.
+    dialled. The answer depends on nothing else, so recent answers are kept: the dispatcher
+    asks again before every attempt, in case the tenants file changed.
     """
+    return _callback_url_problem(url, tuple(allowed_hosts))
+
+
+@functools.lru_cache(maxsize=1024)
+def _callback_url_problem(url: str, allowed_hosts: tuple[str, ...]) -> str | None:
     problem, parsed = _form_problem(url)
     if parsed is None or parsed.raw_host is None:
         return problem

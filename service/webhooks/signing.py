@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import hmac
 from typing import TYPE_CHECKING
 
@@ -53,7 +52,7 @@ def sign(secrets: Sequence[bytes], msg_id: str, timestamp: int, body: bytes) -> 
         raise ValueError("at least one webhook secret is needed to sign")
     signed_content = f"{msg_id}.{timestamp}.".encode() + body
     return " ".join(
-        "v1," + base64.b64encode(hmac.new(key, signed_content, hashlib.sha256).digest()).decode()
+        "v1," + base64.b64encode(hmac.digest(key, signed_content, "sha256")).decode()
         for key in secrets
     )
 
