@@ -90,6 +90,12 @@ class Dispatcher(ClaimLoop):
         self.metrics = metrics
         self._gates: dict[str, _HostGate] = {}
 
+    def wake(self) -> None:
+        """A delivery fell due in this process (a job ended): claim now, not at the next tick."""
+        # The idle wait in ClaimLoop.run already listens to this event; a public
+        # ClaimLoop.wake() would let every loop be woken this way.
+        self._wake.set()
+
     async def claim(self, max_items: int) -> list[Claim]:
         """Claim deliveries whose next attempt is due."""
         return await self.schedules.claim("deliver", max_items)

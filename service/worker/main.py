@@ -89,11 +89,15 @@ async def run_worker(
     hooks = create_webhook_session(limit=CONCURRENCY, limit_per_host=PER_HOST)
     heartbeat = Heartbeat()
     schedules = Schedules(redis, keys, lease_s=settings.lease_s)
-    jobs = JobStore(
-        redis, keys, retention_s=settings.job_retention_s, on_finish=metrics.job_finished
-    )
     limits = Limits(redis, keys)
     deliveries = DeliveryStore(redis, keys, retention_s=settings.job_retention_s)
+    dispatcher = Dispatcher(settings, deliveries, schedules, hooks, heartbeat, metrics=metrics)
+
+    def job_finished(status: str, tenant: str) -> None:
+        metrics.job_finished(status, tenant)
+        dispatcher.wake()  # the job's final webhook is due now: no need to wait for a tick
+
+    jobs = JobStore(redis, keys, retention_s=settings.job_retention_s, on_finish=job_finished)
     client = RunComfyClient(
         upstream,
         settings.runcomfy_base_url,
@@ -111,7 +115,7 @@ async def run_worker(
             heartbeat=heartbeat,
         ),
         Poller(settings, jobs, schedules, client, heartbeat),
-        Dispatcher(settings, deliveries, schedules, hooks, heartbeat, metrics=metrics),
+        dispatcher,
     ]
     tasks = [loop.run(stop) for loop in loops]
     if settings.tenants_file:
