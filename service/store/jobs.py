@@ -12,6 +12,7 @@ no webhook for a state that did not happen.
 from __future__ import annotations
 
 import hashlib
+import typing
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -86,11 +87,10 @@ local now = now_ms()
 job_set(k_job(id), {status = 'pending', ver = 1, wh_state = 'pending', wh_attempts = 0,
   wh_base = 0, wh_created = 0, wh_id = '-', body_len = 0, blob = blob, log = ''}, nil)
 -- Indexes are trimmed here, by id (ids sort by time), so they never outgrow retention.
-for _, key in ipairs({k_jobs(tenant), k_jobs_status(tenant, 'completed'),
-                      k_jobs_status(tenant, 'failed'), k_jobs_status(tenant, 'cancelled')}) do
-  redis.call('ZREMRANGEBYLEX', key, '-', '(' .. cutoff_id)
+-- Only final jobs expire, so only the final statuses' indexes need it.
+for _, status in ipairs({'completed', 'failed', 'cancelled'}) do
+  redis.call('ZREMRANGEBYLEX', k_jobs_status(tenant, status), '-', '(' .. cutoff_id)
 end
-redis.call('ZADD', k_jobs(tenant), 0, id)
 redis.call('ZADD', k_jobs_status(tenant, 'pending'), 0, id)
 redis.call('ZADD', k_submit(tenant), now, id)
 redis.call('ZADD', k_submit_tenants(), 'NX', 0, tenant)
@@ -379,22 +379,35 @@ class JobStore:
         self, tenant: str, *, status: JobStatus | None, limit: int, cursor: str | None
     ) -> tuple[list[StoredJob], str | None]:
         """A page of the tenant's jobs, newest first, and the cursor of the next page."""
-        index = self._keys.jobs(tenant, status)
+        indexes = [self._keys.jobs(tenant, s) for s in ([status] if status else _STATUSES)]
         start = f"({cursor}" if cursor else "+"
         jobs: list[StoredJob] = []
         while True:
-            ids = [
-                text(i)
-                for i in await self._redis.zrevrangebylex(index, start, "-", 0, limit - len(jobs))
-            ]
-            if not ids:
+            want = limit - len(jobs)
+            ids = await self._newest(indexes, start, want + 1)
+            batch = ids[:want]
+            if not batch:
                 return jobs, None
-            # Entries whose job expired are skipped; the index is trimmed on create.
-            jobs.extend(job for job in await self.get_many(ids) if job is not None)
-            start = f"({ids[-1]}"
+            # Entries whose job expired are skipped; the indexes are trimmed on create.
+            jobs.extend(job for job in await self.get_many(batch) if job is not None)
+            start = f"({batch[-1]}"
+            if len(ids) <= want:
+                return jobs, None
             if len(jobs) == limit:
-                more = await self._redis.zrevrangebylex(index, start, "-", 0, 1)
-                return jobs, ids[-1] if more else None
+                return jobs, batch[-1]
+
+    async def _newest(self, indexes: list[str], start: str, count: int) -> list[str]:
+        """The `count` greatest ids below `start` in any of the indexes, greatest first.
+
+        There is no index of all a tenant's jobs (it would cost as much memory
+        as all the status indexes together): listing them all merges those,
+        read at one instant (MULTI) so a job changing status is seen once.
+        """
+        async with self._redis.pipeline(transaction=len(indexes) > 1) as pipe:
+            for index in indexes:
+                pipe.zrevrangebylex(index, start, "-", 0, count)
+            found = {text(i) for ids in await pipe.execute() for i in ids}
+        return sorted(found, reverse=True)[:count]
 
     async def _apply(
         self,
@@ -577,6 +590,9 @@ class JobStore:
             "cancelled": "job.cancelled",
         }[status]  # type: ignore[assignment]
         return await self._apply(stored, new, change, lease=lease, event=event)
+
+
+_STATUSES: tuple[JobStatus, ...] = typing.get_args(JobStatus)
 
 
 def _ms(seconds: float | None) -> int | None:

@@ -9,8 +9,7 @@ name is written once, here.
 | --- | --- | --- |
 | `P:job:<id>` | string | the job, packed (below); a final job expires with retention |
 | `P:idem:<tenant>:<sha256(key)>` | string | `<job id> <sha256(body)>`, expires with retention |
-| `P:jobs:<tenant>` | zset | job ids, all score 0, ordered by the (time-sortable) id |
-| `P:jobs:<tenant>:<status>` | zset | the same, per status |
+| `P:jobs:<tenant>:<status>` | zset | a tenant's job ids in one status, score 0, by id (time) |
 | `P:submit:<tenant>` | zset | pending job ids by due time (ms) |
 | `P:backlog` | zset | every pending job, all tenants (KEDA scales workers on its ZCARD) |
 | `P:submit-tenants` | zset | tenants with pending work, least recently served first |
@@ -69,10 +68,9 @@ class Keys:
         """An Idempotency-Key's record."""
         return f"{self.prefix}:idem:{tenant}:{key_hash}"
 
-    def jobs(self, tenant: str, status: str | None = None) -> str:
-        """A tenant's job index, optionally by status."""
-        base = f"{self.prefix}:jobs:{tenant}"
-        return base if status is None else f"{base}:{status}"
+    def jobs(self, tenant: str, status: str) -> str:
+        """A tenant's index of jobs in one status."""
+        return f"{self.prefix}:jobs:{tenant}:{status}"
 
     def submit(self, tenant: str) -> str:
         """A tenant's submit schedule."""
@@ -115,7 +113,6 @@ LUA_PRELUDE: Final = """
 local P = KEYS[1]
 local function k_job(id) return P .. ':job:' .. id end
 local function k_idem(t, h) return P .. ':idem:' .. t .. ':' .. h end
-local function k_jobs(t) return P .. ':jobs:' .. t end
 local function k_jobs_status(t, s) return P .. ':jobs:' .. t .. ':' .. s end
 local function k_submit(t) return P .. ':submit:' .. t end
 local function k_schedule(name) return P .. ':' .. name end

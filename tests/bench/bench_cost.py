@@ -213,7 +213,7 @@ async def run(count: int = JOBS, per_second: float = PER_SECOND) -> Section:  # 
             encoding = await client.object("encoding", f"{{rcg}}:job:{sample[0]}")
             keys_after = await client.dbsize()
             index_bytes = 0.0
-            for key in (f"{{rcg}}:jobs:{tenant.id}", f"{{rcg}}:jobs:{tenant.id}:completed"):
+            async for key in client.scan_iter(f"{{rcg}}:jobs:{tenant.id}*"):
                 index_bytes += (await client.memory_usage(key, samples=0) or 0) / count
             idle = read_monitor(monitor.log, idle_start, busy_start, names)
             busy = read_monitor(monitor.log, busy_start, busy_end, names)
