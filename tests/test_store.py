@@ -158,16 +158,18 @@ async def test_create_many_creates_each_job_as_create_would(jobs, schedules):
     used = make_record()
     key = ("u" * 64, body_hash(b"body"))
     await jobs.create(used, idempotency=key)
-    fresh, replayed, plain = make_record(), make_record(), make_record("other")
+    fresh, replayed, plain, twin = make_record(), make_record(), make_record("other"), make_record()
+    fresh_key = ("f" * 64, body_hash(b"f"))
     answers = await jobs.create_many(
-        [(fresh, ("f" * 64, body_hash(b"f"))), (replayed, key), (plain, None)]
+        [(fresh, fresh_key), (replayed, key), (plain, None), (twin, fresh_key)]
     )
     assert [(a.job_id, a.created, a.same_body) for a in answers] == [
         (fresh.id, True, True),
         (used.id, False, True),
         (plain.id, True, True),
+        (fresh.id, False, True),  # the same key twice in one batch: the first one wins
     ]
-    assert await jobs.get(replayed.id) is None
+    assert await jobs.get_many([replayed.id, twin.id]) == [None, None]
     assert [j.record.status for j in await jobs.get_many([fresh.id, plain.id])] == ["pending"] * 2
     claims = await schedules.claim_submits(10, global_cap=10, tenant_caps={})
     assert {c.member for c in claims} == {used.id, fresh.id, plain.id}

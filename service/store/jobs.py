@@ -316,8 +316,10 @@ class JobStore:
     ) -> list[Created]:
         """Create several jobs in one round trip, each as `create` would, answers in order.
 
-        The creates are pipelined, not a transaction: each is atomic on its own,
-        and one job's Idempotency-Key never affects another's.
+        The creates are pipelined, not a transaction: each is atomic on its own
+        and runs in list order (a key used twice in a batch answers the first
+        job the second time). An error raised here may leave some of the batch
+        created, as a lost connection may with `create`.
         """
         if not items:
             return []
