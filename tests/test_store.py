@@ -7,24 +7,37 @@ from datetime import timedelta
 
 import pytest
 
-from service.models import JobErrorInfo, JobRecord, VideoInput, WebhookSpec, utcnow
+from service.models import (
+    DeliveryAttempt,
+    EventType,
+    JobErrorInfo,
+    JobRecord,
+    VideoInput,
+    WebhookSpec,
+    utcnow,
+)
 from service.store.connection import new_id
 from service.store.deliveries import DeliveryStore, Resend
-from service.store.jobs import JobStore, Lease, Outcome, body_hash
+from service.store.jobs import JobStore, Lease, Outcome, body_hash, delivery_id
 from service.store.schedules import Schedules
 from tests.support import wait_for
 
 RETENTION = 3600
 
 
-def make_record(tenant: str = "orders", *, webhook: bool = True) -> JobRecord:
+def make_record(
+    tenant: str = "orders", *, webhook: bool = True, events: list[EventType] | None = None
+) -> JobRecord:
     now = utcnow()
+    spec = WebhookSpec(url="https://hooks.example.com/rc")
+    if events is not None:
+        spec = WebhookSpec(url=spec.url, events=events)
     return JobRecord(
         id=new_id("job_"),
         tenant=tenant,
         key_id="key_test",
         input=VideoInput(prompt="a cat", video_url="https://example.com/v.mp4"),
-        webhook=WebhookSpec(url="https://hooks.example.com/rc") if webhook else None,
+        webhook=spec if webhook else None,
         created_at=now,
         deadline_at=now + timedelta(hours=2),
     )
@@ -140,6 +153,38 @@ async def test_idempotency_key_returns_the_first_job(jobs):
     assert await jobs.get(second.id) is None
 
 
+async def test_create_many_creates_each_job_as_create_would(jobs, schedules):
+    """Several jobs created at once are each stored, queued, and answer their own key."""
+    used = make_record()
+    key = ("u" * 64, body_hash(b"body"))
+    await jobs.create(used, idempotency=key)
+    fresh, replayed, plain, twin = make_record(), make_record(), make_record("other"), make_record()
+    fresh_key = ("f" * 64, body_hash(b"f"))
+    answers = await jobs.create_many(
+        [(fresh, fresh_key), (replayed, key), (plain, None), (twin, fresh_key)]
+    )
+    assert [(a.job_id, a.created, a.same_body) for a in answers] == [
+        (fresh.id, True, True),
+        (used.id, False, True),
+        (plain.id, True, True),
+        (fresh.id, False, True),  # the same key twice in one batch: the first one wins
+    ]
+    assert await jobs.get_many([replayed.id, twin.id]) == [None, None]
+    assert [j.record.status for j in await jobs.get_many([fresh.id, plain.id])] == ["pending"] * 2
+    claims = await schedules.claim_submits(10, global_cap=10, tenant_caps={})
+    assert {c.member for c in claims} == {used.id, fresh.id, plain.id}
+
+
+async def test_create_many_reloads_a_flushed_script_and_creates_each_job_once(redis, jobs):
+    """After SCRIPT FLUSH a batch of creates still stores every job exactly once."""
+    await redis.script_flush()
+    records = [make_record() for _ in range(3)]
+    answers = await jobs.create_many([(r, None) for r in records])
+    assert [a.job_id for a in answers] == [r.id for r in records]
+    page, _ = await jobs.page("orders", status=None, limit=10, cursor=None)
+    assert sorted(j.record.id for j in page) == sorted(r.id for r in records)
+
+
 async def test_pages_list_newest_first_with_a_cursor(jobs):
     """Listing answers newest first, page by page, and filters by status."""
     ids = []
@@ -157,6 +202,27 @@ async def test_pages_list_newest_first_with_a_cursor(jobs):
     assert len(pending) == 5
     failed, _ = await jobs.page("orders", status="failed", limit=10, cursor=None)
     assert failed == []
+
+
+async def test_listing_all_jobs_merges_every_status_newest_first(jobs, schedules):
+    """Without a status filter, jobs of every status come newest first, page by page."""
+    records = [make_record() for _ in range(5)]
+    for record in records:
+        await jobs.create(record)
+    await jobs.finish(await jobs.get(records[1].id), "cancelled", lease=None)
+    [claim] = await schedules.claim_submits(1, global_cap=5, tenant_caps={})
+    _, stored = await jobs.record_submit(await jobs.get(claim.member), claim.lease)
+    await jobs.submitted(stored, claim.lease, "req-1", poll_in_s=60)
+    newest_first = [r.id for r in reversed(records)]
+    listed, cursor = [], None
+    for _ in range(3):
+        page, cursor = await jobs.page("orders", status=None, limit=2, cursor=cursor)
+        listed.extend(j.record.id for j in page)
+    assert (listed, cursor) == (newest_first, None)
+    statuses = [
+        j.record.status for j in (await jobs.page("orders", status=None, limit=9, cursor=None))[0]
+    ]
+    assert sorted(statuses) == ["cancelled", "in_queue", "pending", "pending", "pending"]
 
 
 async def test_resend_requeues_the_final_event(jobs, schedules, deliveries):
@@ -211,34 +277,133 @@ async def test_scripts_survive_a_script_cache_flush(redis, jobs, schedules):
     assert (await jobs.record_submit(stored, claim.lease))[0] is Outcome.DONE
 
 
-async def test_a_finished_job_and_everything_it_left_expire(redis, keys, jobs, deliveries):
-    """A final job, its delivery, attempt log and Idempotency-Key all carry the retention TTL."""
-    record = make_record()
+async def run_to_completion(jobs, schedules, record, *, deliveries=None):
+    """Submit, start and complete `record`; deliver each event it queues when `deliveries`."""
+    [claim] = await schedules.claim_submits(1, global_cap=5, tenant_caps={})
+    _, stored = await jobs.record_submit(await jobs.get(record.id), claim.lease)
+    await jobs.submitted(stored, claim.lease, "req-1", poll_in_s=0)
+    [poll] = await schedules.claim("poll", 1)
+    await jobs.started(await jobs.get(record.id), poll.lease, poll_in_s=0)
+    [poll] = await schedules.claim("poll", 1)
+    stored = await jobs.get(record.id)
+    await jobs.finish(stored, "completed", lease=poll.lease, output={"video": "https://x"})
+    if deliveries is not None:
+        for claim in await schedules.claim("deliver", 10):
+            await deliveries.record_attempt(
+                claim.member, claim.lease, attempt(1), state="delivered", retry_in_s=None
+            )
+
+
+def attempt(number: int, status_code: int | None = 200) -> DeliveryAttempt:
+    return DeliveryAttempt(
+        attempt=number,
+        at=utcnow(),
+        status_code=status_code,
+        latency_ms=12,
+        error=None if status_code == 200 else "http_error",
+        response_excerpt='{"ok": true}\nline two',
+        next_attempt_at=None,
+    )
+
+
+async def test_a_finished_job_leaves_nothing_that_never_expires(
+    redis, keys, jobs, schedules, deliveries
+):
+    """Once a job is final and its webhooks sent, every key it left carries the retention TTL.
+
+    Only the shared schedules, leases, counters and the indexes (trimmed on
+    create) have no expiry.
+    """
+    record = make_record(events=["job.started", "job.completed"])
     await jobs.create(record, idempotency=("i" * 64, body_hash(b"b")))
     assert await redis.ttl(keys.job(record.id)) == -1  # live jobs never expire
-    stored = await jobs.get(record.id)
-    await jobs.finish(stored, "completed", lease=None, output={"video": "https://x"})
-    delivery_id = await deliveries.final_delivery_id(record.id)
-    for key in (
-        keys.job(record.id),
-        keys.delivery(delivery_id),
-        keys.idempotency("orders", "i" * 64),
-    ):
-        assert 0 < await redis.ttl(key) <= RETENTION
+    await run_to_completion(jobs, schedules, record, deliveries=deliveries)
+    shared = {
+        *(keys.jobs("orders", s) for s in ("pending", "in_queue", "in_progress", "completed")),
+        keys.submit("orders"),
+        *(keys.schedule(n) for n in ("poll", "deliver", "rr", "fence")),
+        *(keys.lease(n) for n in ("submit", "poll", "deliver")),
+        keys.backlog(),
+        keys.submit_tenants(),
+        keys.inflight(),
+        keys.inflight("orders"),
+    }
+    left = {k.decode(): await redis.ttl(k) async for k in redis.scan_iter(f"{keys.prefix}:*")}
+    assert keys.job(record.id) in left
+    assert keys.idempotency("orders", "i" * 64) in left
+    assert {k for k, ttl in left.items() if not 0 < ttl <= RETENTION} <= shared
     assert await redis.scard(keys.inflight()) == 0
     assert await redis.hlen(keys.lease("submit")) == 0
 
 
+async def test_every_attempt_of_the_final_event_sends_the_same_bytes(jobs, schedules, deliveries):
+    """Retries and a re-send carry the first body, even after the job record changed."""
+    record = make_record()
+    await jobs.create(record)
+    stored = await jobs.get(record.id)
+    await jobs.finish(stored, "failed", lease=None, error=JobErrorInfo(code="x", message="boom"))
+    [claim] = await schedules.claim("deliver", 10)
+    first = await deliveries.get(claim.member)
+    assert (first.job_id, first.tenant, first.event_type) == (record.id, "orders", "job.failed")
+    assert first.url == "https://hooks.example.com/rc"
+    failed = attempt(1, status_code=500)
+    assert await deliveries.record_attempt(
+        claim.member, claim.lease, failed, state="pending", retry_in_s=0
+    )
+    await jobs.late_submit(await jobs.get(record.id), "req-late", "accepted after the cancel")
+    assert (await jobs.get(record.id)).record.upstream.request_id == "req-late"
+    [claim] = await schedules.claim("deliver", 10)
+    retry = await deliveries.get(claim.member)
+    assert (retry.body, retry.attempts) == (first.body, 1)
+    delivered = attempt(2)
+    await deliveries.record_attempt(
+        claim.member, claim.lease, delivered, state="delivered", retry_in_s=None
+    )
+    assert await deliveries.resend(record.id) is Resend.QUEUED
+    [claim] = await schedules.claim("deliver", 10)
+    resent = await deliveries.get(claim.member)
+    assert (resent.body, resent.attempts_since_resend) == (first.body, 0)
+    assert await deliveries.log(claim.member) == [failed, delivered]
+    job = await jobs.get(record.id)
+    assert (job.webhook_state, job.webhook_attempts) == ("pending", 2)
+
+
+async def test_a_non_final_event_is_delivered_and_logged_apart_from_the_final_one(
+    jobs, schedules, deliveries
+):
+    """`job.started` has its own delivery and log; the job's webhook state follows the final one."""
+    record = make_record(events=["job.started", "job.completed"])
+    await jobs.create(record)
+    await run_to_completion(jobs, schedules, record)
+    claims = {c.member: c for c in await schedules.claim("deliver", 10)}
+    started, completed = (delivery_id(record.id, e) for e in ("job.started", "job.completed"))
+    assert set(claims) == {started, completed}
+    started_delivery = await deliveries.get(started)
+    assert b'"type":"job.started"' in started_delivery.body
+    assert b'"status":"in_progress"' in started_delivery.body
+    ok = attempt(1)
+    await deliveries.record_attempt(
+        started, claims[started].lease, ok, state="delivered", retry_in_s=None
+    )
+    assert await deliveries.log(started) == [ok]
+    assert await deliveries.log(completed) == []
+    assert await deliveries.final_delivery_id(record.id) == completed
+    assert (await jobs.get(record.id)).webhook_state == "pending"
+
+
 async def test_old_index_entries_are_trimmed_when_jobs_are_created(redis, keys):
-    """Index entries older than the retention are dropped, so indexes never outgrow it."""
+    """Index entries of final jobs older than the retention go, so indexes never outgrow it."""
     short = JobStore(redis, keys, retention_s=60)
     old = make_record()
     old.id = "job_00000000000000000000000000"  # an id from 1970: long past retention
     await short.create(old)
-    await short.create(make_record())
-    listed = await redis.zrange(keys.jobs("orders"), 0, -1)
-    assert old.id.encode() not in listed
-    assert len(listed) == 1
+    await short.finish(await short.get(old.id), "cancelled", lease=None)
+    await redis.delete(keys.job(old.id))  # as its retention would have
+    new = make_record()
+    await short.create(new)
+    assert await redis.zrange(keys.jobs("orders", "cancelled"), 0, -1) == []
+    listed, _ = await short.page("orders", status=None, limit=10, cursor=None)
+    assert [j.record.id for j in listed] == [new.id]
 
 
 async def test_one_tenants_thousand_jobs_hold_back_anothers_single_job_by_one_turn(jobs, schedules):

@@ -11,48 +11,64 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import Literal, cast
+from typing import Any, Literal
 
 import msgspec
 import redis.asyncio as aioredis
 
-from service.models import DeliveryAttempt
-from service.store.connection import text
-from service.store.jobs import Lease
-from service.store.keys import LUA_PRELUDE, Keys
+from service.models import FINAL_STATUSES, DeliveryAttempt
+from service.store.jobs import Lease, job_of_delivery, unpack
+from service.store.keys import LUA_PRELUDE, LUA_VALUES, Keys, parse_delivery, parse_job
 
-_attempt_decoder = msgspec.json.Decoder(DeliveryAttempt)
+# A log entry is an attempt's fields as a JSON array, in DeliveryAttempt's order:
+# a line of a job's value, half the size of the object with its names.
+_entry_decoder: msgspec.json.Decoder[tuple[Any, ...]] = msgspec.json.Decoder(
+    tuple[tuple(f.type for f in msgspec.structs.fields(DeliveryAttempt))]  # type: ignore[misc]
+)
 _encoder = msgspec.json.Encoder()
 
 MAX_LOG_ENTRIES = 200
 
+# ARGV[8] is the job of a final event's delivery (kept in the job), '' for another's.
 _RECORD_ATTEMPT = (
     LUA_PRELUDE
+    + LUA_VALUES
     + """
 local id, token, entry, state = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local delay_ms, retention, max_log = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local job_id = ARGV[8]
 if redis.call('HGET', k_lease('deliver'), id) ~= token then return -1 end
 redis.call('HDEL', k_lease('deliver'), id)
-local dk = k_delivery(id)
-if redis.call('EXISTS', dk) == 0 then
+local attempts
+if job_id ~= '' then
+  local jk = k_job(job_id)
+  local job = job_get(jk)
+  if job and job.wh_id == id then
+    job.wh_attempts, job.wh_state = job.wh_attempts + 1, state
+    job.log = log_append(job.log, entry, max_log)
+    job_set(jk, job, nil)
+    attempts = job.wh_attempts
+  end
+else
+  local dk = k_delivery(id)
+  local d = dlv_get(dk)
+  if d then
+    d.attempts, d.state = d.attempts + 1, state
+    d.log = log_append(d.log, entry, max_log)
+    -- Only a final event can be sent again: another's body goes once it is done.
+    if state ~= 'pending' then d.body = '' end
+    dlv_set(dk, d, retention)
+    attempts = d.attempts
+  end
+end
+if not attempts then
   redis.call('ZREM', k_schedule('deliver'), id)
   return -2
 end
-local attempts = redis.call('HINCRBY', dk, 'attempts', 1)
-redis.call('HSET', dk, 'state', state)
-local log = k_delivery_log(id)
-redis.call('RPUSH', log, entry)
-redis.call('LTRIM', log, -max_log, -1)
-redis.call('EXPIRE', log, retention)
-redis.call('EXPIRE', dk, retention)
 if delay_ms >= 0 then
   redis.call('ZADD', k_schedule('deliver'), now_ms() + delay_ms, id)
 else
   redis.call('ZREM', k_schedule('deliver'), id)
-end
-local jk = k_job(redis.call('HGET', dk, 'job'))
-if redis.call('HGET', jk, 'wh_id') == id then
-  redis.call('HSET', jk, 'wh_state', state, 'wh_attempts', attempts)
 end
 return attempts
 """
@@ -60,18 +76,18 @@ return attempts
 
 _RESEND = (
     LUA_PRELUDE
+    + LUA_VALUES
     + """
 local jk = k_job(ARGV[1])
-local row = redis.call('HMGET', jk, 'status', 'wh_id', 'wh_state')
-if not row[1] then return -2 end
-if row[1] ~= 'completed' and row[1] ~= 'failed' and row[1] ~= 'cancelled' then return 0 end
-if not row[2] then return -1 end
-local dk = k_delivery(row[2])
-if redis.call('EXISTS', dk) == 0 then return -1 end
+local job = job_get(jk)
+if not job then return -2 end
+local s = job.status
+if s ~= 'completed' and s ~= 'failed' and s ~= 'cancelled' then return 0 end
+if job.wh_id == '-' then return -1 end
 -- The retry schedule starts over from this attempt; the count and the log go on.
-redis.call('HSET', dk, 'state', 'pending', 'base', redis.call('HGET', dk, 'attempts'))
-redis.call('HSET', jk, 'wh_state', 'pending')
-redis.call('ZADD', k_schedule('deliver'), now_ms(), row[2])
+job.wh_state, job.wh_base = 'pending', job.wh_attempts
+job_set(jk, job, nil)
+redis.call('ZADD', k_schedule('deliver'), now_ms(), job.wh_id)
 return 1
 """
 )
@@ -106,6 +122,10 @@ class Delivery:
         return self.attempts - self.base
 
 
+def _is_final(event: str) -> bool:
+    return event.removeprefix("job.") in FINAL_STATUSES
+
+
 class DeliveryStore:
     """Webhook deliveries: read, record an attempt, re-send, and the attempt log."""
 
@@ -118,23 +138,39 @@ class DeliveryStore:
 
     async def get(self, delivery_id: str) -> Delivery | None:
         """The delivery, or None when it expired."""
-        row = await self._redis.hmget(
-            self._keys.delivery(delivery_id),
-            ["job", "tenant", "type", "url", "body", "attempts", "base", "created"],
-        )
-        if row[0] is None:
+        job_id, event = job_of_delivery(delivery_id)
+        if _is_final(event):
+            raw = await self._redis.get(self._keys.job(job_id))
+            if raw is None:
+                return None
+            job = parse_job(raw)
+            if job.wh_id != delivery_id:
+                return None
+            record, body = unpack(job)
+            state = (job.wh_attempts, job.wh_base, job.wh_created_ms)
+        else:
+            raw, job_raw = await self._redis.mget(
+                [self._keys.delivery(delivery_id), self._keys.job(job_id)]
+            )
+            if raw is None or job_raw is None:
+                return None
+            delivery = parse_delivery(raw)
+            record, _ = unpack(parse_job(job_raw))
+            body = delivery.body
+            state = (delivery.attempts, delivery.base, delivery.created_ms)
+        if record.webhook is None or not body:
             return None
-        job, tenant, event_type, url, body, attempts, base, created = row
+        attempts, base, created_ms = state
         return Delivery(
             id=delivery_id,
-            job_id=text(job),
-            tenant=text(tenant),
-            event_type=text(event_type),
-            url=text(url),
-            body=cast("bytes", body),
-            attempts=int(attempts or 0),
-            base=int(base or 0),
-            created_ms=int(created or 0),
+            job_id=job_id,
+            tenant=record.tenant,
+            event_type=event,
+            url=record.webhook.url,
+            body=body,
+            attempts=attempts,
+            base=base,
+            created_ms=created_ms,
         )
 
     async def record_attempt(
@@ -151,16 +187,18 @@ class DeliveryStore:
         False when the claim was lost and nothing was written.
         """
         delay_ms = -1 if retry_in_s is None else max(0, round(retry_in_s * 1000))
+        job_id, event = job_of_delivery(delivery_id)
         answer = await self._record(
             keys=[self._keys.prefix],
             args=[
                 delivery_id,
                 lease.token,
-                _encoder.encode(attempt),
+                _encoder.encode(msgspec.structs.astuple(attempt)),
                 state,
                 delay_ms,
                 self._retention_s,
                 MAX_LOG_ENTRIES,
+                job_id if _is_final(event) else "",
             ],
         )
         return int(answer) > 0
@@ -171,10 +209,17 @@ class DeliveryStore:
 
     async def log(self, delivery_id: str) -> list[DeliveryAttempt]:
         """Every attempt of the delivery, oldest first."""
-        entries = await self._redis.lrange(self._keys.delivery_log(delivery_id), 0, -1)
-        return [_attempt_decoder.decode(entry) for entry in entries]
+        job_id, event = job_of_delivery(delivery_id)
+        if _is_final(event):
+            raw = await self._redis.get(self._keys.job(job_id))
+            job = parse_job(raw) if raw is not None else None
+            lines = job.log if job is not None and job.wh_id == delivery_id else b""
+        else:
+            raw = await self._redis.get(self._keys.delivery(delivery_id))
+            lines = parse_delivery(raw).log if raw is not None else b""
+        return [DeliveryAttempt(*_entry_decoder.decode(line)) for line in lines.splitlines()]
 
     async def final_delivery_id(self, job_id: str) -> str | None:
         """The id of the job's final-event delivery, once it exists."""
-        value = await self._redis.hget(self._keys.job(job_id), "wh_id")
-        return text(value) if value is not None else None
+        raw = await self._redis.get(self._keys.job(job_id))
+        return parse_job(raw).wh_id if raw is not None else None
