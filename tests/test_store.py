@@ -140,6 +140,36 @@ async def test_idempotency_key_returns_the_first_job(jobs):
     assert await jobs.get(second.id) is None
 
 
+async def test_create_many_creates_each_job_as_create_would(jobs, schedules):
+    """Several jobs created at once are each stored, queued, and answer their own key."""
+    used = make_record()
+    key = ("u" * 64, body_hash(b"body"))
+    await jobs.create(used, idempotency=key)
+    fresh, replayed, plain = make_record(), make_record(), make_record("other")
+    answers = await jobs.create_many(
+        [(fresh, ("f" * 64, body_hash(b"f"))), (replayed, key), (plain, None)]
+    )
+    assert [(a.job_id, a.created, a.same_body) for a in answers] == [
+        (fresh.id, True, True),
+        (used.id, False, True),
+        (plain.id, True, True),
+    ]
+    assert await jobs.get(replayed.id) is None
+    assert [j.record.status for j in await jobs.get_many([fresh.id, plain.id])] == ["pending"] * 2
+    claims = await schedules.claim_submits(10, global_cap=10, tenant_caps={})
+    assert {c.member for c in claims} == {used.id, fresh.id, plain.id}
+
+
+async def test_create_many_reloads_a_flushed_script_and_creates_each_job_once(redis, jobs):
+    """After SCRIPT FLUSH a batch of creates still stores every job exactly once."""
+    await redis.script_flush()
+    records = [make_record() for _ in range(3)]
+    answers = await jobs.create_many([(r, None) for r in records])
+    assert [a.job_id for a in answers] == [r.id for r in records]
+    page, _ = await jobs.page("orders", status=None, limit=10, cursor=None)
+    assert sorted(j.record.id for j in page) == sorted(r.id for r in records)
+
+
 async def test_pages_list_newest_first_with_a_cursor(jobs):
     """Listing answers newest first, page by page, and filters by status."""
     ids = []

@@ -5,12 +5,14 @@ from __future__ import annotations
 import secrets
 import time
 from datetime import datetime
-from typing import Final
+from typing import Any, Final
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import EqualJitterBackoff
+from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 _CROCKFORD: Final = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -39,6 +41,38 @@ def connect(url: str, *, max_connections: int = 64, pool_timeout_s: float = 5.0)
         decode_responses=False,
     )
     return aioredis.Redis(connection_pool=pool)
+
+
+async def eval_many(
+    redis: aioredis.Redis, script: AsyncScript, prefix: str, arg_lists: list[list[Any]]
+) -> list[Any]:
+    """Run `script` once per argument list in one pipelined round trip; answers in order.
+
+    redis-py's own pipelined scripts ask SCRIPT EXISTS first, a second round
+    trip on every call; here EVALSHA goes straight out, and only the calls a
+    flushed script cache refused (NOSCRIPT: they did not run) are sent again
+    after loading it. Any other error is raised.
+    """
+    answers: list[Any] = [None] * len(arg_lists)
+    todo = list(range(len(arg_lists)))
+    for _ in range(2):
+        async with redis.pipeline(transaction=False) as pipe:
+            for i in todo:
+                pipe.evalsha(script.sha, 1, prefix, *arg_lists[i])
+            replies = await pipe.execute(raise_on_error=False)
+        refused = []
+        for i, reply in zip(todo, replies, strict=True):
+            if isinstance(reply, NoScriptError):
+                refused.append(i)
+            elif isinstance(reply, Exception):
+                raise reply
+            else:
+                answers[i] = reply
+        if not refused:
+            return answers
+        script.sha = await redis.script_load(script.script)
+        todo = refused
+    raise NoScriptError("the script cache kept refusing " + script.sha)
 
 
 def new_id(prefix: str) -> str:

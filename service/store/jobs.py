@@ -33,7 +33,7 @@ from service.models import (
     WebhookState,
     utcnow,
 )
-from service.store.connection import text, time_prefix
+from service.store.connection import eval_many, text, time_prefix
 from service.store.keys import LUA_PRELUDE, Keys
 
 _record_decoder = msgspec.json.Decoder(JobRecord)
@@ -233,26 +233,45 @@ class JobStore:
 
         `idempotency` is `(sha256 of the Idempotency-Key, sha256 of the body)`.
         """
-        key_hash, digest = idempotency or ("", "")
-        cutoff = utcnow() - timedelta(seconds=self._retention_s)
-        cutoff_id = "job_" + time_prefix(cutoff)
-        answer = await self._create(
-            keys=[self._keys.prefix],
-            args=[
-                record.id,
-                record.tenant,
-                _encoder.encode(record),
-                key_hash,
-                digest,
-                self._retention_s,
-                cutoff_id,
-            ],
-        )
-        created, value = int(answer[0]), text(answer[1])
-        if created:
-            return Created(job_id=value, created=True)
-        job_id, _, stored_digest = value.partition(" ")
-        return Created(job_id=job_id, created=False, same_body=stored_digest == digest)
+        [created] = await self.create_many([(record, idempotency)])
+        return created
+
+    async def create_many(
+        self, items: list[tuple[JobRecord, tuple[str, str] | None]]
+    ) -> list[Created]:
+        """Create several jobs in one round trip, each as `create` would, answers in order.
+
+        The creates are pipelined, not a transaction: each is atomic on its own,
+        and one job's Idempotency-Key never affects another's.
+        """
+        if not items:
+            return []
+        cutoff_id = "job_" + time_prefix(utcnow() - timedelta(seconds=self._retention_s))
+        arg_lists = []
+        for record, idempotency in items:
+            key_hash, digest = idempotency or ("", "")
+            arg_lists.append(
+                [
+                    record.id,
+                    record.tenant,
+                    _encoder.encode(record),
+                    key_hash,
+                    digest,
+                    self._retention_s,
+                    cutoff_id,
+                ]
+            )
+        answers = await eval_many(self._redis, self._create, self._keys.prefix, arg_lists)
+        results = []
+        for (_, idempotency), answer in zip(items, answers, strict=True):
+            created, value = int(answer[0]), text(answer[1])
+            if created:
+                results.append(Created(job_id=value, created=True))
+                continue
+            job_id, _, stored_digest = value.partition(" ")
+            digest = idempotency[1] if idempotency else ""
+            results.append(Created(job_id=job_id, created=False, same_body=stored_digest == digest))
+        return results
 
     async def get(self, job_id: str) -> StoredJob | None:
         """The job with this id, or None."""
