@@ -8,6 +8,7 @@ encoded from them, and the OpenAPI document is generated from them.
 from __future__ import annotations
 
 import ipaddress
+import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, Final, Literal
 from urllib.parse import urlsplit
@@ -20,6 +21,8 @@ MODEL: Final = "tencent/hunyuan/video-to-video"
 MAX_PROMPT_CHARS: Final = 4000
 MAX_URL_CHARS: Final = 2048
 MAX_METADATA_BYTES: Final = 4096
+
+_WHITESPACE: Final = re.compile(r"\s")  # what str.isspace calls whitespace
 
 JobStatus = Literal["pending", "in_queue", "in_progress", "completed", "failed", "cancelled"]
 FINAL_STATUSES: Final = frozenset({"completed", "failed", "cancelled"})
@@ -74,10 +77,12 @@ def video_url_problem(url: str) -> str | None:  # noqa: PLR0911 - one return per
         return "must be a valid URL"
     if parts.scheme not in {"http", "https"}:
         return "must be an http or https URL"
-    if not host or any(c.isspace() for c in url):
+    if not host or _WHITESPACE.search(url):
         return "must be an absolute http(s) URL with a host"
     if host == "localhost" or host.endswith(".localhost"):
         return "must be a public URL, not localhost"
+    if ":" not in host and not host[-1].isdigit():
+        return None  # a name: an address is dotted decimal or has a colon (and ValueError is slow)
     try:
         address = ipaddress.ip_address(host)
     except ValueError:

@@ -30,10 +30,9 @@ from service.api.auth import Caller, provide_caller
 from service.api.problems import RETRY_AFTER_S, ProblemError, problem_responses
 from service.api.validation import (
     MAX_IDEMPOTENCY_KEY_CHARS,
-    decode_object,
     idempotency_key_hash,
+    parse_job_request,
     request_digest,
-    validate_job_request,
 )
 from service.config import Settings, Tenant
 from service.metrics import PROMETHEUS_CONTENT_TYPE, ApiMetrics
@@ -144,8 +143,8 @@ async def submit_job(
     """Validate and store a new job, or answer the one an Idempotency-Key names."""
     await _admit_submission(services.limits, caller.tenant)
     _require_json(request)
-    data = decode_object(await request.body())
-    job_request = validate_job_request(data, callback_hosts=caller.tenant.callback_hosts)
+    body = await request.body()
+    job_request = parse_job_request(body, callback_hosts=caller.tenant.callback_hosts)
     record = _new_record(job_request, caller, services.settings)
     idempotency = None
     if idempotency_key is not None:
