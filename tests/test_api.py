@@ -412,6 +412,39 @@ async def test_the_same_key_with_another_body_answers_409(api):
     assert assert_problem(answer, 409)["type"].endswith(":idempotency-conflict")
 
 
+async def test_concurrent_submits_each_get_their_own_job(api):
+    """Fifty submits at once all answer 202, each with a job of its own that is stored."""
+    bodies = [job_body(metadata={"n": n}) for n in range(50)]
+    answers = await asyncio.gather(*(api.post("/v1/jobs", json=body) for body in bodies))
+    assert [answer.status_code for answer in answers] == [202] * 50
+    jobs = [answer.json() for answer in answers]
+    assert [job["metadata"] for job in jobs] == [{"n": n} for n in range(50)]
+    assert len({job["id"] for job in jobs}) == 50
+    stored = await asyncio.gather(*(api.get(f"/v1/jobs/{job['id']}") for job in jobs))
+    assert [answer.json() for answer in stored] == jobs
+
+
+async def test_concurrent_submits_with_one_key_create_one_job(api):
+    """The same Idempotency-Key sent ten times at once: one 202, nine 200 with the same job."""
+    headers = {"Idempotency-Key": "order-4714"}
+    answers = await asyncio.gather(
+        *(api.post("/v1/jobs", json=job_body(), headers=headers) for _ in range(10))
+    )
+    assert sorted(answer.status_code for answer in answers) == [200] * 9 + [202]
+    assert len({answer.json()["id"] for answer in answers}) == 1
+    assert len((await api.get("/v1/jobs")).json()["items"]) == 1
+
+
+async def test_concurrent_submits_with_one_key_and_other_bodies_answer_409(api):
+    """Of submits sent at once with one key and different bodies, one wins; the rest get 409."""
+    headers = {"Idempotency-Key": "order-4715"}
+    answers = await asyncio.gather(
+        *(api.post("/v1/jobs", json=with_input(seed=n), headers=headers) for n in range(5))
+    )
+    assert sorted(answer.status_code for answer in answers) == [202] + [409] * 4
+    assert len((await api.get("/v1/jobs")).json()["items"]) == 1
+
+
 async def test_idempotency_keys_are_per_tenant(api, other):
     """Two tenants using the same Idempotency-Key get two different jobs."""
     headers = {"Idempotency-Key": "shared-key"}
@@ -676,6 +709,16 @@ async def test_without_redis_readyz_and_jobs_answer_503_problems(settings, keys,
         assert (await api.get("/metrics")).status_code == 200
     assert not [record for record in caplog.records if record.exc_info]
     assert "Traceback" not in caplog.text
+
+
+async def test_without_redis_concurrent_submits_each_answer_503(settings, keys):
+    """Submits sent at once while Redis is unreachable each answer 503 with Retry-After."""
+    dead = msgspec.structs.replace(settings, redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    async with serve(dead, keys) as api:
+        answers = await asyncio.gather(*(api.post("/v1/jobs", json=job_body()) for _ in range(5)))
+    for answer in answers:
+        assert_problem(answer, 503)
+        assert int(answer.headers["retry-after"]) > 0
 
 
 async def test_metrics_count_requests_and_accepted_jobs(api):

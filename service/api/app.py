@@ -24,6 +24,7 @@ from litestar.exceptions import HTTPException
 from litestar.types import ASGIApp, HTTPScope, Message, Receive, Scope, Send
 from prometheus_client import Counter, Histogram
 
+from service.api.batching import Coalescer
 from service.api.openapi import serve_openapi
 from service.api.problems import REDIS_UNAVAILABLE, ProblemError, exception_handlers
 from service.api.routes import Services, route_handlers
@@ -52,14 +53,17 @@ def create_app(settings: Settings, *, keys: Keys | None = None) -> Litestar:
     async def open_redis(app: Litestar) -> AsyncIterator[None]:
         redis = connect(settings.redis_url)
         retention = settings.job_retention_s
+        jobs = JobStore(redis, store_keys, retention_s=retention, on_finish=metrics.job_finished)
+        create_job = Coalescer(jobs.create_many)
         app.state.services = Services(
             settings=settings,
             redis=redis,
-            jobs=JobStore(redis, store_keys, retention_s=retention, on_finish=metrics.job_finished),
+            jobs=jobs,
             deliveries=DeliveryStore(redis, store_keys, retention_s=retention),
             schedules=Schedules(redis, store_keys, lease_s=settings.lease_s),
             limits=Limits(redis, store_keys),
             metrics=metrics,
+            create_job=create_job,
         )
         stop = asyncio.Event()
         watching: asyncio.Task[None] | None = None
@@ -75,6 +79,7 @@ def create_app(settings: Settings, *, keys: Keys | None = None) -> Litestar:
             stop.set()
             if watching is not None:
                 await watching
+            await create_job.aclose()
             await redis.aclose()
 
     app = Litestar(

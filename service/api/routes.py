@@ -27,6 +27,7 @@ from litestar.types import ControllerRouterHandler
 from redis.exceptions import RedisError
 
 from service.api.auth import Caller, authenticate
+from service.api.batching import Coalescer
 from service.api.problems import RETRY_AFTER_S, ProblemError, problem_responses
 from service.api.validation import (
     MAX_IDEMPOTENCY_KEY_CHARS,
@@ -49,7 +50,7 @@ from service.models import (
 )
 from service.store.connection import new_id
 from service.store.deliveries import DeliveryStore, Resend
-from service.store.jobs import JobStore, Outcome, StoredJob
+from service.store.jobs import Created, JobStore, Outcome, StoredJob
 from service.store.limits import Limits
 from service.store.schedules import Schedules
 
@@ -66,9 +67,16 @@ READY_TIMEOUT_S: Final = 1.0
 """`/readyz` and `/metrics` wait this long for Redis: a probe must answer quickly."""
 
 
+NewJob = tuple[JobRecord, tuple[str, str] | None]
+"""A job to create and its `(key hash, body digest)` if idempotent: what `create_many` takes."""
+
+
 @dataclass(frozen=True)
 class Services:
-    """What the handlers use; the app's lifespan opens it and puts it on `app.state`."""
+    """What the handlers use; the app's lifespan opens it and puts it on `app.state`.
+
+    `create_job` is `JobStore.create` with concurrent submits coalesced into one round trip.
+    """
 
     settings: Settings
     redis: aioredis.Redis
@@ -77,6 +85,7 @@ class Services:
     schedules: Schedules
     limits: Limits
     metrics: ApiMetrics
+    create_job: Coalescer[NewJob, Created]
 
 
 def provide_services(request: Request[Any, Any, Any]) -> Services:
@@ -169,7 +178,7 @@ async def submit_job(
     idempotency = None
     if idempotency_key is not None:
         idempotency = (idempotency_key_hash(idempotency_key), request_digest(job_request))
-    created = await services.jobs.create(record, idempotency=idempotency)
+    created = await services.create_job((record, idempotency))
     if created.created:
         services.metrics.jobs_accepted.labels(tenant=caller.tenant.id).inc()
         return _job_answer(record.view("pending", 0), 202)
