@@ -376,6 +376,26 @@ async def test_submissions_over_the_tenant_rate_answer_429(tmp_path, redis_serve
         assert int(answer.headers["retry-after"]) >= 1
 
 
+async def test_concurrent_submissions_over_the_tenant_rate_answer_429(tmp_path, redis_server, keys):
+    """Ten submits at once from a tenant allowed one per two seconds: one 202, nine 429."""
+    limited = new_tenant("limited")
+    tenants = tmp_path / "limited.toml"
+    tenants.write_text(limited.toml(hosts=HOSTS) + "rate_per_s = 0.5\n")
+    env = {
+        "REDIS_URL": redis_server.url,
+        "RUNCOMFY_API_TOKEN": "test-token",
+        "GATEWAY_TENANTS_FILE": str(tenants),
+    }
+    async with serve(load_settings(env), keys, limited.api_key) as api:
+        answers = await asyncio.gather(*(api.post("/v1/jobs", json=job_body()) for _ in range(10)))
+        assert sorted(answer.status_code for answer in answers) == [202] + [429] * 9
+        for answer in answers:
+            if answer.status_code == 429:
+                assert_problem(answer, 429)
+                assert int(answer.headers["retry-after"]) >= 1
+        assert len((await api.get("/v1/jobs")).json()["items"]) == 1
+
+
 # Idempotency
 
 

@@ -54,16 +54,18 @@ def create_app(settings: Settings, *, keys: Keys | None = None) -> Litestar:
         redis = connect(settings.redis_url)
         retention = settings.job_retention_s
         jobs = JobStore(redis, store_keys, retention_s=retention, on_finish=metrics.job_finished)
-        create_job = Coalescer(jobs.create_many)
+        limits = Limits(redis, store_keys)
+        create_job, take_limit = Coalescer(jobs.create_many), Coalescer(limits.acquire_many)
         app.state.services = Services(
             settings=settings,
             redis=redis,
             jobs=jobs,
             deliveries=DeliveryStore(redis, store_keys, retention_s=retention),
             schedules=Schedules(redis, store_keys, lease_s=settings.lease_s),
-            limits=Limits(redis, store_keys),
+            limits=limits,
             metrics=metrics,
             create_job=create_job,
+            take_limit=take_limit,
         )
         stop = asyncio.Event()
         watching: asyncio.Task[None] | None = None
@@ -80,6 +82,7 @@ def create_app(settings: Settings, *, keys: Keys | None = None) -> Litestar:
             if watching is not None:
                 await watching
             await create_job.aclose()
+            await take_limit.aclose()
             await redis.aclose()
 
     app = Litestar(

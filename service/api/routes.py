@@ -51,7 +51,7 @@ from service.models import (
 from service.store.connection import new_id
 from service.store.deliveries import DeliveryStore, Resend
 from service.store.jobs import Created, JobStore, Outcome, StoredJob
-from service.store.limits import Limits
+from service.store.limits import Limits, Take
 from service.store.schedules import Schedules
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,8 @@ NewJob = tuple[JobRecord, tuple[str, str] | None]
 class Services:
     """What the handlers use; the app's lifespan opens it and puts it on `app.state`.
 
-    `create_job` is `JobStore.create` with concurrent submits coalesced into one round trip.
+    `create_job` is `JobStore.create` and `take_limit` is `Limits.acquire`, each with
+    concurrent submits' calls coalesced into one round trip.
     """
 
     settings: Settings
@@ -86,6 +87,7 @@ class Services:
     limits: Limits
     metrics: ApiMetrics
     create_job: Coalescer[NewJob, Created]
+    take_limit: Coalescer[Take, float]
 
 
 def provide_services(request: Request[Any, Any, Any]) -> Services:
@@ -170,7 +172,7 @@ async def submit_job(
 ) -> Response[Job]:
     """Validate and store a new job, or answer the one an Idempotency-Key names."""
     caller, services = call.caller, call.services
-    await _admit_submission(services.limits, caller.tenant)
+    await _admit_submission(services.take_limit, caller.tenant)
     _require_json(request)
     body = await request.body()
     job_request = parse_job_request(body, callback_hosts=caller.tenant.callback_hosts)
@@ -429,15 +431,13 @@ def _options_handler(path: str, allow: str) -> HTTPRouteHandler:
     )(options)
 
 
-async def _admit_submission(limits: Limits, tenant: Tenant) -> None:
+async def _admit_submission(take_limit: Coalescer[Take, float], tenant: Tenant) -> None:
     """Enforce the tenant's `rate_per_s` on job submissions (429 with Retry-After)."""
     if tenant.rate_per_s is None:
         return
     rate = tenant.rate_per_s
     # A second's worth of submissions may come at once; beyond that, one per 1/rate s.
-    wait_s = await limits.acquire(
-        f"api-submit:{tenant.id}", rate_per_s=rate, burst=max(1, math.ceil(rate))
-    )
+    wait_s = await take_limit(Take(f"api-submit:{tenant.id}", rate, burst=max(1, math.ceil(rate))))
     if wait_s > 0:
         raise ProblemError(
             429,
