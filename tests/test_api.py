@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -13,6 +13,7 @@ import msgspec
 import pytest
 
 from service.api.app import create_app
+from service.api.batching import Coalescer
 from service.config import Settings, load_settings
 from service.localredis import free_port
 from service.models import MAX_METADATA_BYTES, DeliveryAttempt, utcnow
@@ -20,7 +21,7 @@ from service.store.deliveries import DeliveryStore
 from service.store.jobs import JobStore, Outcome
 from service.store.limits import Limits
 from service.store.schedules import Claim, Schedules
-from tests.support import new_tenant
+from tests.support import new_tenant, wait_for
 
 TENANT = new_tenant("orders")
 OTHER = new_tenant("billing")
@@ -795,3 +796,97 @@ async def test_readyz_and_metrics_report_an_upstream_pause(api, redis, keys):
     assert 'rcg_upstream_paused{reason="insufficient_funds"} 1.0' in text
     assert 'rcg_upstream_paused{reason="rate_limited"} 0.0' in text
     assert 'rcg_schedule_depth{schedule="backlog"}' in text
+
+
+# Coalescing Redis work
+
+
+class Recorder:
+    """A batch sender that records each batch and answers each item doubled, when let go."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.go = asyncio.Event()
+        self.go.set()
+
+    def sent(self, count: int) -> Callable[[], Awaitable[bool]]:
+        async def check() -> bool:
+            return len(self.batches) >= count
+
+        return check
+
+    async def send(self, items: list[int]) -> list[int]:
+        self.batches.append(items)
+        await self.go.wait()
+        if -1 in items:
+            raise ConnectionError("Redis went away")
+        return [item * 2 for item in items]
+
+
+def queued(coalescer: Coalescer[int, int], count: int) -> Callable[[], Awaitable[bool]]:
+    """Whether `count` calls wait in the queue, not yet sent."""
+
+    async def check() -> bool:
+        return len(coalescer._queue) == count  # noqa: SLF001 - what no caller can see yet
+
+    return check
+
+
+async def test_calls_made_together_share_one_batch_and_get_their_own_results():
+    """Calls made in one turn of the loop go out as one batch; each caller gets its result."""
+    sender = Recorder()
+    coalescer = Coalescer(sender.send)
+    assert await asyncio.gather(*(coalescer(n) for n in range(5))) == [0, 2, 4, 6, 8]
+    assert sender.batches == [[0, 1, 2, 3, 4]]
+
+
+async def test_calls_made_while_batches_are_out_wait_for_the_next_batch():
+    """With the allowed batches on their way, new calls queue and go out together next."""
+    sender = Recorder()
+    sender.go.clear()
+    coalescer = Coalescer(sender.send, max_in_flight=1)
+    first = asyncio.gather(*(coalescer(n) for n in range(2)))
+    await wait_for(sender.sent(1), timeout=5)
+    second = asyncio.gather(*(coalescer(n) for n in range(2, 5)))
+    await wait_for(queued(coalescer, 3), timeout=5)
+    assert sender.batches == [[0, 1]]
+    sender.go.set()
+    assert (await first, await second) == ([0, 2], [4, 6, 8])
+    assert sender.batches == [[0, 1], [2, 3, 4]]
+
+
+async def test_an_error_reaches_every_caller_of_its_batch_only():
+    """A failed batch raises its error in each of its callers; the next batch is unaffected."""
+    sender = Recorder()
+    coalescer = Coalescer(sender.send)
+    failed = await asyncio.gather(coalescer(1), coalescer(-1), return_exceptions=True)
+    assert [type(outcome) for outcome in failed] == [ConnectionError, ConnectionError]
+    assert await coalescer(3) == 6
+
+
+async def test_a_cancelled_caller_leaves_the_others_their_results():
+    """A caller that gives up does not disturb the rest of its batch."""
+    sender = Recorder()
+    sender.go.clear()
+    coalescer = Coalescer(sender.send)
+    gone, kept = asyncio.ensure_future(coalescer(1)), asyncio.ensure_future(coalescer(2))
+    await wait_for(sender.sent(1), timeout=5)
+    gone.cancel()
+    sender.go.set()
+    assert await kept == 4
+    assert gone.cancelled()
+
+
+async def test_closing_waits_for_every_batch_on_its_way():
+    """Aclose returns only once every call already sent has its answer."""
+    sender = Recorder()
+    sender.go.clear()
+    coalescer = Coalescer(sender.send)
+    calls = [asyncio.ensure_future(coalescer(n)) for n in range(3)]
+    await wait_for(sender.sent(1), timeout=5)
+    closing = asyncio.ensure_future(coalescer.aclose())
+    await asyncio.wait({closing}, timeout=0.05)
+    assert not closing.done()
+    sender.go.set()
+    await closing
+    assert [call.result() for call in calls] == [0, 2, 4]

@@ -85,9 +85,12 @@ class Coalescer(Generic[Item, Result]):
                 asyncio.get_running_loop().call_soon(self._flush)
 
     async def aclose(self) -> None:
-        """Wait for the batches on their way (the lifespan calls it before closing Redis)."""
-        while self._sending:
-            await asyncio.gather(*self._sending, return_exceptions=True)
+        """Wait until every queued call is answered (the lifespan calls it before closing Redis)."""
+        while self._sending or self._flush_due:
+            if self._sending:
+                await asyncio.gather(*self._sending, return_exceptions=True)
+            else:
+                await asyncio.sleep(0)  # a flush is due this turn: let it start its batch
 
 
 def _settle(
