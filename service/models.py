@@ -8,7 +8,9 @@ encoded from them, and the OpenAPI document is generated from them.
 from __future__ import annotations
 
 import ipaddress
-from datetime import UTC, datetime
+import re
+import time
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Final, Literal
 from urllib.parse import urlsplit
 
@@ -17,9 +19,13 @@ from msgspec import UNSET, Meta, Struct, UnsetType
 
 MODEL: Final = "tencent/hunyuan/video-to-video"
 
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+
 MAX_PROMPT_CHARS: Final = 4000
 MAX_URL_CHARS: Final = 2048
 MAX_METADATA_BYTES: Final = 4096
+
+_WHITESPACE: Final = re.compile(r"\s")  # what str.isspace calls whitespace
 
 JobStatus = Literal["pending", "in_queue", "in_progress", "completed", "failed", "cancelled"]
 FINAL_STATUSES: Final = frozenset({"completed", "failed", "cancelled"})
@@ -74,10 +80,12 @@ def video_url_problem(url: str) -> str | None:  # noqa: PLR0911 - one return per
         return "must be a valid URL"
     if parts.scheme not in {"http", "https"}:
         return "must be an http or https URL"
-    if not host or any(c.isspace() for c in url):
+    if not host or _WHITESPACE.search(url):
         return "must be an absolute http(s) URL with a host"
     if host == "localhost" or host.endswith(".localhost"):
         return "must be a public URL, not localhost"
+    if ":" not in host and not host[-1].isdigit():
+        return None  # a name: an address is dotted decimal or has a colon (and ValueError is slow)
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
@@ -258,5 +266,5 @@ class DeliveryLog(Struct):
 
 def utcnow() -> datetime:
     """The current time, timezone-aware in UTC, at millisecond precision."""
-    now = datetime.now(UTC)
-    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+    # Whole milliseconds added to the epoch: exact, and a third of the cost of now() + replace().
+    return _EPOCH + timedelta(milliseconds=time.time_ns() // 1_000_000)

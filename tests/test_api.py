@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -13,6 +13,7 @@ import msgspec
 import pytest
 
 from service.api.app import create_app
+from service.api.batching import Coalescer
 from service.config import Settings, load_settings
 from service.localredis import free_port
 from service.models import MAX_METADATA_BYTES, DeliveryAttempt, utcnow
@@ -20,7 +21,7 @@ from service.store.deliveries import DeliveryStore
 from service.store.jobs import JobStore, Outcome
 from service.store.limits import Limits
 from service.store.schedules import Claim, Schedules
-from tests.support import new_tenant
+from tests.support import new_tenant, wait_for
 
 TENANT = new_tenant("orders")
 OTHER = new_tenant("billing")
@@ -376,6 +377,26 @@ async def test_submissions_over_the_tenant_rate_answer_429(tmp_path, redis_serve
         assert int(answer.headers["retry-after"]) >= 1
 
 
+async def test_concurrent_submissions_over_the_tenant_rate_answer_429(tmp_path, redis_server, keys):
+    """Ten submits at once from a tenant allowed one per two seconds: one 202, nine 429."""
+    limited = new_tenant("limited")
+    tenants = tmp_path / "limited.toml"
+    tenants.write_text(limited.toml(hosts=HOSTS) + "rate_per_s = 0.5\n")
+    env = {
+        "REDIS_URL": redis_server.url,
+        "RUNCOMFY_API_TOKEN": "test-token",
+        "GATEWAY_TENANTS_FILE": str(tenants),
+    }
+    async with serve(load_settings(env), keys, limited.api_key) as api:
+        answers = await asyncio.gather(*(api.post("/v1/jobs", json=job_body()) for _ in range(10)))
+        assert sorted(answer.status_code for answer in answers) == [202] + [429] * 9
+        for answer in answers:
+            if answer.status_code == 429:
+                assert_problem(answer, 429)
+                assert int(answer.headers["retry-after"]) >= 1
+        assert len((await api.get("/v1/jobs")).json()["items"]) == 1
+
+
 # Idempotency
 
 
@@ -410,6 +431,39 @@ async def test_the_same_key_with_another_body_answers_409(api):
     await submit(api, job_body(), headers=headers)
     answer = await api.post("/v1/jobs", json=with_input(seed=1), headers=headers)
     assert assert_problem(answer, 409)["type"].endswith(":idempotency-conflict")
+
+
+async def test_concurrent_submits_each_get_their_own_job(api):
+    """Fifty submits at once all answer 202, each with a job of its own that is stored."""
+    bodies = [job_body(metadata={"n": n}) for n in range(50)]
+    answers = await asyncio.gather(*(api.post("/v1/jobs", json=body) for body in bodies))
+    assert [answer.status_code for answer in answers] == [202] * 50
+    jobs = [answer.json() for answer in answers]
+    assert [job["metadata"] for job in jobs] == [{"n": n} for n in range(50)]
+    assert len({job["id"] for job in jobs}) == 50
+    stored = await asyncio.gather(*(api.get(f"/v1/jobs/{job['id']}") for job in jobs))
+    assert [answer.json() for answer in stored] == jobs
+
+
+async def test_concurrent_submits_with_one_key_create_one_job(api):
+    """The same Idempotency-Key sent ten times at once: one 202, nine 200 with the same job."""
+    headers = {"Idempotency-Key": "order-4714"}
+    answers = await asyncio.gather(
+        *(api.post("/v1/jobs", json=job_body(), headers=headers) for _ in range(10))
+    )
+    assert sorted(answer.status_code for answer in answers) == [200] * 9 + [202]
+    assert len({answer.json()["id"] for answer in answers}) == 1
+    assert len((await api.get("/v1/jobs")).json()["items"]) == 1
+
+
+async def test_concurrent_submits_with_one_key_and_other_bodies_answer_409(api):
+    """Of submits sent at once with one key and different bodies, one wins; the rest get 409."""
+    headers = {"Idempotency-Key": "order-4715"}
+    answers = await asyncio.gather(
+        *(api.post("/v1/jobs", json=with_input(seed=n), headers=headers) for n in range(5))
+    )
+    assert sorted(answer.status_code for answer in answers) == [202] + [409] * 4
+    assert len((await api.get("/v1/jobs")).json()["items"]) == 1
 
 
 async def test_idempotency_keys_are_per_tenant(api, other):
@@ -678,6 +732,16 @@ async def test_without_redis_readyz_and_jobs_answer_503_problems(settings, keys,
     assert "Traceback" not in caplog.text
 
 
+async def test_without_redis_concurrent_submits_each_answer_503(settings, keys):
+    """Submits sent at once while Redis is unreachable each answer 503 with Retry-After."""
+    dead = msgspec.structs.replace(settings, redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    async with serve(dead, keys) as api:
+        answers = await asyncio.gather(*(api.post("/v1/jobs", json=job_body()) for _ in range(5)))
+    for answer in answers:
+        assert_problem(answer, 503)
+        assert int(answer.headers["retry-after"]) > 0
+
+
 async def test_metrics_count_requests_and_accepted_jobs(api):
     """/metrics shows requests by route and status, and jobs accepted per tenant."""
     await submit(api)
@@ -732,3 +796,97 @@ async def test_readyz_and_metrics_report_an_upstream_pause(api, redis, keys):
     assert 'rcg_upstream_paused{reason="insufficient_funds"} 1.0' in text
     assert 'rcg_upstream_paused{reason="rate_limited"} 0.0' in text
     assert 'rcg_schedule_depth{schedule="backlog"}' in text
+
+
+# Coalescing Redis work
+
+
+class Recorder:
+    """A batch sender that records each batch and answers each item doubled, when let go."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.go = asyncio.Event()
+        self.go.set()
+
+    def sent(self, count: int) -> Callable[[], Awaitable[bool]]:
+        async def check() -> bool:
+            return len(self.batches) >= count
+
+        return check
+
+    async def send(self, items: list[int]) -> list[int]:
+        self.batches.append(items)
+        await self.go.wait()
+        if -1 in items:
+            raise ConnectionError("Redis went away")
+        return [item * 2 for item in items]
+
+
+def queued(coalescer: Coalescer[int, int], count: int) -> Callable[[], Awaitable[bool]]:
+    """Whether `count` calls wait in the queue, not yet sent."""
+
+    async def check() -> bool:
+        return len(coalescer._queue) == count  # noqa: SLF001 - what no caller can see yet
+
+    return check
+
+
+async def test_calls_made_together_share_one_batch_and_get_their_own_results():
+    """Calls made in one turn of the loop go out as one batch; each caller gets its result."""
+    sender = Recorder()
+    coalescer = Coalescer(sender.send)
+    assert await asyncio.gather(*(coalescer(n) for n in range(5))) == [0, 2, 4, 6, 8]
+    assert sender.batches == [[0, 1, 2, 3, 4]]
+
+
+async def test_calls_made_while_batches_are_out_wait_for_the_next_batch():
+    """With the allowed batches on their way, new calls queue and go out together next."""
+    sender = Recorder()
+    sender.go.clear()
+    coalescer = Coalescer(sender.send, max_in_flight=1)
+    first = asyncio.gather(*(coalescer(n) for n in range(2)))
+    await wait_for(sender.sent(1), timeout=5)
+    second = asyncio.gather(*(coalescer(n) for n in range(2, 5)))
+    await wait_for(queued(coalescer, 3), timeout=5)
+    assert sender.batches == [[0, 1]]
+    sender.go.set()
+    assert (await first, await second) == ([0, 2], [4, 6, 8])
+    assert sender.batches == [[0, 1], [2, 3, 4]]
+
+
+async def test_an_error_reaches_every_caller_of_its_batch_only():
+    """A failed batch raises its error in each of its callers; the next batch is unaffected."""
+    sender = Recorder()
+    coalescer = Coalescer(sender.send)
+    failed = await asyncio.gather(coalescer(1), coalescer(-1), return_exceptions=True)
+    assert [type(outcome) for outcome in failed] == [ConnectionError, ConnectionError]
+    assert await coalescer(3) == 6
+
+
+async def test_a_cancelled_caller_leaves_the_others_their_results():
+    """A caller that gives up does not disturb the rest of its batch."""
+    sender = Recorder()
+    sender.go.clear()
+    coalescer = Coalescer(sender.send)
+    gone, kept = asyncio.ensure_future(coalescer(1)), asyncio.ensure_future(coalescer(2))
+    await wait_for(sender.sent(1), timeout=5)
+    gone.cancel()
+    sender.go.set()
+    assert await kept == 4
+    assert gone.cancelled()
+
+
+async def test_closing_waits_for_every_batch_on_its_way():
+    """Aclose returns only once every call already sent has its answer."""
+    sender = Recorder()
+    sender.go.clear()
+    coalescer = Coalescer(sender.send)
+    calls = [asyncio.ensure_future(coalescer(n)) for n in range(3)]
+    await wait_for(sender.sent(1), timeout=5)
+    closing = asyncio.ensure_future(coalescer.aclose())
+    await asyncio.wait({closing}, timeout=0.05)
+    assert not closing.done()
+    sender.go.set()
+    await closing
+    assert [call.result() for call in calls] == [0, 2, 4]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.store.limits import Limits
+from service.store.limits import Limits, Take
 from tests.support import wait_for
 
 
@@ -35,6 +35,16 @@ async def test_limits_are_independent_by_name(limits):
     assert await limits.acquire("a", rate_per_s=1, burst=1) == 0
     assert await limits.acquire("b", rate_per_s=1, burst=1) == 0
     assert await limits.acquire("a", rate_per_s=1, burst=1) > 0
+
+
+async def test_takes_in_one_call_are_granted_as_if_made_in_a_row(limits):
+    """Several takes in one round trip: each limit grants its burst, then answers the wait."""
+    takes = [Take("a", 10, burst=2)] * 3 + [Take("b", 10, burst=1)] * 2
+    waits = await limits.acquire_many(takes)
+    assert waits[:2] == [0, 0]
+    assert 0.05 < waits[2] <= 0.1
+    assert waits[3] == 0
+    assert 0.05 < waits[4] <= 0.1
 
 
 async def test_the_limit_refills_with_time(limits):

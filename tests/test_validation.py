@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+import msgspec
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from service.api.validation import (
     InvalidInputError,
     MalformedBodyError,
     decode_object,
     idempotency_key_hash,
+    parse_job_request,
     request_digest,
     validate_job_request,
 )
-from service.models import MAX_METADATA_BYTES
+from service.models import MAX_METADATA_BYTES, JobRequest
 
 HOSTS = ("hooks.example.com", "*.orders.internal")
 VIDEO = "https://example.com/in.mp4"
@@ -148,3 +153,133 @@ def test_a_body_that_is_not_a_json_object_is_malformed(raw, says):
     """Anything but a JSON object is refused before any field is looked at."""
     with pytest.raises(MalformedBodyError, match=says):
         decode_object(raw)
+
+
+# The fast path of `parse_job_request` against the full way
+
+
+class Members(list[tuple[str, Any]]):
+    """A JSON object written member by member, so a name may come twice."""
+
+
+def dump(value: Any, escape: st.DataObject) -> str:
+    """`value` as JSON text; strings now and then spelled with escapes, colons included."""
+    if isinstance(value, Members):
+        return "{" + ", ".join(f"{dump(k, escape)}: {dump(v, escape)}" for k, v in value) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(dump(v, escape) for v in value) + "]"
+    if isinstance(value, str) and escape.draw(st.integers(0, 7)) == 0:
+        return json.dumps(value, ensure_ascii=True).replace(":", "\\u003a")
+    return json.dumps(value, ensure_ascii=False)
+
+
+def members(
+    fields: dict[str, st.SearchStrategy[Any]], required: tuple[str, ...] = ()
+) -> st.SearchStrategy[Members]:
+    """Objects naming the required fields and some others, now and then one twice or unknown."""
+    optional = [name for name in fields if name not in required]
+
+    def build(names: list[str], more: list[str], data: st.DataObject) -> Members:
+        chosen = [*required, *names, *more]
+        return Members((name, data.draw(fields.get(name, values))) for name in chosen)
+
+    return st.builds(
+        build,
+        st.lists(st.sampled_from(optional), unique=True) if optional else st.just([]),
+        st.one_of(
+            st.just([]),
+            st.just([]),
+            st.just([]),
+            st.lists(st.sampled_from([*fields, "x"]), max_size=2),
+        ),
+        st.data(),
+    )
+
+
+def mostly(
+    valid: st.SearchStrategy[Any], invalid: st.SearchStrategy[Any]
+) -> st.SearchStrategy[Any]:
+    """Valid values three times in four, so the fast path gets to accept some bodies."""
+    return st.one_of(valid, valid, valid, invalid)
+
+
+texts = st.text(st.sampled_from("ab:/~\x00\t é\U0001f600"), max_size=6)
+scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**65), 2**65), st.floats(allow_nan=False), texts
+)
+values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3),
+        st.lists(st.tuples(texts, inner), max_size=3).map(Members),
+    ),
+    max_leaves=8,
+)
+video_urls = mostly(
+    st.sampled_from([VIDEO, "https://example.com:8443/a:b.mp4", "http://93.184.215.14/v"]),
+    st.sampled_from(
+        ["http://localhost/v.mp4", "ftp://example.com/v.mp4", "https://exa mple.com/v", ""]
+    ),
+)
+hook_urls = mostly(
+    st.sampled_from(["https://hooks.example.com/h:1", "https://x.orders.internal:8443/h"]),
+    st.sampled_from(["https://evil.example.net/h", "https://u:p@hooks.example.com/h", VIDEO]),
+)
+video = members(
+    {
+        "prompt": mostly(st.text(st.sampled_from("ab: é\U0001f600"), min_size=1), texts),
+        "video_url": video_urls,
+        "seed": mostly(st.integers(-(2**63), 2**64 - 1), st.sampled_from([2**64, -(2**63) - 1])),
+        "pro_mode": mostly(st.booleans(), st.just(1)),
+        "resolution": st.sampled_from(["480p", "580p", "720p", "1080p"]),
+        "aspect_ratio": st.sampled_from(["16:9", "9:16", "4:3"]),
+        "num_frames": st.sampled_from([85, 129, 129.0]),
+        "strength": mostly(st.floats(0.01, 1), st.sampled_from([0, 1.5, True])),
+    },
+    ("prompt", "video_url"),
+)
+event_names = ["job.started", "job.completed", "job.failed", "job.cancelled"]
+events = mostly(st.lists(st.sampled_from(event_names), min_size=1), st.lists(st.just("job.x")))
+hook = members({"url": hook_urls, "events": events}, ("url",))
+request_bodies = members(
+    {
+        "input": video,
+        "webhook": st.one_of(st.none(), hook),
+        "metadata": st.one_of(st.none(), values.map(lambda v: Members([("m", v)]))),
+        "model": mostly(st.just("tencent/hunyuan/video-to-video"), texts),
+    },
+    ("input",),
+)
+
+
+def outcome(parse: Any) -> tuple[str, Any]:
+    """What a caller sees of a parse: the request, or the error and what it names."""
+    try:
+        request: JobRequest = parse()
+    except InvalidInputError as invalid:
+        return "invalid", [(e.pointer, e.detail) for e in invalid.errors]
+    except MalformedBodyError as malformed:
+        return "malformed", str(malformed)
+    return "valid", msgspec.to_builtins(request)
+
+
+@settings(
+    max_examples=600,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(request_bodies, st.data())
+def test_the_fast_path_answers_exactly_what_the_full_validation_answers(document, escape):
+    """Any body, duplicates and escapes included, parses to what decode-then-validate says."""
+    raw = dump(document, escape).encode()
+    full = outcome(lambda: validate_job_request(decode_object(raw), callback_hosts=HOSTS))
+    assert outcome(lambda: parse_job_request(raw, callback_hosts=HOSTS)) == full
+
+
+def test_a_valid_body_repeating_a_member_is_still_malformed():
+    """A name repeated in `input`, even with the same value, answers malformed, fast path or not."""
+    raw = b'{"input": {"prompt": "a:b", "prompt": "a:b", "video_url": "' + VIDEO.encode() + b'"}}'
+    with pytest.raises(MalformedBodyError, match="twice"):
+        parse_job_request(raw, callback_hosts=HOSTS)

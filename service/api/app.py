@@ -9,19 +9,22 @@ at shutdown.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
+import secrets
 import time
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Final, cast
 
 from litestar import Litestar
 from litestar.datastructures import State
+from litestar.enums import ScopeType
 from litestar.exceptions import HTTPException
-from litestar.middleware import ASGIMiddleware
 from litestar.types import ASGIApp, HTTPScope, Message, Receive, Scope, Send
+from prometheus_client import Counter, Histogram
 
+from service.api.batching import Coalescer
 from service.api.openapi import serve_openapi
 from service.api.problems import REDIS_UNAVAILABLE, ProblemError, exception_handlers
 from service.api.routes import Services, route_handlers
@@ -50,14 +53,19 @@ def create_app(settings: Settings, *, keys: Keys | None = None) -> Litestar:
     async def open_redis(app: Litestar) -> AsyncIterator[None]:
         redis = connect(settings.redis_url)
         retention = settings.job_retention_s
+        jobs = JobStore(redis, store_keys, retention_s=retention, on_finish=metrics.job_finished)
+        limits = Limits(redis, store_keys)
+        create_job, take_limit = Coalescer(jobs.create_many), Coalescer(limits.acquire_many)
         app.state.services = Services(
             settings=settings,
             redis=redis,
-            jobs=JobStore(redis, store_keys, retention_s=retention, on_finish=metrics.job_finished),
+            jobs=jobs,
             deliveries=DeliveryStore(redis, store_keys, retention_s=retention),
             schedules=Schedules(redis, store_keys, lease_s=settings.lease_s),
-            limits=Limits(redis, store_keys),
+            limits=limits,
             metrics=metrics,
+            create_job=create_job,
+            take_limit=take_limit,
         )
         stop = asyncio.Event()
         watching: asyncio.Task[None] | None = None
@@ -73,68 +81,95 @@ def create_app(settings: Settings, *, keys: Keys | None = None) -> Litestar:
             stop.set()
             if watching is not None:
                 await watching
+            await create_job.aclose()
+            await take_limit.aclose()
             await redis.aclose()
 
-    async def count_unrouted(exc: Exception, scope: Scope) -> None:
-        # Requests that matched no route never reach the route middleware; count them here.
-        if "route_handler" not in scope and scope["type"] == "http":
-            method = cast("HTTPScope", scope)["method"]
-            status = str(_status_of(exc))
-            metrics.requests.labels(route="unmatched", method=method, status=status).inc()
-
-    return Litestar(
+    app = Litestar(
         route_handlers=[*route_handlers(), serve_openapi],
         lifespan=[open_redis],
         state=State({"settings": settings, "metrics": metrics}),
         exception_handlers=exception_handlers(),
-        after_exception=[count_unrouted],
-        middleware=[RequestMetrics(metrics)],
         request_max_body_size=MAX_BODY_BYTES,
         openapi_config=None,  # the document is built by service.api.openapi and served as is
         logging_config=None,  # the process configures logging (cli.py), not the framework
         debug=False,
     )
+    # Around Litestar's whole handler (as its own CORS and OpenTelemetry wrappers sit), not
+    # as route middleware: that would put a second exception layer into every request, and
+    # requests that match no route are counted here too.
+    app.asgi_handler = RequestMetrics(app.asgi_handler, metrics)
+    return app
 
 
-class RequestMetrics(ASGIMiddleware):
-    """Counts every routed request by route template, method and status, with its latency.
+class RequestMetrics:
+    """Counts every request by route template, method and status, with its latency.
 
     It also gives each request its id: the caller's `X-Request-Id` when it is a
     sane token, else a new one; it is echoed in the answer and carried by every
     log line written while answering.
     """
 
-    scopes = ("http",)  # type: ignore[assignment]
-
-    def __init__(self, metrics: ApiMetrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: ApiMetrics) -> None:
+        self.app = app
         self.metrics = metrics
+        # The labelled series, looked up once each: `labels()` takes a lock and builds a key.
+        self._series: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+        self._new_ids = _RequestIds()
 
-    async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Time the request and note the status of its answer."""
+        if scope["type"] != ScopeType.HTTP:
+            await self.app(scope, receive, send)
+            return
         started = time.perf_counter()
         status = 500
-        request_id = _request_id(scope)
+        request_id = _request_id(scope) or self._new_ids.next()
         request_id_var.set(request_id)
+        id_header = (b"x-request-id", request_id.encode())
 
-        async def note_status(message: Message) -> None:
+        async def send_with_id(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                headers = list(message.get("headers", []))
-                headers.append((b"x-request-id", request_id.encode()))
-                message = {**message, "headers": headers}
+                message = {**message, "headers": [*message.get("headers", ()), id_header]}
             await send(message)
 
         try:
-            await next_app(scope, receive, note_status)
+            await self.app(scope, receive, send_with_id)
         except Exception as exc:
-            # The route's exception handlers answer first; this is only what escaped them.
+            # Litestar's exception handlers answer first; this is only what escaped them.
             status = _status_of(exc)
             raise
         finally:
             route = scope.get("path_template") or "unmatched"
-            method = cast("HTTPScope", scope)["method"]
-            self.metrics.observe_request(route, method, status, time.perf_counter() - started)
+            key = (route, scope["method"], status)
+            series = self._series.get(key)
+            if series is None:
+                series = self._series[key] = self._labelled(*key)
+            count, latency = series
+            count.inc()
+            latency.observe(time.perf_counter() - started)
+
+    def _labelled(self, route: str, method: str, status: int) -> tuple[Counter, Histogram]:
+        requests = self.metrics.requests.labels(route=route, method=method, status=str(status))
+        return requests, self.metrics.latency.labels(route=route, method=method)
+
+
+class _RequestIds:
+    """New request ids: 32 hex digits, a random half per process and a counter.
+
+    As unique as `uuid4().hex` where it matters (across processes and restarts),
+    without a system call per request.
+    """
+
+    def __init__(self) -> None:
+        self._prefix = secrets.token_hex(8)
+        self._count = itertools.count()
+
+    def next(self) -> str:
+        """The next id."""
+        return f"{self._prefix}{next(self._count) & 0xFFFF_FFFF_FFFF_FFFF:016x}"
 
 
 def _status_of(exc: Exception) -> int:
@@ -154,11 +189,11 @@ def _status_of(exc: Exception) -> int:
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
-def _request_id(scope: Scope) -> str:
-    """The caller's X-Request-Id if it is a sane token (never trusted blindly), else a new one."""
+def _request_id(scope: Scope) -> str | None:
+    """The caller's X-Request-Id if it is a sane token (never trusted blindly), else None."""
     for name, value in cast("HTTPScope", scope)["headers"]:
         if name == b"x-request-id":
             text = value.decode("latin-1")
             if _REQUEST_ID.match(text):
                 return text
-    return uuid.uuid4().hex
+    return None

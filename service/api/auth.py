@@ -8,9 +8,7 @@ key answers 401 with `WWW-Authenticate: Bearer` and the same body either way.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Final
-
-from litestar import Request
+from typing import Final
 
 from service.api.problems import ProblemError
 from service.config import Tenant, Tenants
@@ -51,9 +49,3 @@ def authenticate(tenants: Tenants, authorization: str | None) -> Caller:
         )
     tenant, key_id = found
     return Caller(tenant=tenant, key_id=key_id)
-
-
-def provide_caller(request: Request[Any, Any, Any]) -> Caller:
-    """The `caller` dependency of every `/v1` handler: authenticates the request."""
-    tenants: Tenants = request.app.state.settings.tenants
-    return authenticate(tenants, request.headers.get("authorization"))

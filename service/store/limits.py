@@ -17,19 +17,28 @@ import redis.asyncio as aioredis
 from service.store.connection import text
 from service.store.keys import LUA_PRELUDE, Keys
 
+# Several limits taken at once (ARGV: key, interval_ms, burst, cost, then the next four),
+# one after the other, exactly as that many single calls in a row would take them.
 _GCRA = (
     LUA_PRELUDE
     + """
-local key = ARGV[1]
-local interval_ms, burst, cost = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local now = now_ms()
-local tat = tonumber(redis.call('GET', key) or now)
-if tat < now then tat = now end
-local new_tat = tat + interval_ms * cost
-local allow_at = new_tat - interval_ms * burst
-if allow_at > now then return allow_at - now end
-redis.call('SET', key, new_tat, 'PX', math.ceil(new_tat - now) + 1000)
-return 0
+local waits = {}
+for i = 1, #ARGV, 4 do
+  local key, interval_ms = ARGV[i], tonumber(ARGV[i + 1])
+  local burst, cost = tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
+  local tat = tonumber(redis.call('GET', key) or now)
+  if tat < now then tat = now end
+  local new_tat = tat + interval_ms * cost
+  local allow_at = new_tat - interval_ms * burst
+  if allow_at > now then
+    waits[#waits + 1] = allow_at - now
+  else
+    redis.call('SET', key, new_tat, 'PX', math.ceil(new_tat - now) + 1000)
+    waits[#waits + 1] = 0
+  end
+end
+return waits
 """
 )
 
@@ -57,6 +66,16 @@ return {row[1], tonumber(row[2]) - now_ms()}
 )
 
 
+@dataclass(frozen=True, slots=True)
+class Take:
+    """One call of `Limits.acquire`: take `cost` from the limit `name`."""
+
+    name: str
+    rate_per_s: float
+    burst: int
+    cost: int = 1
+
+
 @dataclass(frozen=True)
 class Pause:
     """Upstream calls are paused for everyone: why, and for how much longer."""
@@ -76,12 +95,17 @@ class Limits:
 
     async def acquire(self, name: str, *, rate_per_s: float, burst: int, cost: int = 1) -> float:
         """Take `cost` from limit `name`: 0 when granted, else the seconds to wait first."""
-        interval_ms = 1000.0 / rate_per_s
-        wait_ms = await self._gcra(
-            keys=[self._keys.prefix],
-            args=[self._keys.rate(name), interval_ms, max(1, burst), cost],
-        )
-        return float(wait_ms) / 1000.0
+        [wait_s] = await self.acquire_many([Take(name, rate_per_s, burst, cost)])
+        return wait_s
+
+    async def acquire_many(self, takes: list[Take]) -> list[float]:
+        """`acquire` for each of `takes` in one round trip, in order; the waits in that order."""
+        args: list[str | float | int] = []
+        for take in takes:
+            args += [self._keys.rate(take.name), 1000.0 / take.rate_per_s, max(1, take.burst)]
+            args.append(take.cost)
+        waits_ms = await self._gcra(keys=[self._keys.prefix], args=args)
+        return [float(wait_ms) / 1000.0 for wait_ms in waits_ms]
 
     async def pause_upstream(self, reason: str, seconds: float) -> int:
         """Pause upstream submits for everyone for `seconds` (never shortening a longer pause).
