@@ -2,14 +2,33 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+
+import aiohttp
 import pytest
 
+from service.config import Settings
+from service.runcomfy.client import RunComfyClient
+from service.runcomfy.emulator import MODEL
+from service.store.jobs import JobStore, Outcome
 from service.store.schedules import Requeue, Schedules
+from service.worker.loop import Heartbeat, RequeueBuffer
+from service.worker.poller import Poller
+from tests.support import job_record, new_tenant, tenants_of
+
+TENANT = new_tenant("orders")
+INTERVAL_S = 5.0
 
 
 @pytest.fixture
 def schedules(redis, keys):
     return Schedules(redis, keys, lease_s=30)
+
+
+@pytest.fixture
+def jobs(redis, keys):
+    return JobStore(redis, keys, retention_s=3600)
 
 
 async def redis_ms(redis) -> int:
@@ -20,6 +39,42 @@ async def redis_ms(redis) -> int:
 async def due_at(redis, keys, member: str) -> int | None:
     score = await redis.zscore(keys.schedule("poll"), member)
     return None if score is None else int(score)
+
+
+@pytest.fixture
+async def poller(redis_server, jobs, schedules, emulator) -> AsyncIterator[Poller]:
+    """A poller with a fixed interval, against an emulator whose requests run for an hour."""
+    url = await emulator(queue_s=0, run_s=3600)
+    settings = Settings(
+        redis_url=redis_server.url,
+        runcomfy_base_url=url,
+        runcomfy_token="test-token",  # noqa: S106 - the emulator accepts any token
+        tenants=tenants_of(TENANT.tenant()),
+        poll_interval_min_s=INTERVAL_S,
+        poll_interval_max_s=INTERVAL_S,
+    )
+    async with aiohttp.ClientSession() as session:
+        client = RunComfyClient(session, url, "test-token")
+        yield Poller(settings, jobs, schedules, client, Heartbeat())
+
+
+async def running_job(poller: Poller) -> str:
+    """A job `in_progress` upstream and in the store, its next poll due in an hour."""
+    jobs, schedules = poller.jobs, poller.schedules
+    record = job_record(TENANT.id)
+    await jobs.create(record)
+    [submit] = await schedules.claim_submits(1, global_cap=100, tenant_caps={})
+    stored = await jobs.get(record.id)
+    assert stored is not None
+    outcome, stored = await jobs.record_submit(stored, submit.lease)
+    answer = await poller.client.submit(MODEL, b'{"prompt": "p", "video_url": "https://e.com/v"}')
+    assert answer.request_id is not None
+    assert await jobs.submitted(stored, submit.lease, answer.request_id, poll_in_s=0) is outcome
+    [poll] = await schedules.claim("poll", 1)
+    stored = await jobs.get(record.id)
+    assert stored is not None
+    assert await jobs.started(stored, poll.lease, poll_in_s=3600) is Outcome.DONE
+    return record.id
 
 
 async def test_a_batched_release_moves_only_members_whose_claim_still_holds(redis, keys, schedules):
@@ -67,3 +122,49 @@ async def test_a_cadenced_release_of_a_late_member_is_never_due_before_now(redis
     after = await redis_ms(redis)
 
     assert before <= (await due_at(redis, keys, "job_a") or 0) <= after
+
+
+async def test_requeues_handed_over_together_each_get_their_own_answer(redis, keys, schedules):
+    """Items given back at once through the buffer move or not by their own token."""
+    await redis.zadd(keys.schedule("poll"), {"job_a": 0, "job_b": 0, "job_c": 0})
+    claims = sorted(await schedules.claim("poll", 10), key=lambda c: c.member)
+    assert await schedules.release(claims[1], delay_s=60)  # job_b's claim is now stale
+    buffer = RequeueBuffer(schedules, "poll")
+
+    answers = await asyncio.gather(*(buffer.requeue(Requeue(c, None)) for c in claims))
+
+    assert answers == [True, False, True]
+    assert await due_at(redis, keys, "job_a") is None
+    assert await due_at(redis, keys, "job_b") is not None
+    assert await due_at(redis, keys, "job_c") is None
+
+
+async def test_an_unchanged_job_is_polled_again_one_interval_after_it_was_due(redis, keys, poller):
+    """The poller keeps a job's cadence: its next poll is due exactly one interval later."""
+    job_id = await running_job(poller)
+    due = await redis_ms(redis) - 300
+    await redis.zadd(keys.schedule("poll"), {job_id: due}, xx=True)
+
+    [claim] = await poller.claim(10)
+    await poller.work(claim)
+
+    assert await due_at(redis, keys, job_id) == due + round(INTERVAL_S * 1000)
+    stored = await poller.jobs.get(job_id)
+    assert stored is not None
+    assert stored.record.status == "in_progress"
+
+
+async def test_a_gone_job_in_a_claimed_batch_leaves_the_schedule_and_the_rest_are_polled(
+    redis, keys, poller
+):
+    """Jobs read together for a batch: one that no longer exists is dropped, others go on."""
+    live = [await running_job(poller) for _ in range(2)]
+    await redis.zadd(keys.schedule("poll"), {live[0]: 0, live[1]: 0, "job_gone": 0})
+
+    claims = await poller.claim(10)
+    assert sorted(c.member for c in claims) == sorted([*live, "job_gone"])
+    await asyncio.gather(*(poller.work(c) for c in claims))
+
+    assert await due_at(redis, keys, "job_gone") is None
+    for job_id in live:
+        assert (await due_at(redis, keys, job_id) or 0) > await redis_ms(redis)

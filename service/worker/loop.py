@@ -6,6 +6,9 @@ never wasted waiting in a local queue. When Redis fails the loop backs off
 (exponential, jittered, capped) and logs it; it never dies. On stop it claims
 nothing more, gives the items in hand `drain_s` to finish, then cancels the
 rest, and each cancelled item is released so another worker takes it at once.
+
+`RequeueBuffer` lets a loop give its items back in batches: what the item
+tasks hand it during one turn of the event loop goes to Redis as one script.
 """
 
 from __future__ import annotations
@@ -16,11 +19,12 @@ import logging
 import random
 import time
 from abc import ABC, abstractmethod
+from typing import Literal
 
 from redis.exceptions import RedisError
 
 from service.logs import job_id_var, tenant_var
-from service.store.schedules import Claim, Schedules
+from service.store.schedules import Claim, Requeue, Schedules
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +48,53 @@ class Heartbeat:
         """The loops that have not beaten within `max_age_s`."""
         now = time.monotonic()
         return [name for name, at in self.beats.items() if now - at > max_age_s]
+
+
+class RequeueBuffer:
+    """Gives claimed items back in batches: one `release_many` per event-loop turn.
+
+    `requeue` waits for the batch its item went out in and answers whether the
+    claim still held, as `Schedules.release` does. One batch is in flight at a
+    time; what arrives meanwhile goes in the next, so the batches grow with load.
+    """
+
+    def __init__(self, schedules: Schedules, name: Literal["poll", "deliver"]) -> None:
+        self._schedules = schedules
+        self._name = name
+        self._pending: list[tuple[Requeue, asyncio.Future[bool]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def requeue(self, requeue: Requeue) -> bool:
+        """Give one item back with the next batch; False when its claim was lost."""
+        answer: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._pending.append((requeue, answer))
+        if self._flusher is None:
+            # Runs on the next turn, after every task woken in this one has added its item.
+            self._flusher = asyncio.create_task(self._flush())
+        return await answer
+
+    async def _flush(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                try:
+                    done = await self._schedules.release_many(self._name, [r for r, _ in batch])
+                except asyncio.CancelledError:
+                    self._pending = batch + self._pending
+                    raise
+                except Exception as exc:  # noqa: BLE001 - handed to each waiter, which logs it
+                    for _, answer in batch:
+                        if not answer.done():
+                            answer.set_exception(exc)
+                    continue
+                for (_, answer), ok in zip(batch, done, strict=True):
+                    if not answer.done():
+                        answer.set_result(ok)
+        finally:
+            self._flusher = None
+            for _, answer in self._pending:
+                answer.cancel()  # left over only when this task itself was cancelled
+            self._pending = []
 
 
 class ClaimLoop(ABC):
