@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import pytest
@@ -12,10 +13,10 @@ from service.config import Settings
 from service.runcomfy.client import RunComfyClient
 from service.runcomfy.emulator import MODEL
 from service.store.jobs import JobStore, Outcome
-from service.store.schedules import Requeue, Schedules
-from service.worker.loop import Heartbeat, RequeueBuffer
+from service.store.schedules import Claim, Requeue, Schedules
+from service.worker.loop import ClaimLoop, Heartbeat, RequeueBuffer
 from service.worker.poller import Poller
-from tests.support import job_record, new_tenant, tenants_of
+from tests.support import job_record, new_tenant, tenants_of, wait_for
 
 TENANT = new_tenant("orders")
 INTERVAL_S = 5.0
@@ -168,3 +169,38 @@ async def test_a_gone_job_in_a_claimed_batch_leaves_the_schedule_and_the_rest_ar
     assert await due_at(redis, keys, "job_gone") is None
     for job_id in live:
         assert (await due_at(redis, keys, job_id) or 0) > await redis_ms(redis)
+
+
+class _Recorder(ClaimLoop):
+    """A loop over the poll schedule that notes each member it works and drops it."""
+
+    def __init__(self, schedules: Schedules, **options: Any) -> None:
+        super().__init__(schedules, Heartbeat(), **options)
+        self.worked: list[str] = []
+
+    async def claim(self, max_items: int) -> list[Claim]:
+        return await self.schedules.claim("poll", max_items)
+
+    async def work(self, claim: Claim) -> None:
+        await asyncio.sleep(0)
+        self.worked.append(claim.member)
+        await self.schedules.release(claim, delay_s=None)
+
+
+async def test_a_loop_that_claims_in_batches_still_works_every_due_item_once(
+    redis, keys, schedules
+):
+    """With `refill_at`, items beyond the free slots are worked as slots free up, each once."""
+    members = {f"job_{i:02}": 0 for i in range(23)}
+    await redis.zadd(keys.schedule("poll"), members)
+    loop = _Recorder(schedules, concurrency=4, batch=4, refill_at=3, idle_s=0.05)
+    stop = asyncio.Event()
+    running = asyncio.create_task(loop.run(stop))
+
+    async def all_worked() -> bool:
+        return len(loop.worked) == len(members)
+
+    await wait_for(all_worked)
+    stop.set()
+    await running
+    assert sorted(loop.worked) == sorted(members)

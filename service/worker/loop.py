@@ -112,7 +112,9 @@ class ClaimLoop(ABC):
         idle_s: float = 0.1,
         drain_s: float = 20.0,
         rng: random.Random | None = None,
+        refill_at: int | None = None,
     ) -> None:
+        """`refill_at` trades latency for fewer, larger claims (see `run`)."""
         self.schedules = schedules
         self.heartbeat = heartbeat
         self.concurrency = concurrency
@@ -122,6 +124,10 @@ class ClaimLoop(ABC):
         self.rng = rng or random.Random()  # noqa: S311 - jitter, not secrets
         self._in_hand: dict[asyncio.Task[None], Claim] = {}
         self._wake = asyncio.Event()
+        self._refill_at = 1 if refill_at is None else max(1, min(refill_at, concurrency))
+        # When nothing is due, a finished item wakes the loop only in the default mode.
+        self._idle_wake_at = 1 if refill_at is None else concurrency + 1
+        self._wake_at = 1  # free slots that make a finished item wake the loop
 
     @abstractmethod
     async def claim(self, max_items: int) -> list[Claim]:
@@ -140,16 +146,22 @@ class ClaimLoop(ABC):
         await self.schedules.release(claim, delay_s=delay_s)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Claim and work items until `stop` is set, then drain."""
+        """Claim and work items until `stop` is set, then drain.
+
+        By default every finished item wakes the loop to claim what is due. With
+        `refill_at`, the loop claims again once that many slots are free, and
+        while nothing is due it looks again only every `idle_s`: for a schedule
+        whose items may start that late (the poller keeps its cadence anyway).
+        """
         failures = 0
         stopping = asyncio.create_task(stop.wait())
         try:
             while not stop.is_set():
-                free = self.concurrency - len(self._in_hand)
+                asked = min(self.concurrency - len(self._in_hand), self.batch)
                 claims: list[Claim] = []
-                if free > 0:
+                if asked > 0:
                     try:
-                        claims = await self.claim(min(free, self.batch))
+                        claims = await self.claim(asked)
                         failures = 0
                     except (RedisError, OSError) as exc:
                         failures += 1
@@ -167,8 +179,13 @@ class ClaimLoop(ABC):
                     self._in_hand[task] = claim
                     task.add_done_callback(self._done)
                 self.heartbeat.beat(self.name)
-                if len(claims) < min(max(free, 1), self.batch):
-                    # Nothing more is due (or no slot is free): wait for a slot or a tick.
+                more_due = asked > 0 and len(claims) == asked
+                free = self.concurrency - len(self._in_hand)
+                if not (more_due and free >= self._refill_at):
+                    # Wait for free slots, or (when nothing more is due) for the next tick.
+                    self._wake_at = (
+                        self._refill_at if asked <= 0 or more_due else self._idle_wake_at
+                    )
                     self._wake.clear()
                     await _wait_any(
                         stopping, asyncio.ensure_future(self._wake.wait()), seconds=self.idle_s
@@ -179,7 +196,8 @@ class ClaimLoop(ABC):
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._in_hand.pop(task, None)
-        self._wake.set()
+        if self.concurrency - len(self._in_hand) >= self._wake_at:
+            self._wake.set()
 
     async def _guarded(self, claim: Claim) -> None:
         """Work one item; what fails is logged and retried later, never lost."""

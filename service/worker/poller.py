@@ -53,8 +53,16 @@ class Poller(ClaimLoop):
         *,
         concurrency: int = 256,
     ) -> None:
+        # Claims come in batches of at least an eighth of the slots, or at the idle
+        # tick: a poll may start up to idle_s late without drifting, as the next one
+        # is due an interval after this one was due.
         super().__init__(
-            schedules, heartbeat, concurrency=concurrency, batch=200, drain_s=settings.shutdown_s
+            schedules,
+            heartbeat,
+            concurrency=concurrency,
+            batch=200,
+            drain_s=settings.shutdown_s,
+            refill_at=max(1, concurrency // 8),
         )
         self.settings = settings
         self.jobs = jobs
