@@ -8,8 +8,10 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from service.config import Settings
+from service.localredis import free_port
 from service.runcomfy.client import RunComfyClient
 from service.runcomfy.emulator import MODEL
 from service.store.jobs import JobStore, Outcome
@@ -204,3 +206,27 @@ async def test_a_loop_that_claims_in_batches_still_works_every_due_item_once(
     stop.set()
     await running
     assert sorted(loop.worked) == sorted(members)
+
+
+async def test_a_request_id_with_reserved_characters_is_sent_percent_encoded():
+    """The status URL is built pre-encoded: an id with '/', '?', '#', '%' still arrives intact."""
+    seen: list[str] = []
+
+    async def status(request: web.Request) -> web.Response:
+        seen.append(request.raw_path)
+        return web.json_response({"request_id": request.match_info["rid"], "status": "in_queue"})
+
+    app = web.Application()
+    app.router.add_get("/v1/requests/{rid}/status", status)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            client = RunComfyClient(session, f"http://127.0.0.1:{port}", "test-token")
+            answer = await client.status("a/b?c#d%e ü")
+    finally:
+        await runner.cleanup()
+    assert seen == ["/v1/requests/a%2Fb%3Fc%23d%25e%20%C3%BC/status"]
+    assert answer.request_id == "a/b?c#d%e ü"
