@@ -26,9 +26,10 @@ from service.store.jobs import Lease
 from service.store.keys import LUA_PRELUDE, Keys
 
 # Claims and batched releases travel as one space-separated string each way
-# rather than an array of 3-4 items per member: redis-py parses RESP in Python,
-# item by item, and that cost a third of a poll's Redis time. Members of the
-# poll and deliver schedules are our own ids, which hold no spaces.
+# rather than an array of 3-4 items per member: redis-py parses and packs RESP
+# in Python, item by item, and that was half the client time of a claim and its
+# release. Members of the poll and deliver schedules are our own ids, which
+# hold no spaces.
 _CLAIM_DUE = (
     LUA_PRELUDE
     + """

@@ -8,7 +8,8 @@ status polls per second. The emulator (counted_emulator.py) counts the status
 calls it answers; after a warm-up, polls/s over a fixed window / N per second
 is the ratio (goal >= 0.95). The ceiling is plain aiohttp GETs of the same
 status URLs from another process, as many in flight as the poller's
-concurrency (256).
+concurrency (256). Worker CPU per poll and Lua script calls per poll are
+shown too: on a shared machine they vary far less than polls/s.
 """
 
 import argparse
