@@ -6,11 +6,16 @@ kept in `lease:<schedule>`; every later change of that member checks the token.
 A worker that dies simply stops: its members fall due again when the lease
 runs out and another worker claims them, with a new token that makes any late
 write of the dead worker's fail. No sweeper is needed.
+
+A claim also hands back the member's due time, so a periodic member (a job's
+status poll) can be given back due one period after it was due rather than
+after now: the time it spent waiting and being worked does not stretch the
+period. Many claims can be given back in one script call (`release_many`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -20,22 +25,29 @@ from service.store.connection import text
 from service.store.jobs import Lease
 from service.store.keys import LUA_PRELUDE, Keys
 
+# Claims and batched releases travel as one space-separated string each way
+# rather than an array of 3-4 items per member: redis-py parses and packs RESP
+# in Python, item by item, and that was half the client time of a claim and its
+# release. Members of the poll and deliver schedules are our own ids, which
+# hold no spaces.
 _CLAIM_DUE = (
     LUA_PRELUDE
     + """
 local name, lease_ms, max = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local now = now_ms()
 local sched = k_schedule(name)
-local due = redis.call('ZRANGEBYSCORE', sched, '-inf', now, 'LIMIT', 0, max)
+local due = redis.call('ZRANGEBYSCORE', sched, '-inf', now, 'WITHSCORES', 'LIMIT', 0, max)
 local out = {}
-for _, member in ipairs(due) do
+for i = 1, #due, 2 do
+  local member = due[i]
   local token = redis.call('INCR', k_fence())
   redis.call('ZADD', sched, now + lease_ms, member)
   redis.call('HSET', k_lease(name), member, token)
   out[#out + 1] = member
   out[#out + 1] = token
+  out[#out + 1] = due[i + 1]
 end
-return out
+return table.concat(out, ' ')
 """
 )
 
@@ -103,14 +115,63 @@ return 1
 """
 )
 
+# Each member is checked against its own token, so a member whose lease was lost
+# is left alone while the others of the batch are given back, all in one step.
+_RELEASE_MANY = (
+    LUA_PRELUDE
+    + """
+local name = ARGV[1]
+local sched, lease = k_schedule(name), k_lease(name)
+local now = now_ms()
+local items = {}
+for word in string.gmatch(ARGV[2], '%S+') do items[#items + 1] = word end
+local out = {}
+for i = 1, #items, 4 do
+  local member, token = items[i], items[i + 1]
+  local base, delay_ms = tonumber(items[i + 2]), tonumber(items[i + 3])
+  if redis.call('HGET', lease, member) == token then
+    redis.call('HDEL', lease, member)
+    if delay_ms < 0 then
+      redis.call('ZREM', sched, member)
+    else
+      if base < 0 then base = now end
+      redis.call('ZADD', sched, math.max(now, base + delay_ms), member)
+    end
+    out[#out + 1] = '1'
+  else
+    out[#out + 1] = '0'
+  end
+end
+return table.concat(out)
+"""
+)
+
 
 @dataclass(frozen=True)
 class Claim:
-    """A claimed member of a schedule; `tenant` is set for submit claims."""
+    """A claimed member of a schedule; `tenant` is set for submit claims.
+
+    `due_ms` is when the member was due (Redis clock, ms) as the claim found it;
+    0 where unknown (submit claims).
+    """
 
     member: str
     lease: Lease
     tenant: str = ""
+    due_ms: int = 0
+
+
+@dataclass(frozen=True)
+class Requeue:
+    """One claimed member to give back with `release_many`.
+
+    Due `delay_s` after now, or, with `cadence`, `delay_s` after the time it was
+    due when claimed (never earlier than now); removed when `delay_s` is None.
+    """
+
+    claim: Claim
+    delay_s: float | None
+    cadence: bool = False
 
 
 class Schedules:
@@ -123,15 +184,17 @@ class Schedules:
         self._claim_due = redis.register_script(_CLAIM_DUE)
         self._claim_submits = redis.register_script(_CLAIM_SUBMITS)
         self._release = redis.register_script(_RELEASE)
+        self._release_many = redis.register_script(_RELEASE_MANY)
 
     async def claim(self, name: Literal["poll", "deliver"], max_items: int) -> list[Claim]:
         """Claim up to `max_items` due members of the poll or deliver schedule."""
-        flat = await self._claim_due(
+        answer = await self._claim_due(
             keys=[self._keys.prefix], args=[name, self._lease_ms, max_items]
         )
+        flat = text(answer).split()
         return [
-            Claim(member=text(flat[i]), lease=Lease(name, text(flat[i + 1])))
-            for i in range(0, len(flat), 2)
+            Claim(member=flat[i], lease=Lease(name, flat[i + 1]), due_ms=int(float(flat[i + 2])))
+            for i in range(0, len(flat), 3)
         ]
 
     async def claim_submits(
@@ -178,6 +241,27 @@ class Schedules:
             ],
         )
         return bool(done)
+
+    async def release_many(
+        self, name: Literal["poll", "deliver"], requeues: Sequence[Requeue]
+    ) -> list[bool]:
+        """Give back many claimed members of one schedule in one atomic step.
+
+        Each member moves only if its claim still holds (its fencing token is
+        current); the answer says, per member, whether it did.
+        """
+        if not requeues:
+            return []
+        items: list[str] = []
+        for requeue in requeues:
+            claim = requeue.claim
+            if claim.lease.schedule != name:
+                raise ValueError(f"{claim.member} was claimed from {claim.lease.schedule}")
+            delay_ms = -1 if requeue.delay_s is None else max(0, round(requeue.delay_s * 1000))
+            base_ms = claim.due_ms if requeue.cadence and claim.due_ms > 0 else -1
+            items.append(f"{claim.member} {claim.lease.token} {base_ms} {delay_ms}")
+        done = await self._release_many(keys=[self._keys.prefix], args=[name, " ".join(items)])
+        return [flag == "1" for flag in text(done)]
 
     async def depths(self) -> dict[str, int]:
         """How many members each schedule holds, and how many jobs hold upstream slots."""

@@ -6,6 +6,9 @@ never wasted waiting in a local queue. When Redis fails the loop backs off
 (exponential, jittered, capped) and logs it; it never dies. On stop it claims
 nothing more, gives the items in hand `drain_s` to finish, then cancels the
 rest, and each cancelled item is released so another worker takes it at once.
+
+`RequeueBuffer` lets a loop give its items back in batches: what the item
+tasks hand it during one turn of the event loop goes to Redis as one script.
 """
 
 from __future__ import annotations
@@ -16,11 +19,12 @@ import logging
 import random
 import time
 from abc import ABC, abstractmethod
+from typing import Literal
 
 from redis.exceptions import RedisError
 
 from service.logs import job_id_var, tenant_var
-from service.store.schedules import Claim, Schedules
+from service.store.schedules import Claim, Requeue, Schedules
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +50,53 @@ class Heartbeat:
         return [name for name, at in self.beats.items() if now - at > max_age_s]
 
 
+class RequeueBuffer:
+    """Gives claimed items back in batches: one `release_many` per event-loop turn.
+
+    `requeue` waits for the batch its item went out in and answers whether the
+    claim still held, as `Schedules.release` does. One batch is in flight at a
+    time; what arrives meanwhile goes in the next, so the batches grow with load.
+    """
+
+    def __init__(self, schedules: Schedules, name: Literal["poll", "deliver"]) -> None:
+        self._schedules = schedules
+        self._name = name
+        self._pending: list[tuple[Requeue, asyncio.Future[bool]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def requeue(self, requeue: Requeue) -> bool:
+        """Give one item back with the next batch; False when its claim was lost."""
+        answer: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._pending.append((requeue, answer))
+        if self._flusher is None:
+            # Runs on the next turn, after every task woken in this one has added its item.
+            self._flusher = asyncio.create_task(self._flush())
+        return await answer
+
+    async def _flush(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                try:
+                    done = await self._schedules.release_many(self._name, [r for r, _ in batch])
+                except asyncio.CancelledError:
+                    self._pending = batch + self._pending
+                    raise
+                except Exception as exc:  # noqa: BLE001 - handed to each waiter, which logs it
+                    for _, answer in batch:
+                        if not answer.done():
+                            answer.set_exception(exc)
+                    continue
+                for (_, answer), ok in zip(batch, done, strict=True):
+                    if not answer.done():
+                        answer.set_result(ok)
+        finally:
+            self._flusher = None
+            for _, answer in self._pending:
+                answer.cancel()  # left over only when this task itself was cancelled
+            self._pending = []
+
+
 class ClaimLoop(ABC):
     """A loop over one schedule; subclasses say how to claim and how to work one item."""
 
@@ -61,7 +112,9 @@ class ClaimLoop(ABC):
         idle_s: float = 0.1,
         drain_s: float = 20.0,
         rng: random.Random | None = None,
+        refill_at: int | None = None,
     ) -> None:
+        """`refill_at` trades latency for fewer, larger claims (see `run`)."""
         self.schedules = schedules
         self.heartbeat = heartbeat
         self.concurrency = concurrency
@@ -71,6 +124,10 @@ class ClaimLoop(ABC):
         self.rng = rng or random.Random()  # noqa: S311 - jitter, not secrets
         self._in_hand: dict[asyncio.Task[None], Claim] = {}
         self._wake = asyncio.Event()
+        self._refill_at = 1 if refill_at is None else max(1, min(refill_at, concurrency))
+        # When nothing is due, a finished item wakes the loop only in the default mode.
+        self._idle_wake_at = 1 if refill_at is None else concurrency + 1
+        self._wake_at = 1  # free slots that make a finished item wake the loop
 
     @abstractmethod
     async def claim(self, max_items: int) -> list[Claim]:
@@ -89,16 +146,22 @@ class ClaimLoop(ABC):
         await self.schedules.release(claim, delay_s=delay_s)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Claim and work items until `stop` is set, then drain."""
+        """Claim and work items until `stop` is set, then drain.
+
+        By default every finished item wakes the loop to claim what is due. With
+        `refill_at`, the loop claims again once that many slots are free, and
+        while nothing is due it looks again only every `idle_s`: for a schedule
+        whose items may start that late (the poller keeps its cadence anyway).
+        """
         failures = 0
         stopping = asyncio.create_task(stop.wait())
         try:
             while not stop.is_set():
-                free = self.concurrency - len(self._in_hand)
+                asked = min(self.concurrency - len(self._in_hand), self.batch)
                 claims: list[Claim] = []
-                if free > 0:
+                if asked > 0:
                     try:
-                        claims = await self.claim(min(free, self.batch))
+                        claims = await self.claim(asked)
                         failures = 0
                     except (RedisError, OSError) as exc:
                         failures += 1
@@ -116,8 +179,13 @@ class ClaimLoop(ABC):
                     self._in_hand[task] = claim
                     task.add_done_callback(self._done)
                 self.heartbeat.beat(self.name)
-                if len(claims) < min(max(free, 1), self.batch):
-                    # Nothing more is due (or no slot is free): wait for a slot or a tick.
+                more_due = asked > 0 and len(claims) == asked
+                free = self.concurrency - len(self._in_hand)
+                if not (more_due and free >= self._refill_at):
+                    # Wait for free slots, or (when nothing more is due) for the next tick.
+                    self._wake_at = (
+                        self._refill_at if asked <= 0 or more_due else self._idle_wake_at
+                    )
                     self._wake.clear()
                     await _wait_any(
                         stopping, asyncio.ensure_future(self._wake.wait()), seconds=self.idle_s
@@ -128,7 +196,8 @@ class ClaimLoop(ABC):
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._in_hand.pop(task, None)
-        self._wake.set()
+        if self.concurrency - len(self._in_hand) >= self._wake_at:
+            self._wake.set()
 
     async def _guarded(self, claim: Claim) -> None:
         """Work one item; what fails is logged and retried later, never lost."""

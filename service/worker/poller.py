@@ -7,6 +7,11 @@ fresh job is seen quickly and a long one costs few calls. Unknown upstream
 statuses keep polling until the job deadline (`GATEWAY_JOB_TIMEOUT_S`), then
 the job fails with `timeout`. Upstream errors back off, jittered, and never
 end a job by themselves: only its deadline does.
+
+Polls keep their cadence: a job whose status did not change is due again one
+interval after it was last due (never earlier than now), so the time a poll
+waits and takes does not stretch the interval. Per claimed batch the poller
+reads the jobs in one round trip and gives them back in a few script calls.
 """
 
 from __future__ import annotations
@@ -14,12 +19,14 @@ from __future__ import annotations
 import logging
 from datetime import UTC, datetime
 
+from redis.exceptions import RedisError
+
 from service.config import Settings
 from service.models import UPSTREAM_STATUSES, JobErrorInfo
 from service.runcomfy.client import RunComfyClient, UpstreamError
 from service.store.jobs import JobStore, Outcome, StoredJob
-from service.store.schedules import Claim, Schedules
-from service.worker.loop import ClaimLoop, Heartbeat, backoff_s
+from service.store.schedules import Claim, Requeue, Schedules
+from service.worker.loop import ClaimLoop, Heartbeat, RequeueBuffer, backoff_s
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +53,16 @@ class Poller(ClaimLoop):
         *,
         concurrency: int = 256,
     ) -> None:
+        # Claims come in batches of at least an eighth of the slots, or at the idle
+        # tick: a poll may start up to idle_s late without drifting, as the next one
+        # is due an interval after this one was due.
         super().__init__(
-            schedules, heartbeat, concurrency=concurrency, batch=200, drain_s=settings.shutdown_s
+            schedules,
+            heartbeat,
+            concurrency=concurrency,
+            batch=200,
+            drain_s=settings.shutdown_s,
+            refill_at=max(1, concurrency // 8),
         )
         self.settings = settings
         self.jobs = jobs
@@ -55,10 +70,31 @@ class Poller(ClaimLoop):
         # Consecutive poll failures per job, for its backoff. Bounded: another
         # replica may end a job this worker failed on, and the entry is never popped.
         self._errors: dict[str, int] = {}
+        # The jobs of claimed polls, read together when claimed and taken by `work`.
+        self._read: dict[str, StoredJob | None] = {}
+        self._requeues = RequeueBuffer(schedules, "poll")
 
     async def claim(self, max_items: int) -> list[Claim]:
-        """Claim jobs whose next poll is due."""
-        return await self.schedules.claim("poll", max_items)
+        """Claim jobs whose next poll is due, and read them all in one round trip."""
+        claims = await self.schedules.claim("poll", max_items)
+        if claims:
+            try:
+                stored = await self.jobs.get_many([c.member for c in claims])
+            except (RedisError, OSError) as exc:
+                # The claims stand; each `work` reads its own job (or fails and retries).
+                log.warning("poller: reading %d claimed job(s) failed (%s)", len(claims), exc)
+            else:
+                self._read.update(zip((c.member for c in claims), stored, strict=True))
+        return claims
+
+    async def release_on_stop(self, claim: Claim) -> None:
+        """Give an unfinished poll back at shutdown, due at once."""
+        self._read.pop(claim.member, None)
+        await super().release_on_stop(claim)
+
+    async def _requeue(self, claim: Claim, delay_s: float | None, *, cadence: bool = False) -> None:
+        """Give the poll back with the next batch (see `Requeue`)."""
+        await self._requeues.requeue(Requeue(claim, delay_s, cadence=cadence))
 
     def interval_s(self, stored: StoredJob) -> float:
         """How long until the next poll: a tenth of the time since the last change, clamped."""
@@ -70,10 +106,13 @@ class Poller(ClaimLoop):
 
     async def work(self, claim: Claim) -> None:
         """Poll one job and record what changed."""
-        stored = await self.jobs.get(claim.member)
+        if claim.member in self._read:
+            stored = self._read.pop(claim.member)
+        else:
+            stored = await self.jobs.get(claim.member)
         if stored is None or stored.record.status not in UPSTREAM_STATUSES:
             self._errors.pop(claim.member, None)
-            await self.schedules.release(claim, delay_s=None)
+            await self._requeue(claim, None)
             return
         record = stored.record
         if datetime.now(UTC) >= record.deadline_at:
@@ -102,7 +141,7 @@ class Poller(ClaimLoop):
                 exc,
                 delay,
             )
-            await self.schedules.release(claim, delay_s=delay)
+            await self._requeue(claim, delay)
 
     async def _poll(self, stored: StoredJob, claim: Claim) -> None:
         record = stored.record
@@ -115,14 +154,14 @@ class Poller(ClaimLoop):
                     stored, claim.lease, answer.queue_position, poll_in_s=interval
                 )
             else:
-                await self.schedules.release(claim, delay_s=interval)
+                await self._requeue(claim, interval, cadence=True)
         elif status in RUNNING:
             if record.status == "in_queue":
                 await self.jobs.started(
                     stored, claim.lease, poll_in_s=self.settings.poll_interval_min_s
                 )
             else:
-                await self.schedules.release(claim, delay_s=interval)
+                await self._requeue(claim, interval, cadence=True)
         elif status in COMPLETED | FAILED:
             await self._finish(stored, claim)
         elif status in CANCELLED:
@@ -130,7 +169,7 @@ class Poller(ClaimLoop):
         else:
             # Unknown statuses must not end the job: keep polling until its deadline.
             log.info("poller: %s: unknown upstream status %r", record.id, answer.status)
-            await self.schedules.release(claim, delay_s=interval)
+            await self._requeue(claim, interval, cadence=True)
 
     async def _finish(self, stored: StoredJob, claim: Claim) -> None:
         """Fetch the result of an ended request and end the job with it."""
@@ -149,7 +188,7 @@ class Poller(ClaimLoop):
             await self.jobs.finish(stored, "cancelled", lease=claim.lease)
         else:
             # The result lags the status: look again soon.
-            await self.schedules.release(claim, delay_s=self.settings.poll_interval_min_s)
+            await self._requeue(claim, self.settings.poll_interval_min_s)
 
     async def _cancel(self, stored: StoredJob, claim: Claim) -> None:
         """A caller asked to cancel this queued job: ask RunComfy, record what it said."""
