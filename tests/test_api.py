@@ -397,6 +397,24 @@ async def test_concurrent_submissions_over_the_tenant_rate_answer_429(tmp_path, 
         assert len((await api.get("/v1/jobs")).json()["items"]) == 1
 
 
+async def test_an_invalid_submission_takes_nothing_from_the_tenant_rate(
+    tmp_path, redis_server, keys
+):
+    """Only jobs count against rate_per_s: a 422 first, then a valid submit is still 202."""
+    limited = new_tenant("limited")
+    tenants = tmp_path / "limited.toml"
+    tenants.write_text(limited.toml(hosts=HOSTS) + "rate_per_s = 0.5\n")
+    env = {
+        "REDIS_URL": redis_server.url,
+        "RUNCOMFY_API_TOKEN": "test-token",
+        "GATEWAY_TENANTS_FILE": str(tenants),
+    }
+    async with serve(load_settings(env), keys, limited.api_key) as api:
+        assert_problem(await api.post("/v1/jobs", json=with_input(num_frames=1)), 422)
+        await submit(api)
+        assert_problem(await api.post("/v1/jobs", json=job_body()), 429)
+
+
 # Idempotency
 
 

@@ -9,6 +9,7 @@ at shutdown.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import re
 import secrets
@@ -27,7 +28,7 @@ from prometheus_client import Counter, Histogram
 from service.api.batching import Coalescer
 from service.api.openapi import serve_openapi
 from service.api.problems import REDIS_UNAVAILABLE, ProblemError, exception_handlers
-from service.api.routes import Services, route_handlers
+from service.api.routes import Services, create_jobs, route_handlers
 from service.api.validation import InvalidInputError, MalformedBodyError
 from service.config import Settings
 from service.logs import request_id_var
@@ -55,7 +56,7 @@ def create_app(settings: Settings, *, keys: Keys | None = None) -> Litestar:
         retention = settings.job_retention_s
         jobs = JobStore(redis, store_keys, retention_s=retention, on_finish=metrics.job_finished)
         limits = Limits(redis, store_keys)
-        create_job, take_limit = Coalescer(jobs.create_many), Coalescer(limits.acquire_many)
+        create_job = Coalescer(functools.partial(create_jobs, jobs))
         app.state.services = Services(
             settings=settings,
             redis=redis,
@@ -65,7 +66,6 @@ def create_app(settings: Settings, *, keys: Keys | None = None) -> Litestar:
             limits=limits,
             metrics=metrics,
             create_job=create_job,
-            take_limit=take_limit,
         )
         stop = asyncio.Event()
         watching: asyncio.Task[None] | None = None
@@ -82,7 +82,6 @@ def create_app(settings: Settings, *, keys: Keys | None = None) -> Litestar:
             if watching is not None:
                 await watching
             await create_job.aclose()
-            await take_limit.aclose()
             await redis.aclose()
 
     app = Litestar(

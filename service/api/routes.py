@@ -67,16 +67,16 @@ READY_TIMEOUT_S: Final = 1.0
 """`/readyz` and `/metrics` wait this long for Redis: a probe must answer quickly."""
 
 
-NewJob = tuple[JobRecord, tuple[str, str] | None]
-"""A job to create and its `(key hash, body digest)` if idempotent: what `create_many` takes."""
+NewJob = tuple[JobRecord, tuple[str, str] | None, Take | None]
+"""A job to create, its `(key hash, body digest)` if idempotent, and its tenant's rate limit."""
 
 
 @dataclass(frozen=True)
 class Services:
     """What the handlers use; the app's lifespan opens it and puts it on `app.state`.
 
-    `create_job` is `JobStore.create` and `take_limit` is `Limits.acquire`, each with
-    concurrent submits' calls coalesced into one round trip.
+    `create_job` is `JobStore.create` within the tenant's rate limit, with concurrent
+    submits' calls coalesced into one script call.
     """
 
     settings: Settings
@@ -87,7 +87,6 @@ class Services:
     limits: Limits
     metrics: ApiMetrics
     create_job: Coalescer[NewJob, Created]
-    take_limit: Coalescer[Take, float]
 
 
 def provide_services(request: Request[Any, Any, Any]) -> Services:
@@ -172,7 +171,6 @@ async def submit_job(
 ) -> Response[Job]:
     """Validate and store a new job, or answer the one an Idempotency-Key names."""
     caller, services = call.caller, call.services
-    await _admit_submission(services.take_limit, caller.tenant)
     _require_json(request)
     body = await request.body()
     job_request = parse_job_request(body, callback_hosts=caller.tenant.callback_hosts)
@@ -180,7 +178,13 @@ async def submit_job(
     idempotency = None
     if idempotency_key is not None:
         idempotency = (idempotency_key_hash(idempotency_key), request_digest(job_request))
-    created = await services.create_job((record, idempotency))
+    created = await services.create_job((record, idempotency, _submission_limit(caller.tenant)))
+    if created.retry_after_s > 0:
+        raise ProblemError(
+            429,
+            f"this tenant may submit {caller.tenant.rate_per_s:g} jobs per second; retry later",
+            headers={"Retry-After": str(max(1, math.ceil(created.retry_after_s)))},
+        )
     if created.created:
         services.metrics.jobs_accepted.labels(tenant=caller.tenant.id).inc()
         return _job_answer(record.view("pending", 0), 202)
@@ -431,19 +435,21 @@ def _options_handler(path: str, allow: str) -> HTTPRouteHandler:
     )(options)
 
 
-async def _admit_submission(take_limit: Coalescer[Take, float], tenant: Tenant) -> None:
-    """Enforce the tenant's `rate_per_s` on job submissions (429 with Retry-After)."""
+def _submission_limit(tenant: Tenant) -> Take | None:
+    """The tenant's `rate_per_s` on job submissions, as the limit each create takes from."""
     if tenant.rate_per_s is None:
-        return
+        return None
     rate = tenant.rate_per_s
     # A second's worth of submissions may come at once; beyond that, one per 1/rate s.
-    wait_s = await take_limit(Take(f"api-submit:{tenant.id}", rate, burst=max(1, math.ceil(rate))))
-    if wait_s > 0:
-        raise ProblemError(
-            429,
-            f"this tenant may submit {rate:g} jobs per second; retry later",
-            headers={"Retry-After": str(max(1, math.ceil(wait_s)))},
-        )
+    return Take(f"api-submit:{tenant.id}", rate, burst=max(1, math.ceil(rate)))
+
+
+async def create_jobs(jobs: JobStore, items: list[NewJob]) -> list[Created]:
+    """`JobStore.create_many` of what the `create_job` coalescer gathered."""
+    return await jobs.create_many(
+        [(record, idempotency) for record, idempotency, _ in items],
+        limits=[limit for _, _, limit in items],
+    )
 
 
 def _require_json(request: Request[Any, Any, Any]) -> None:

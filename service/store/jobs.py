@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import typing
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from enum import Enum
@@ -35,8 +35,9 @@ from service.models import (
     WebhookState,
     utcnow,
 )
-from service.store.connection import eval_many, text, time_prefix
+from service.store.connection import text, time_prefix
 from service.store.keys import LUA_PRELUDE, LUA_VALUES, JobValue, Keys, parse_job
+from service.store.limits import LUA_GCRA, Take
 
 _record_decoder = msgspec.json.Decoder(JobRecord)
 _encoder = msgspec.json.Encoder()
@@ -71,31 +72,57 @@ _ZDICT = (
     b'0000"}],"submit_retries":0,"cancel_requested_at":null}'
 )
 
+# A batch of creates, each as a create alone would do it, in order. ARGV: retention_s, cutoff
+# id, and the jobs in one string, each a line of nine words then its blob (`_create_entry`):
+# one argument rather than nine per job, which redis-py would encode one by one. The answer
+# is one line per job: `C` created, `I <job id> <body hash>` its Idempotency-Key was used
+# already (nothing stored), or `R <ms>` its submission limit refused it for that long
+# (nothing taken, nothing stored).
 _CREATE = (
     LUA_PRELUDE
     + LUA_VALUES
+    + LUA_GCRA
     + """
-local id, tenant, blob, idem, body_hash = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local retention = tonumber(ARGV[6])
-local cutoff_id = ARGV[7]
-if idem ~= '' then
-  local existing = redis.call('GET', k_idem(tenant, idem))
-  if existing then return {0, existing} end
-  redis.call('SET', k_idem(tenant, idem), id .. ' ' .. body_hash, 'EX', retention)
-end
+local retention, cutoff_id, batch = tonumber(ARGV[1]), ARGV[2], ARGV[3]
 local now = now_ms()
-job_set(k_job(id), {status = 'pending', ver = 1, wh_state = 'pending', wh_attempts = 0,
-  wh_base = 0, wh_created = 0, wh_id = '-', body_len = 0, blob = blob, log = ''}, nil)
--- Indexes are trimmed here, by id (ids sort by time), so they never outgrow retention.
--- Only final jobs expire, so only the final statuses' indexes need it.
-for _, status in ipairs({'completed', 'failed', 'cancelled'}) do
-  redis.call('ZREMRANGEBYLEX', k_jobs_status(tenant, status), '-', '(' .. cutoff_id)
+local answers, trimmed, at = {}, {}, 1
+while at <= #batch do
+  local eol = string.find(batch, '\\n', at, true)
+  local id, tenant, idem, body_hash, limit, interval_ms, burst, cost, size = string.match(
+    string.sub(batch, at, eol - 1), '^(%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%d+)$')
+  local blob = string.sub(batch, eol + 1, eol + tonumber(size))
+  at = eol + tonumber(size) + 1
+  local wait, existing = 0, false
+  if limit ~= '-' then
+    wait = gcra_take(limit, tonumber(interval_ms), tonumber(burst), tonumber(cost), now)
+  end
+  if wait == 0 and idem ~= '-' then existing = redis.call('GET', k_idem(tenant, idem)) end
+  if wait > 0 then
+    answers[#answers + 1] = 'R ' .. wait
+  elseif existing then
+    answers[#answers + 1] = 'I ' .. existing
+  else
+    if idem ~= '-' then
+      redis.call('SET', k_idem(tenant, idem), id .. ' ' .. body_hash, 'EX', retention)
+    end
+    job_set(k_job(id), {status = 'pending', ver = 1, wh_state = 'pending', wh_attempts = 0,
+      wh_base = 0, wh_created = 0, wh_id = '-', body_len = 0, blob = blob, log = ''}, nil)
+    -- Indexes are trimmed here, by id (ids sort by time), so they never outgrow retention.
+    -- Only final jobs expire, so only the final statuses' indexes need it: once a batch.
+    if not trimmed[tenant] then
+      trimmed[tenant] = true
+      for _, status in ipairs({'completed', 'failed', 'cancelled'}) do
+        redis.call('ZREMRANGEBYLEX', k_jobs_status(tenant, status), '-', '(' .. cutoff_id)
+      end
+      redis.call('ZADD', k_submit_tenants(), 'NX', 0, tenant)
+    end
+    redis.call('ZADD', k_jobs_status(tenant, 'pending'), 0, id)
+    redis.call('ZADD', k_submit(tenant), now, id)
+    redis.call('ZADD', k_backlog(), now, id)
+    answers[#answers + 1] = 'C'
+  end
 end
-redis.call('ZADD', k_jobs_status(tenant, 'pending'), 0, id)
-redis.call('ZADD', k_submit(tenant), now, id)
-redis.call('ZADD', k_submit_tenants(), 'NX', 0, tenant)
-redis.call('ZADD', k_backlog(), now, id)
-return {1, id}
+return table.concat(answers, '\\n')
 """
 )
 
@@ -219,11 +246,15 @@ class Lease:
 
 @dataclass(frozen=True)
 class Created:
-    """The answer of `JobStore.create`: the new job, or the one an Idempotency-Key names."""
+    """The answer of `JobStore.create`: the new job, or the one an Idempotency-Key names.
+
+    Or, when `retry_after_s > 0`, no job: a submission limit refused it for that long.
+    """
 
     job_id: str
     created: bool
     same_body: bool = True
+    retry_after_s: float = 0.0
 
 
 @dataclass
@@ -283,6 +314,20 @@ def body_hash(body: bytes) -> str:
     return hashlib.sha256(body).hexdigest()
 
 
+def _create_entry(
+    record: JobRecord, idempotency: tuple[str, str] | None, limit: Take | None, keys: Keys
+) -> bytes:
+    """One job of `_CREATE`'s batch: id, tenant, key hash, body hash, limit, blob size; blob.
+
+    Every word is free of whitespace: ids, tenant ids (`config`), hex digests, key names.
+    """
+    key_hash, digest = idempotency or ("-", "-")
+    limit_words = " ".join(map(str, limit.script_args(keys))) if limit else "- 0 0 0"
+    blob = pack(b"", _encoder.encode(record))
+    head = f"{record.id} {record.tenant} {key_hash} {digest} {limit_words} {len(blob)}\n"
+    return head.encode() + blob
+
+
 class JobStore:
     """Jobs in Redis: create, read, list, and every state change of the state machine."""
 
@@ -312,42 +357,42 @@ class JobStore:
         return created
 
     async def create_many(
-        self, items: list[tuple[JobRecord, tuple[str, str] | None]]
+        self,
+        items: Sequence[tuple[JobRecord, tuple[str, str] | None]],
+        *,
+        limits: Sequence[Take | None] = (),
     ) -> list[Created]:
-        """Create several jobs in one round trip, each as `create` would, answers in order.
+        """Create several jobs in one script call, each as `create` would, answers in order.
 
-        The creates are pipelined, not a transaction: each is atomic on its own
-        and runs in list order (a key used twice in a batch answers the first
-        job the second time). An error raised here may leave some of the batch
-        created, as a lost connection may with `create`.
+        `limits[i]`, when given, is taken from first (the tenant's submission
+        rate): a job it refuses is not stored and answers `retry_after_s`. The
+        batch is one script, so it is atomic and runs in list order (a key used
+        twice in a batch answers the first job the second time).
         """
         if not items:
             return []
         cutoff_id = "job_" + time_prefix(utcnow() - timedelta(seconds=self._retention_s))
-        arg_lists = []
-        for record, idempotency in items:
-            key_hash, digest = idempotency or ("", "")
-            arg_lists.append(
-                [
-                    record.id,
-                    record.tenant,
-                    pack(b"", _encoder.encode(record)),
-                    key_hash,
-                    digest,
-                    self._retention_s,
-                    cutoff_id,
-                ]
-            )
-        answers = await eval_many(self._redis, self._create, self._keys.prefix, arg_lists)
+        batch = b"".join(
+            _create_entry(record, idempotency, limits[i] if i < len(limits) else None, self._keys)
+            for i, (record, idempotency) in enumerate(items)
+        )
+        answer = await self._create(
+            keys=[self._keys.prefix], args=[self._retention_s, cutoff_id, batch]
+        )
         results = []
-        for (_, idempotency), answer in zip(items, answers, strict=True):
-            created, value = int(answer[0]), text(answer[1])
-            if created:
-                results.append(Created(job_id=value, created=True))
-                continue
-            job_id, _, stored_digest = value.partition(" ")
-            digest = idempotency[1] if idempotency else ""
-            results.append(Created(job_id=job_id, created=False, same_body=stored_digest == digest))
+        for (record, idempotency), line in zip(items, answer.split(b"\n"), strict=True):
+            kind, _, value = line.decode().partition(" ")
+            if kind == "C":
+                results.append(Created(job_id=record.id, created=True))
+            elif kind == "R":
+                results.append(
+                    Created(job_id=record.id, created=False, retry_after_s=float(value) / 1000)
+                )
+            else:
+                job_id, _, stored_digest = value.partition(" ")
+                digest = idempotency[1] if idempotency else ""
+                same = stored_digest == digest
+                results.append(Created(job_id=job_id, created=False, same_body=same))
         return results
 
     async def get(self, job_id: str) -> StoredJob | None:

@@ -11,32 +11,39 @@ submitter before it claims.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Final
 
 import redis.asyncio as aioredis
 
 from service.store.connection import text
 from service.store.keys import LUA_PRELUDE, Keys
 
-# Several limits taken at once (ARGV: key, interval_ms, burst, cost, then the next four),
-# one after the other, exactly as that many single calls in a row would take them.
-_GCRA = (
-    LUA_PRELUDE
-    + """
-local now = now_ms()
-local waits = {}
-for i = 1, #ARGV, 4 do
-  local key, interval_ms = ARGV[i], tonumber(ARGV[i + 1])
-  local burst, cost = tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
+LUA_GCRA: Final = """
+-- Take `cost` from the GCRA limit at `key` at time `now` (ms): 0 when granted, else the ms
+-- to wait first (and nothing is taken).
+local function gcra_take(key, interval_ms, burst, cost, now)
   local tat = tonumber(redis.call('GET', key) or now)
   if tat < now then tat = now end
   local new_tat = tat + interval_ms * cost
   local allow_at = new_tat - interval_ms * burst
-  if allow_at > now then
-    waits[#waits + 1] = allow_at - now
-  else
-    redis.call('SET', key, new_tat, 'PX', math.ceil(new_tat - now) + 1000)
-    waits[#waits + 1] = 0
-  end
+  if allow_at > now then return allow_at - now end
+  redis.call('SET', key, new_tat, 'PX', math.ceil(new_tat - now) + 1000)
+  return 0
+end
+"""
+"""The rate limiter itself, for every script that takes from a limit (`jobs.create_many` too)."""
+
+# Several limits taken at once (ARGV: key, interval_ms, burst, cost, then the next four),
+# one after the other, exactly as that many single calls in a row would take them.
+_GCRA = (
+    LUA_PRELUDE
+    + LUA_GCRA
+    + """
+local now = now_ms()
+local waits = {}
+for i = 1, #ARGV, 4 do
+  waits[#waits + 1] = gcra_take(ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2]),
+    tonumber(ARGV[i + 3]), now)
 end
 return waits
 """
@@ -75,6 +82,10 @@ class Take:
     burst: int
     cost: int = 1
 
+    def script_args(self, keys: Keys) -> tuple[str, float, int, int]:
+        """What `gcra_take` (`LUA_GCRA`) takes but the time: key, interval_ms, burst, cost."""
+        return keys.rate(self.name), 1000.0 / self.rate_per_s, max(1, self.burst), self.cost
+
 
 @dataclass(frozen=True)
 class Pause:
@@ -102,8 +113,7 @@ class Limits:
         """`acquire` for each of `takes` in one round trip, in order; the waits in that order."""
         args: list[str | float | int] = []
         for take in takes:
-            args += [self._keys.rate(take.name), 1000.0 / take.rate_per_s, max(1, take.burst)]
-            args.append(take.cost)
+            args += take.script_args(self._keys)
         waits_ms = await self._gcra(keys=[self._keys.prefix], args=args)
         return [float(wait_ms) / 1000.0 for wait_ms in waits_ms]
 
