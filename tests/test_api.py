@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -908,3 +909,152 @@ async def test_closing_waits_for_every_batch_on_its_way():
     sender.go.set()
     await closing
     assert [call.result() for call in calls] == [0, 2, 4]
+
+
+# The submit lane (service/api/lane.py): a plain submit is answered without the framework,
+# anything else is passed on to the route. Plain JSON is the lane's; a charset parameter,
+# though just as valid, makes a submit the route's.
+
+ROUTE_JSON = {"Content-Type": "application/json; charset=utf-8"}
+
+
+def comparable(answer: httpx.Response) -> tuple[dict[str, str], dict[str, Any]]:
+    """An answer's headers and job, but for what differs from job to job."""
+    job = answer.json()
+    assert answer.headers["content-length"] == str(len(answer.content))
+    assert answer.headers["location"] == f"/v1/jobs/{job['id']}"
+    skip = {"x-request-id", "content-length", "location"}
+    headers = {name: value for name, value in answer.headers.items() if name not in skip}
+    return headers, {name: value for name, value in job.items() if name not in {"id", "created_at"}}
+
+
+async def test_the_lane_and_the_route_answer_a_submit_alike(api):
+    """A submit answered by the lane and one answered by the route get the same answer."""
+    body = with_webhook(events=["job.failed"])
+    by_lane = await api.post("/v1/jobs", json=body)
+    by_route = await api.post("/v1/jobs", content=msgspec.json.encode(body), headers=ROUTE_JSON)
+    assert (by_lane.status_code, by_route.status_code) == (202, 202)
+    assert comparable(by_lane) == comparable(by_route)
+    assert list(by_lane.headers) == list(by_route.headers)
+
+
+async def test_the_lane_and_the_route_read_an_idempotency_key_alike(api):
+    """A key used through the lane replays through the route, and the other way round."""
+    for first, then in [({}, ROUTE_JSON), (ROUTE_JSON, {})]:
+        key = {"Idempotency-Key": f"order 4716 {len(first)}"}
+        content = msgspec.json.encode(job_body())
+        created = await api.post("/v1/jobs", content=content, headers={**key, **first})
+        assert created.status_code == 202, created.text
+        replay = await api.post("/v1/jobs", content=content, headers={**key, **then})
+        assert replay.status_code == 200, replay.text
+        assert replay.json() == created.json()
+        other = msgspec.json.encode(with_input(seed=7))
+        conflict = await api.post("/v1/jobs", content=other, headers={**key, **then})
+        assert assert_problem(conflict, 409)["type"].endswith(":idempotency-conflict")
+
+
+async def asgi_post(
+    app: Any, messages: list[dict[str, Any]], headers: list[tuple[bytes, bytes]]
+) -> tuple[int, bytes]:
+    """POST /v1/jobs straight to the ASGI app, its body as `messages`; the status and body."""
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/jobs",
+        "raw_path": b"/v1/jobs",
+        "root_path": "",
+        "query_string": b"",
+        "server": ("127.0.0.1", 8080),
+        "client": ("127.0.0.1", 50000),
+        "headers": [(b"authorization", f"Bearer {TENANT.api_key}".encode()), *headers],
+        "state": {},
+    }
+    pending = list(messages)
+    answer: dict[str, Any] = {"body": b""}
+
+    async def receive() -> dict[str, Any]:
+        if pending:
+            return pending.pop(0)
+        await asyncio.Event().wait()  # nothing more comes, as from a server
+        return {}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            answer["status"] = message["status"]
+        else:
+            answer["body"] += message.get("body", b"")
+
+    await app(scope, receive, send)
+    return answer["status"], answer["body"]
+
+
+@asynccontextmanager
+async def started(settings, keys) -> AsyncIterator[Any]:
+    app = create_app(settings, keys=keys)
+    async with app.lifespan():
+        yield app
+
+
+def in_parts(body: bytes, size: int) -> list[dict[str, Any]]:
+    parts = [body[i : i + size] for i in range(0, len(body), size)]
+    return [
+        {"type": "http.request", "body": part, "more_body": i < len(parts) - 1}
+        for i, part in enumerate(parts)
+    ]
+
+
+async def test_a_body_sent_in_parts_is_read_whole(settings, keys, jobs):
+    """A submit whose body comes in several parts (chunked, no length) is stored whole."""
+    body = msgspec.json.encode(job_body(metadata={"note": "x" * 300}))
+    async with started(settings, keys) as app:
+        status, content = await asgi_post(app, in_parts(body, 100), [])
+    assert status == 202, content
+    stored = await jobs.get(msgspec.json.decode(content)["id"])
+    assert stored.record.metadata == {"note": "x" * 300}
+
+
+async def test_a_body_in_parts_over_1_mb_answers_413_and_stores_nothing(settings, keys, jobs):
+    """A body over 1 MB sent in parts without Content-Length answers 413; no job is stored."""
+    body = msgspec.json.encode(job_body(metadata={"pad": "x" * 1_100_000}))
+    async with started(settings, keys) as app:
+        status, content = await asgi_post(app, in_parts(body, 64_000), [])
+    assert status == 413, content
+    assert msgspec.json.decode(content)["status"] == 413
+    assert await jobs.page(TENANT.id, status=None, limit=10, cursor=None) == ([], None)
+
+
+async def test_a_submit_cut_short_stores_nothing(settings, keys, jobs):
+    """A client that goes away in the middle of its body gets no job stored."""
+    body = msgspec.json.encode(job_body())
+    messages = [*in_parts(body, 20)[:2], {"type": "http.disconnect"}]
+    async with started(settings, keys) as app:
+        with contextlib.suppress(Exception):
+            await asgi_post(app, messages, [])
+    assert await jobs.page(TENANT.id, status=None, limit=10, cursor=None) == ([], None)
+
+
+async def test_an_invalid_host_header_answers_400(settings, keys):
+    """A submit whose Host header is not a host name answers 400 problem+json."""
+    body = msgspec.json.encode(job_body())
+    async with started(settings, keys) as app:
+        status, content = await asgi_post(app, in_parts(body, 1000), [(b"host", b"a b/c")])
+    assert status == 400
+    assert msgspec.json.decode(content)["status"] == 400
+
+
+async def test_an_unexpected_error_storing_a_job_answers_500_and_is_logged(
+    api, monkeypatch, caplog
+):
+    """A bug while storing a submit answers 500 problem+json naming nothing internal."""
+
+    async def broken(self, items, *, limits=()):
+        raise RuntimeError("secret internals")
+
+    monkeypatch.setattr(JobStore, "create_many", broken)
+    answer = await api.post("/v1/jobs", json=job_body())
+    assert_problem(answer, 500)
+    assert "secret internals" not in answer.text
+    assert [r.exc_info[0] for r in caplog.records if r.exc_info] == [RuntimeError]

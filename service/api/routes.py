@@ -174,6 +174,18 @@ async def submit_job(
     _require_json(request)
     body = await request.body()
     job_request = parse_job_request(body, callback_hosts=caller.tenant.callback_hosts)
+    job, status = await accept_job(services, caller, job_request, idempotency_key)
+    return Response(job, status_code=status, headers={"Location": f"/v1/jobs/{job.id}"})
+
+
+async def accept_job(
+    services: Services, caller: Caller, job_request: JobRequest, idempotency_key: str | None
+) -> tuple[Job, int]:
+    """Store a valid job request: the new job and 202, or the one its key names and 200.
+
+    What `submit_job` does once the request is read and valid; `lane.SubmitLane` calls
+    it too. Raises the 409 and 429 problems (and Redis's errors) for the caller to answer.
+    """
     record = _new_record(job_request, caller, services.settings)
     idempotency = None
     if idempotency_key is not None:
@@ -187,7 +199,7 @@ async def submit_job(
         )
     if created.created:
         services.metrics.jobs_accepted.labels(tenant=caller.tenant.id).inc()
-        return _job_answer(record.view("pending", 0), 202)
+        return record.view("pending", 0), 202
     if not created.same_body:
         raise ProblemError(
             409,
@@ -201,7 +213,7 @@ async def submit_job(
             "this Idempotency-Key names a job that no longer exists",
             kind="idempotency-conflict",
         )
-    return _job_answer(_view(stored), 200)
+    return _view(stored), 200
 
 
 @get("/jobs/{job_id:str}", summary="Get a job", responses=problem_responses(401, 404, 503))
@@ -500,10 +512,6 @@ async def _owned_job(jobs: JobStore, caller: Caller, job_id: str) -> StoredJob:
 
 def _view(stored: StoredJob) -> Job:
     return stored.record.view(stored.webhook_state, stored.webhook_attempts)
-
-
-def _job_answer(job: Job, status: int) -> Response[Job]:
-    return Response(job, status_code=status, headers={"Location": f"/v1/jobs/{job.id}"})
 
 
 def _not_cancellable(status: str) -> str:
