@@ -60,7 +60,8 @@ class SubmitLane:
             return
         read: list[ReceiveMessage] = []
         body = await self._read_body(receive, read)
-        accepted = None if body is None else self._accept(headers, body)
+        services: Services = self._litestar.state.services
+        accepted = None if body is None else _accept(services, headers, body)
         if accepted is None:
             await self.app(scope, _replay(read, receive), send)
             return
@@ -69,7 +70,7 @@ class SubmitLane:
         scope["path_template"] = SUBMIT_PATH  # as the router sets it: the metrics' route label
         try:
             job, status = await accept_job(
-                self._services, caller, job_request, key.decode("latin-1") if key else None
+                services, caller, job_request, key.decode("latin-1") if key else None
             )
         except Exception as exc:  # noqa: BLE001 - answered by the app's handlers, as for the route
             await self._answer_error(scope, receive, send, exc)
@@ -87,11 +88,6 @@ class SubmitLane:
             }
         )
         await send({"type": "http.response.body", "body": content, "more_body": False})
-
-    @property
-    def _services(self) -> Services:
-        services: Services = self._litestar.state.services
-        return services
 
     def _plain_headers(self, scope: HTTPScope) -> dict[bytes, bytes] | None:
         """The headers a submit reads, or None unless each is there once and plainly valid."""
@@ -127,20 +123,9 @@ class SubmitLane:
             if size > self._max_body_bytes:
                 return None
             if not message.get("more_body", False):
+                if len(read) == 1:
+                    return message.get("body", b"")
                 return b"".join(cast("bytes", m.get("body", b"")) for m in read)
-
-    def _accept(self, headers: dict[bytes, bytes], body: bytes) -> tuple[Caller, JobRequest] | None:
-        """The caller and their valid request, or None where the route answers an error."""
-        authorization = headers.get(b"authorization")
-        try:
-            caller = authenticate(
-                self._services.settings.tenants,
-                authorization.decode("latin-1") if authorization is not None else None,
-            )
-            hosts = caller.tenant.callback_hosts
-            return caller, parse_job_request(body, callback_hosts=hosts)
-        except Exception:  # noqa: BLE001 - the route meets it again, and answers (and logs) it
-            return None
 
     async def _answer_error(
         self, scope: Scope, receive: Receive, send: Send, exc: Exception
@@ -151,6 +136,21 @@ class SubmitLane:
         handler = next(handlers[kind] for kind in type(exc).__mro__ if kind in handlers)
         response = handler(request, exc)
         await response.to_asgi_response(app=None, request=request)(scope, receive, send)
+
+
+def _accept(
+    services: Services, headers: dict[bytes, bytes], body: bytes
+) -> tuple[Caller, JobRequest] | None:
+    """The caller and their valid request, or None where the route answers an error."""
+    authorization = headers.get(b"authorization")
+    try:
+        caller = authenticate(
+            services.settings.tenants,
+            authorization.decode("latin-1") if authorization is not None else None,
+        )
+        return caller, parse_job_request(body, callback_hosts=caller.tenant.callback_hosts)
+    except Exception:  # noqa: BLE001 - the route meets it again, and answers (and logs) it
+        return None
 
 
 def _replay(read: list[ReceiveMessage], receive: Receive) -> Receive:
