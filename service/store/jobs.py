@@ -377,8 +377,10 @@ class JobStore:
 
         `limits[i]`, when given, is taken from first (the tenant's submission
         rate): a job it refuses is not stored and answers `retry_after_s`. The
-        batch is one script, so it is atomic and runs in list order (a key used
-        twice in a batch answers the first job the second time).
+        batch is one script: nothing else runs between its creates, which run in
+        list order (a key used twice in a batch answers the first job the second
+        time). An error raised here may leave the batch created or not, as a lost
+        connection may with `create`.
         """
         if not items:
             return []
