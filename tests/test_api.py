@@ -12,9 +12,13 @@ from typing import Any
 import httpx
 import msgspec
 import pytest
+from litestar import Litestar
+from litestar.config.cors import CORSConfig
 
 from service.api.app import create_app
 from service.api.batching import Coalescer
+from service.api.lane import SubmitLane
+from service.api.routes import route_handlers
 from service.config import Settings, load_settings
 from service.localredis import free_port
 from service.models import MAX_METADATA_BYTES, DeliveryAttempt, utcnow
@@ -1058,3 +1062,17 @@ async def test_an_unexpected_error_storing_a_job_answers_500_and_is_logged(
     assert_problem(answer, 500)
     assert "secret internals" not in answer.text
     assert [r.exc_info[0] for r in caplog.records if r.exc_info] == [RuntimeError]
+
+
+async def test_the_lane_refuses_an_app_configured_with_what_it_would_skip():
+    """Middleware or hooks on the submit route would be skipped by the lane: it says so at once."""
+
+    async def before_send(message, scope):
+        return None
+
+    app = Litestar(route_handlers=route_handlers(), before_send=[before_send])
+    with pytest.raises(RuntimeError, match="before_send"):
+        SubmitLane(app.asgi_handler, app, max_body_bytes=1_000_000)
+    cors = Litestar(route_handlers=route_handlers(), cors_config=CORSConfig())
+    with pytest.raises(RuntimeError, match="CORS"):
+        SubmitLane(cors.asgi_handler, cors, max_body_bytes=1_000_000)

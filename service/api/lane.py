@@ -22,6 +22,7 @@ from typing import Any, Final, cast
 import msgspec
 from litestar import Litestar, Request
 from litestar.enums import ScopeType
+from litestar.handlers import HTTPRouteHandler
 from litestar.types import ASGIApp, HTTPScope, Receive, ReceiveMessage, Scope, Send
 
 from service.api.auth import Caller, authenticate
@@ -46,6 +47,12 @@ class SubmitLane:
     """Answers plain `POST /v1/jobs` requests itself; passes everything else on to `app`."""
 
     def __init__(self, app: ASGIApp, litestar: Litestar, *, max_body_bytes: int) -> None:
+        skipped = _skipped_by_the_lane(litestar, max_body_bytes)
+        if skipped:
+            raise RuntimeError(
+                f"the submit lane (lane.py) would skip {', '.join(skipped)} configured for "
+                f"POST {SUBMIT_PATH}: teach it to do the same, or take it out"
+            )
         self.app = app
         self._litestar = litestar
         self._max_body_bytes = max_body_bytes
@@ -136,6 +143,30 @@ class SubmitLane:
         handler = next(handlers[kind] for kind in type(exc).__mro__ if kind in handlers)
         response = handler(request, exc)
         await response.to_asgi_response(app=None, request=request)(scope, receive, send)
+
+
+def _skipped_by_the_lane(app: Litestar, max_body_bytes: int) -> list[str]:
+    """What the framework is configured to do for a submit that the lane does not do."""
+    handler = cast("HTTPRouteHandler", app.route_handler_method_map[SUBMIT_PATH]["POST"])
+    sent = [h for h in handler.resolve_response_headers() if not h.documentation_only]
+    configured = {
+        "middleware": handler.resolve_middleware(),
+        "guards": handler.resolve_guards(),
+        "before_request": handler.resolve_before_request(),
+        "after_request": [x for x in handler.ownership_layers if getattr(x, "after_request", None)],
+        "after_response": handler.resolve_after_response(),
+        "response cookies": handler.resolve_response_cookies(),
+        "response headers": sent,
+        "before_send": app.before_send,
+        "after_exception": app.after_exception,
+        "CORS": app.cors_config,
+        "compression": app.compression_config,
+        "CSRF": app.csrf_config,
+        "allowed hosts": app.allowed_hosts,
+        "another body limit": handler.resolve_request_max_body_size() != max_body_bytes,
+        "other exception handlers": handler.resolve_exception_handlers() != app.exception_handlers,
+    }
+    return [name for name, value in configured.items() if value]
 
 
 def _accept(
