@@ -37,7 +37,7 @@ _READ: Final = frozenset(
 )
 """The headers a submit depends on: the lane answers only when each comes at most once."""
 
-_HOST = re.compile(rb"^[A-Za-z0-9.:\[\]-]+$")
+_HOST = re.compile(rb"[A-Za-z0-9.:\[\]-]+")
 """Plain host names and addresses: a subset of what Litestar accepts (it answers 400 else)."""
 
 _encoder = msgspec.json.Encoder()
@@ -114,7 +114,7 @@ class SubmitLane:
         if length is not None and not (length.isdigit() and int(length) <= self._max_body_bytes):
             return None
         host = found.get(b"host")
-        if host is not None and not _HOST.match(host):
+        if host is not None and not _HOST.fullmatch(host):
             return None
         return found
 
