@@ -6,7 +6,10 @@ import asyncio
 from datetime import timedelta
 
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 
+from service.localredis import free_port
 from service.models import (
     DeliveryAttempt,
     EventType,
@@ -16,7 +19,7 @@ from service.models import (
     WebhookSpec,
     utcnow,
 )
-from service.store.connection import new_id
+from service.store.connection import Pipeliner, connect, new_id
 from service.store.deliveries import DeliveryStore, Resend
 from service.store.jobs import JobStore, Lease, Outcome, body_hash, delivery_id
 from service.store.schedules import Schedules
@@ -43,19 +46,30 @@ def make_record(
     )
 
 
-@pytest.fixture
-def jobs(redis, keys):
-    return JobStore(redis, keys, retention_s=RETENTION)
+@pytest.fixture(params=["direct", "pipelined"])
+async def pipeliner(request, redis):
+    """Each store test runs with plain calls (the API) and pipelined ones (the worker)."""
+    if request.param == "direct":
+        yield None
+        return
+    pipeliner = Pipeliner(redis)
+    yield pipeliner
+    await pipeliner.aclose()
 
 
 @pytest.fixture
-def schedules(redis, keys):
-    return Schedules(redis, keys, lease_s=30)
+def jobs(redis, keys, pipeliner):
+    return JobStore(redis, keys, retention_s=RETENTION, pipeliner=pipeliner)
 
 
 @pytest.fixture
-def deliveries(redis, keys):
-    return DeliveryStore(redis, keys, retention_s=RETENTION)
+def schedules(redis, keys, pipeliner):
+    return Schedules(redis, keys, lease_s=30, pipeliner=pipeliner)
+
+
+@pytest.fixture
+def deliveries(redis, keys, pipeliner):
+    return DeliveryStore(redis, keys, retention_s=RETENTION, pipeliner=pipeliner)
 
 
 async def test_job_runs_through_every_state_and_queues_one_webhook(jobs, schedules, deliveries):
@@ -275,6 +289,63 @@ async def test_scripts_survive_a_script_cache_flush(redis, jobs, schedules):
     await redis.script_flush()
     stored = await jobs.get(record.id)
     assert (await jobs.record_submit(stored, claim.lease))[0] is Outcome.DONE
+
+
+async def test_pipelined_calls_each_get_their_own_answer_or_error(redis, keys):
+    """Calls sent together answer each caller alone: one call's error is not the others'."""
+    pipeliner = Pipeliner(redis)
+    counter, text = f"{keys.prefix}:n", f"{keys.prefix}:s"
+    await redis.set(text, "not a number")
+    answers = await asyncio.gather(
+        *(pipeliner.command("INCR", counter) for _ in range(5)),
+        pipeliner.command("INCR", text),
+        pipeliner.command("GET", text),
+        return_exceptions=True,
+    )
+    assert answers[:5] == [1, 2, 3, 4, 5]
+    assert isinstance(answers[5], ResponseError)
+    assert answers[6] == b"not a number"
+    await pipeliner.aclose()
+
+
+async def test_pipelined_scripts_run_once_each_across_a_script_cache_flush(redis, keys):
+    """After SCRIPT FLUSH the refused calls are sent again once the script is loaded: none twice."""
+    pipeliner = Pipeliner(redis)
+    script = redis.register_script("return redis.call('INCR', KEYS[1])")
+    counter = f"{keys.prefix}:n"
+    await pipeliner.script(script, [counter], [])
+    await redis.script_flush()
+    answers = await asyncio.gather(*(pipeliner.script(script, [counter], []) for _ in range(10)))
+    assert sorted(answers) == list(range(2, 12))
+    assert int(await redis.get(counter)) == 11
+    await pipeliner.aclose()
+
+
+async def test_every_pipelined_call_fails_when_redis_is_unreachable():
+    """Without Redis each caller gets the connection error; none waits forever."""
+    unreachable = connect(f"redis://127.0.0.1:{free_port()}")
+    pipeliner = Pipeliner(unreachable)
+    answers = await asyncio.gather(
+        *(pipeliner.command("GET", "k") for _ in range(3)), return_exceptions=True
+    )
+    assert all(isinstance(a, RedisConnectionError) for a in answers)
+    await pipeliner.aclose()
+    await unreachable.aclose()
+
+
+async def test_deliveries_are_read_together_and_a_gone_one_reads_as_none(
+    jobs, schedules, deliveries
+):
+    """One read returns each claimed delivery, final or not, and None for one that is gone."""
+    record = make_record(events=["job.started", "job.completed"])
+    await jobs.create(record)
+    await run_to_completion(jobs, schedules, record)
+    started, completed = (delivery_id(record.id, e) for e in ("job.started", "job.completed"))
+    gone = delivery_id(make_record().id, "job.completed")
+    found = await deliveries.get_many([completed, gone, started])
+    assert [d.event_type if d else None for d in found] == ["job.completed", None, "job.started"]
+    assert found[0] == await deliveries.get(completed)
+    assert found[2] == await deliveries.get(started)
 
 
 async def run_to_completion(jobs, schedules, record, *, deliveries=None):

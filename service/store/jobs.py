@@ -35,7 +35,7 @@ from service.models import (
     WebhookState,
     utcnow,
 )
-from service.store.connection import eval_many, text, time_prefix
+from service.store.connection import Pipeliner, eval_many, text, time_prefix
 from service.store.keys import LUA_PRELUDE, LUA_VALUES, JobValue, Keys, parse_job
 
 _record_decoder = msgspec.json.Decoder(JobRecord)
@@ -293,8 +293,11 @@ class JobStore:
         *,
         retention_s: int,
         on_finish: Callable[[str, str], None] | None = None,
+        pipeliner: Pipeliner | None = None,
     ) -> None:
+        """`pipeliner` sends reads and state changes with other concurrent calls (the worker)."""
         self._redis = redis
+        self._pipeliner = pipeliner
         self._keys = keys
         self._retention_s = retention_s
         self._on_finish = on_finish  # (status, tenant), once per job reaching a final state
@@ -359,8 +362,13 @@ class JobStore:
         """Several jobs in one round trip, None where a job is gone."""
         if not job_ids:
             return []
+        names = [self._keys.job(i) for i in job_ids]
+        if self._pipeliner is not None:
+            raws = await self._pipeliner.command("MGET", *names)
+        else:
+            raws = await self._redis.mget(names)
         jobs: list[StoredJob | None] = []
-        for raw in await self._redis.mget([self._keys.job(i) for i in job_ids]):
+        for raw in raws:
             if raw is None:
                 jobs.append(None)
                 continue
@@ -449,10 +457,11 @@ class JobStore:
         elif final and new.webhook is not None and stored.record.status not in FINAL_STATUSES:
             op.wh_state = "skipped"
         op.body_len = len(body)
-        answer = await self._transition(
-            keys=[self._keys.prefix],
-            args=[_encoder.encode(op), pack(body, _encoder.encode(new)), event_body],
-        )
+        args = [_encoder.encode(op), pack(body, _encoder.encode(new)), event_body]
+        if self._pipeliner is not None:
+            answer = await self._pipeliner.script(self._transition, [self._keys.prefix], args)
+        else:
+            answer = await self._transition(keys=[self._keys.prefix], args=args)
         outcome = Outcome(int(answer))
         ended = final and stored.record.status not in FINAL_STATUSES
         if outcome is Outcome.DONE and ended and self._on_finish is not None:

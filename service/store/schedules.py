@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
 
-from service.store.connection import text
+from service.store.connection import Pipeliner, Reply, text
 from service.store.jobs import Lease
 from service.store.keys import LUA_PRELUDE, Keys
 
@@ -177,8 +178,17 @@ class Requeue:
 class Schedules:
     """The `submit`, `poll` and `deliver` schedules: claim due members, release them."""
 
-    def __init__(self, redis: aioredis.Redis, keys: Keys, *, lease_s: float) -> None:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        keys: Keys,
+        *,
+        lease_s: float,
+        pipeliner: Pipeliner | None = None,
+    ) -> None:
+        """`pipeliner` sends claims and releases with other concurrent calls (the worker)."""
         self._redis = redis
+        self._pipeliner = pipeliner
         self._keys = keys
         self._lease_ms = round(lease_s * 1000)
         self._claim_due = redis.register_script(_CLAIM_DUE)
@@ -188,9 +198,7 @@ class Schedules:
 
     async def claim(self, name: Literal["poll", "deliver"], max_items: int) -> list[Claim]:
         """Claim up to `max_items` due members of the poll or deliver schedule."""
-        answer = await self._claim_due(
-            keys=[self._keys.prefix], args=[name, self._lease_ms, max_items]
-        )
+        answer = await self._run(self._claim_due, [name, self._lease_ms, max_items])
         flat = text(answer).split()
         return [
             Claim(member=flat[i], lease=Lease(name, flat[i + 1]), due_ms=int(float(flat[i + 2])))
@@ -204,7 +212,7 @@ class Schedules:
         args: list[str | int] = [self._lease_ms, max_items, global_cap]
         for tenant, cap in tenant_caps.items():
             args += [tenant, cap]
-        flat = await self._claim_submits(keys=[self._keys.prefix], args=args)
+        flat = await self._run(self._claim_submits, args)
         return [
             Claim(
                 tenant=text(flat[i]),
@@ -229,9 +237,9 @@ class Schedules:
             if schedule == "submit"
             else self._keys.schedule(schedule)
         )
-        done = await self._release(
-            keys=[self._keys.prefix],
-            args=[
+        done = await self._run(
+            self._release,
+            [
                 schedule,
                 key,
                 claim.member,
@@ -260,8 +268,13 @@ class Schedules:
             delay_ms = -1 if requeue.delay_s is None else max(0, round(requeue.delay_s * 1000))
             base_ms = claim.due_ms if requeue.cadence and claim.due_ms > 0 else -1
             items.append(f"{claim.member} {claim.lease.token} {base_ms} {delay_ms}")
-        done = await self._release_many(keys=[self._keys.prefix], args=[name, " ".join(items)])
+        done = await self._run(self._release_many, [name, " ".join(items)])
         return [flag == "1" for flag in text(done)]
+
+    async def _run(self, script: AsyncScript, args: Sequence[str | int]) -> Reply:
+        if self._pipeliner is not None:
+            return await self._pipeliner.script(script, [self._keys.prefix], args)
+        return await script(keys=[self._keys.prefix], args=args)
 
     async def depths(self) -> dict[str, int]:
         """How many members each schedule holds, and how many jobs hold upstream slots."""

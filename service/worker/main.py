@@ -21,7 +21,7 @@ from redis.exceptions import RedisError
 from service.config import Settings
 from service.metrics import WorkerMetrics
 from service.runcomfy.client import RunComfyClient, create_upstream_session
-from service.store.connection import connect
+from service.store.connection import Pipeliner, connect
 from service.store.deliveries import DeliveryStore
 from service.store.jobs import JobStore
 from service.store.keys import Keys
@@ -88,16 +88,26 @@ async def run_worker(
     upstream = create_upstream_session(max_connections=256)
     hooks = create_webhook_session(limit=CONCURRENCY, limit_per_host=PER_HOST)
     heartbeat = Heartbeat()
-    schedules = Schedules(redis, keys, lease_s=settings.lease_s)
+    # The loops' concurrent items change state at about the same moments: one pipeline a turn.
+    pipeliner = Pipeliner(redis)
+    schedules = Schedules(redis, keys, lease_s=settings.lease_s, pipeliner=pipeliner)
     limits = Limits(redis, keys)
-    deliveries = DeliveryStore(redis, keys, retention_s=settings.job_retention_s)
+    deliveries = DeliveryStore(
+        redis, keys, retention_s=settings.job_retention_s, pipeliner=pipeliner
+    )
     dispatcher = Dispatcher(settings, deliveries, schedules, hooks, heartbeat, metrics=metrics)
 
     def job_finished(status: str, tenant: str) -> None:
         metrics.job_finished(status, tenant)
         dispatcher.wake()  # the job's final webhook is due now: no need to wait for a tick
 
-    jobs = JobStore(redis, keys, retention_s=settings.job_retention_s, on_finish=job_finished)
+    jobs = JobStore(
+        redis,
+        keys,
+        retention_s=settings.job_retention_s,
+        on_finish=job_finished,
+        pipeliner=pipeliner,
+    )
     client = RunComfyClient(
         upstream,
         settings.runcomfy_base_url,
@@ -139,6 +149,7 @@ async def run_worker(
             await runner.cleanup()
         await upstream.close()
         await hooks.close()
+        await pipeliner.aclose()
         await redis.aclose()
         log.info("worker: stopped")
 
