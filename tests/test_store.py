@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from datetime import timedelta
 
 import pytest
+import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.localredis import free_port
 from service.models import (
@@ -19,9 +22,10 @@ from service.models import (
     WebhookSpec,
     utcnow,
 )
-from service.store.connection import Pipeliner, connect, new_id
+from service.store.connection import connect, new_id
 from service.store.deliveries import DeliveryStore, Resend
 from service.store.jobs import JobStore, Lease, Outcome, body_hash, delivery_id
+from service.store.pipelining import Pipeliner
 from service.store.schedules import Schedules
 from tests.support import wait_for
 
@@ -331,6 +335,79 @@ async def test_every_pipelined_call_fails_when_redis_is_unreachable():
     assert all(isinstance(a, RedisConnectionError) for a in answers)
     await pipeliner.aclose()
     await unreachable.aclose()
+
+
+async def test_a_pipelined_call_cancelled_before_it_is_written_never_runs(redis, keys):
+    """A caller that gave up before the write leaves nothing behind in Redis."""
+    pipeliner = Pipeliner(redis)
+    counter = f"{keys.prefix}:n"
+    given_up = asyncio.create_task(pipeliner.command("INCR", counter))
+    await asyncio.sleep(0)  # it queues its call, due to be written at the end of this turn
+    given_up.cancel()
+    assert await pipeliner.command("INCR", counter) == 1
+    await pipeliner.aclose()
+
+
+async def test_a_pipeliner_connects_as_the_urls_user_to_the_urls_database(redis, redis_server):
+    """User, password and database come from the client it was made from, as redis-py's do."""
+    user = f"pipe{uuid.uuid4().hex[:8]}"
+    await redis.acl_setuser(
+        user, enabled=True, passwords=["+s3cret"], commands=["+@all"], keys=["*"]
+    )
+    url = f"redis://{user}:s3cret@127.0.0.1:{redis_server.port}/3"
+    wrong = f"redis://{user}:wrong@127.0.0.1:{redis_server.port}/3"
+    try:
+        client = connect(url)
+        pipeliner = Pipeliner(client)
+        await pipeliner.command("SET", f"{user}:k", "v")
+        assert await pipeliner.command("ACL", "WHOAMI") == user.encode()
+        assert await client.get(f"{user}:k") == b"v"
+        assert await redis.get(f"{user}:k") is None  # database 0
+        await client.delete(f"{user}:k")
+        await pipeliner.aclose()
+        await client.aclose()
+        refused = connect(wrong)
+        with pytest.raises(RedisConnectionError):
+            await Pipeliner(refused).command("PING")
+        await refused.aclose()
+    finally:
+        await redis.acl_deluser(user)
+
+
+async def test_a_pipeliner_whose_connection_was_killed_answers_again_on_a_new_one(redis):
+    """A dropped connection fails only the calls in flight on it; later calls reconnect."""
+    pipeliner = Pipeliner(redis)
+    first = await pipeliner.command("CLIENT", "ID")
+    await redis.client_kill_filter(_id=first)
+
+    async def answers_again():
+        try:
+            return await pipeliner.command("CLIENT", "ID")
+        except RedisConnectionError:
+            return None
+
+    second = await wait_for(answers_again)
+    assert second not in {None, first}
+    await pipeliner.aclose()
+
+
+async def test_a_pipelined_call_redis_never_answers_times_out():
+    """A server that accepts the call but never replies costs the socket timeout, not a hang."""
+
+    async def silent(reader, writer):
+        await reader.read()  # take the call, answer nothing
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = aioredis.Redis.from_url(f"redis://127.0.0.1:{port}", socket_timeout=0.2)
+    pipeliner = Pipeliner(client)
+    with pytest.raises(RedisTimeoutError):
+        await pipeliner.command("PING")
+    await pipeliner.aclose()
+    await client.aclose()
+    server.close()
+    await server.wait_closed()
 
 
 async def test_deliveries_are_read_together_and_a_gone_one_reads_as_none(

@@ -17,9 +17,9 @@ import msgspec
 import redis.asyncio as aioredis
 
 from service.models import FINAL_STATUSES, DeliveryAttempt
-from service.store.connection import Pipeliner
 from service.store.jobs import Lease, job_of_delivery, unpack
 from service.store.keys import LUA_PRELUDE, LUA_VALUES, Keys, parse_delivery, parse_job
+from service.store.pipelining import Pipeliner
 
 # A log entry is an attempt's fields as a JSON array, in DeliveryAttempt's order:
 # a line of a job's value, half the size of the object with its names.

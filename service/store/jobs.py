@@ -35,8 +35,9 @@ from service.models import (
     WebhookState,
     utcnow,
 )
-from service.store.connection import Pipeliner, eval_many, text, time_prefix
+from service.store.connection import eval_many, text, time_prefix
 from service.store.keys import LUA_PRELUDE, LUA_VALUES, JobValue, Keys, parse_job
+from service.store.pipelining import Pipeliner
 
 _record_decoder = msgspec.json.Decoder(JobRecord)
 _encoder = msgspec.json.Encoder()

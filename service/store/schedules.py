@@ -22,9 +22,10 @@ from typing import Literal
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
-from service.store.connection import Pipeliner, Reply, text
+from service.store.connection import text
 from service.store.jobs import Lease
 from service.store.keys import LUA_PRELUDE, Keys
+from service.store.pipelining import Pipeliner, Reply
 
 # Claims and batched releases travel as one space-separated string each way
 # rather than an array of 3-4 items per member: redis-py parses and packs RESP

@@ -21,11 +21,12 @@ from redis.exceptions import RedisError
 from service.config import Settings
 from service.metrics import WorkerMetrics
 from service.runcomfy.client import RunComfyClient, create_upstream_session
-from service.store.connection import Pipeliner, connect
+from service.store.connection import connect
 from service.store.deliveries import DeliveryStore
 from service.store.jobs import JobStore
 from service.store.keys import Keys
 from service.store.limits import Limits
+from service.store.pipelining import Pipeliner
 from service.store.schedules import Schedules
 from service.tenants_watch import TenantsWatcher
 from service.webhooks.delivery import create_webhook_session
