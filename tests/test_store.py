@@ -295,6 +295,29 @@ async def test_scripts_survive_a_script_cache_flush(redis, jobs, schedules):
     assert (await jobs.record_submit(stored, claim.lease))[0] is Outcome.DONE
 
 
+async def test_a_change_that_schedules_a_poll_or_a_webhook_says_when_it_falls_due(
+    redis, keys, schedules, pipeliner
+):
+    """The worker's loops hear of the items its own changes schedule (`on_due`)."""
+    heard: list[tuple[str, float]] = []
+    jobs = JobStore(
+        redis,
+        keys,
+        retention_s=RETENTION,
+        pipeliner=pipeliner,
+        on_due=lambda schedule, seconds: heard.append((schedule, seconds)),
+    )
+    record = make_record()
+    await jobs.create(record)
+    [claim] = await schedules.claim_submits(1, global_cap=5, tenant_caps={})
+    _, stored = await jobs.record_submit(await jobs.get(record.id), claim.lease)
+    assert heard == []
+    await jobs.submitted(stored, claim.lease, "req-1", poll_in_s=2.5)
+    assert heard == [("poll", 2.5)]
+    await jobs.finish(await jobs.get(record.id), "completed", lease=None, output={})
+    assert heard == [("poll", 2.5), ("deliver", 0.0)]
+
+
 async def test_pipelined_calls_each_get_their_own_answer_or_error(redis, keys):
     """Calls sent together answer each caller alone: one call's error is not the others'."""
     pipeliner = Pipeliner(redis)

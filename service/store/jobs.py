@@ -294,11 +294,16 @@ class JobStore:
         *,
         retention_s: int,
         on_finish: Callable[[str, str], None] | None = None,
+        on_due: Callable[[Literal["poll", "deliver"], float], None] | None = None,
         pipeliner: Pipeliner | None = None,
     ) -> None:
-        """`pipeliner` sends reads and state changes with other concurrent calls (the worker)."""
+        """`on_due(schedule, seconds)` hears of each poll or delivery a change schedules.
+
+        `pipeliner` sends reads and state changes with other concurrent calls (the worker).
+        """
         self._redis = redis
         self._pipeliner = pipeliner
+        self._on_due = on_due
         self._keys = keys
         self._retention_s = retention_s
         self._on_finish = on_finish  # (status, tenant), once per job reaching a final state
@@ -464,9 +469,15 @@ class JobStore:
         else:
             answer = await self._transition(keys=[self._keys.prefix], args=args)
         outcome = Outcome(int(answer))
-        ended = final and stored.record.status not in FINAL_STATUSES
-        if outcome is Outcome.DONE and ended and self._on_finish is not None:
+        if outcome is not Outcome.DONE:
+            return outcome
+        if final and stored.record.status not in FINAL_STATUSES and self._on_finish is not None:
             self._on_finish(new.status, new.tenant)
+        if self._on_due is not None:
+            if op.poll_in_ms is not None:
+                self._on_due("poll", op.poll_in_ms / 1000)
+            if op.event_id is not None:
+                self._on_due("deliver", 0.0)
         return outcome
 
     # The state machine. Each method names one edge; all go through `_apply`.

@@ -49,6 +49,9 @@ for i = 1, #due, 2 do
   out[#out + 1] = token
   out[#out + 1] = due[i + 1]
 end
+-- Last, how long until the schedule's next member falls due ('-' when it is empty).
+local first = redis.call('ZRANGE', sched, 0, 0, 'WITHSCORES')
+out[#out + 1] = first[2] and math.max(0, tonumber(first[2]) - now) or '-'
 return table.concat(out, ' ')
 """
 )
@@ -164,6 +167,18 @@ class Claim:
 
 
 @dataclass(frozen=True)
+class Claimed:
+    """The answer of `Schedules.claim_due`: the claims, and when the next member falls due.
+
+    `next_due_s` is the time until the schedule's earliest member (claimed or
+    not) falls due, by Redis's clock; None when the schedule is empty.
+    """
+
+    claims: list[Claim]
+    next_due_s: float | None
+
+
+@dataclass(frozen=True)
 class Requeue:
     """One claimed member to give back with `release_many`.
 
@@ -199,12 +214,18 @@ class Schedules:
 
     async def claim(self, name: Literal["poll", "deliver"], max_items: int) -> list[Claim]:
         """Claim up to `max_items` due members of the poll or deliver schedule."""
+        return (await self.claim_due(name, max_items)).claims
+
+    async def claim_due(self, name: Literal["poll", "deliver"], max_items: int) -> Claimed:
+        """`claim`, also saying when the schedule's next member falls due."""
         answer = await self._run(self._claim_due, [name, self._lease_ms, max_items])
         flat = text(answer).split()
-        return [
+        next_due = flat.pop()
+        claims = [
             Claim(member=flat[i], lease=Lease(name, flat[i + 1]), due_ms=int(float(flat[i + 2])))
             for i in range(0, len(flat), 3)
         ]
+        return Claimed(claims, None if next_due == "-" else float(next_due) / 1000)
 
     async def claim_submits(
         self, max_items: int, *, global_cap: int, tenant_caps: Mapping[str, int]

@@ -31,7 +31,7 @@ from service.store.schedules import Schedules
 from service.tenants_watch import TenantsWatcher
 from service.webhooks.delivery import create_webhook_session
 from service.worker.dispatcher import CONCURRENCY, PER_HOST, Dispatcher
-from service.worker.loop import Heartbeat
+from service.worker.loop import ClaimLoop, Heartbeat
 from service.worker.poller import Poller
 from service.worker.submitter import Submitter
 
@@ -98,15 +98,19 @@ async def run_worker(
     )
     dispatcher = Dispatcher(settings, deliveries, schedules, hooks, heartbeat, metrics=metrics)
 
-    def job_finished(status: str, tenant: str) -> None:
-        metrics.job_finished(status, tenant)
-        dispatcher.wake()  # the job's final webhook is due now: no need to wait for a tick
+    woken: dict[str, ClaimLoop] = {"deliver": dispatcher}  # and "poll", once it exists
+
+    def item_due(schedule: str, seconds: float) -> None:
+        # A poll or webhook this process scheduled: its loop claims it then, not at a tick.
+        if (loop := woken.get(schedule)) is not None:
+            loop.due_in(seconds)
 
     jobs = JobStore(
         redis,
         keys,
         retention_s=settings.job_retention_s,
-        on_finish=job_finished,
+        on_finish=metrics.job_finished,
+        on_due=item_due,
         pipeliner=pipeliner,
     )
     client = RunComfyClient(
@@ -116,7 +120,9 @@ async def run_worker(
         timeout_s=settings.upstream_timeout_s,
         on_call=metrics.upstream_call,
     )
-    loops = [
+    poller = Poller(settings, jobs, schedules, client, heartbeat)
+    woken["poll"] = poller
+    loops: list[ClaimLoop] = [
         Submitter(
             settings,
             jobs=jobs,
@@ -125,7 +131,7 @@ async def run_worker(
             limits=limits,
             heartbeat=heartbeat,
         ),
-        Poller(settings, jobs, schedules, client, heartbeat),
+        poller,
         dispatcher,
     ]
     tasks = [loop.run(stop) for loop in loops]

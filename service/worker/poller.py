@@ -53,9 +53,10 @@ class Poller(ClaimLoop):
         *,
         concurrency: int = 256,
     ) -> None:
-        # Claims come in batches of at least an eighth of the slots, or at the idle
-        # tick: a poll may start up to idle_s late without drifting, as the next one
-        # is due an interval after this one was due.
+        # Claims come in batches of at least an eighth of the slots, or when the
+        # next poll falls due but at most every min_gap_s: a poll may start up to
+        # that late without drifting, as the next one is due an interval after this
+        # one was due.
         super().__init__(
             schedules,
             heartbeat,
@@ -63,6 +64,7 @@ class Poller(ClaimLoop):
             batch=200,
             drain_s=settings.shutdown_s,
             refill_at=max(1, concurrency // 8),
+            min_gap_s=0.02,
         )
         self.settings = settings
         self.jobs = jobs
@@ -76,7 +78,10 @@ class Poller(ClaimLoop):
 
     async def claim(self, max_items: int) -> list[Claim]:
         """Claim jobs whose next poll is due, and read them all in one round trip."""
-        claims = await self.schedules.claim("poll", max_items)
+        claimed = await self.schedules.claim_due("poll", max_items)
+        if claimed.next_due_s is not None:
+            self.due_in(claimed.next_due_s)
+        claims = claimed.claims
         if claims:
             try:
                 stored = await self.jobs.get_many([c.member for c in claims])
