@@ -24,7 +24,14 @@ from service.models import (
 )
 from service.store.connection import connect, new_id
 from service.store.deliveries import DeliveryStore, Resend
-from service.store.jobs import JobStore, Lease, Outcome, body_hash, delivery_id
+from service.store.jobs import (
+    HandedOver,
+    JobStore,
+    Lease,
+    Outcome,
+    body_hash,
+    delivery_id,
+)
 from service.store.pipelining import Pipeliner
 from service.store.schedules import Schedules
 from tests.support import wait_for
@@ -316,6 +323,68 @@ async def test_a_change_that_schedules_a_poll_or_a_webhook_says_when_it_falls_du
     assert heard == [("poll", 2.5)]
     await jobs.finish(await jobs.get(record.id), "completed", lease=None, output={})
     assert heard == [("poll", 2.5), ("deliver", 0.0)]
+
+
+class _Taker:
+    """A dispatcher stand-in: room for `free` more deliveries, claimed for 30 s."""
+
+    def __init__(self, free: int) -> None:
+        self.free = free
+        self.taken: list[HandedOver] = []
+
+    def lease_ms_if_free(self) -> int | None:
+        return 30_000 if len(self.taken) < self.free else None
+
+    def take(self, delivery: HandedOver) -> None:
+        self.taken.append(delivery)
+
+
+async def test_a_job_ended_here_hands_its_webhook_over_claimed(
+    redis, keys, schedules, deliveries, pipeliner
+):
+    """The delivery a change creates is claimed for the worker making it: no one else sends it."""
+    taker = _Taker(free=1)
+    jobs = JobStore(redis, keys, retention_s=RETENTION, taker=taker, pipeliner=pipeliner)
+    record = make_record()
+    await jobs.create(record)
+    await jobs.finish(await jobs.get(record.id), "completed", lease=None, output={"video": "v"})
+    [handed] = taker.taken
+    stored = await deliveries.get(handed.id)
+    assert (handed.job_id, handed.tenant, handed.event_type) == (
+        record.id,
+        "orders",
+        "job.completed",
+    )
+    assert (handed.url, handed.body) == (stored.url, stored.body)
+    assert await schedules.claim("deliver", 10) == []  # leased to the worker that ended the job
+    assert await deliveries.record_attempt(
+        handed.id, handed.lease, attempt(1), state="delivered", retry_in_s=None
+    )
+    assert (await jobs.get(record.id)).webhook_state == "delivered"
+
+
+async def test_without_room_a_new_webhook_is_left_due_for_any_dispatcher(
+    redis, keys, schedules, deliveries, pipeliner
+):
+    """A taker with no free slot gets nothing: the delivery is due at once, for anyone to claim."""
+    heard: list[tuple[str, float]] = []
+    taker = _Taker(free=0)
+    jobs = JobStore(
+        redis,
+        keys,
+        retention_s=RETENTION,
+        taker=taker,
+        pipeliner=pipeliner,
+        on_due=lambda schedule, seconds: heard.append((schedule, seconds)),
+    )
+    record = make_record()
+    await jobs.create(record)
+    await jobs.cancel_requested(await jobs.get(record.id))
+    await jobs.finish(await jobs.get(record.id), "cancelled", lease=None)
+    assert taker.taken == []
+    assert ("deliver", 0.0) in heard
+    [claim] = await schedules.claim("deliver", 10)
+    assert (await deliveries.get(claim.member)).event_type == "job.cancelled"
 
 
 async def test_pipelined_calls_each_get_their_own_answer_or_error(redis, keys):

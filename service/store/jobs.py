@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from enum import Enum
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import msgspec
 import redis.asyncio as aioredis
@@ -119,6 +119,7 @@ local function clock()
   return now
 end
 local old = job.status
+local claimed
 job.status, job.ver, job.blob, job.body_len = op.status, op.ver + 1, ARGV[2], op.body_len or 0
 if old ~= op.status then
   redis.call('ZREM', k_jobs_status(op.tenant, old), op.id)
@@ -155,10 +156,19 @@ if op.event_id then
     dlv_set(k_delivery(op.event_id), {state = 'pending', attempts = 0, base = 0,
       created = clock(), body = ARGV[3], log = ''}, op.retention_s)
   end
-  redis.call('ZADD', k_schedule('deliver'), clock(), op.event_id)
+  if op.claim_lease_ms then
+    -- Claimed at once for the process making the change, which sends it itself.
+    local token = redis.call('INCR', k_fence())
+    redis.call('ZADD', k_schedule('deliver'), clock() + op.claim_lease_ms, op.event_id)
+    redis.call('HSET', k_lease('deliver'), op.event_id, token)
+    claimed = token
+  else
+    redis.call('ZADD', k_schedule('deliver'), clock(), op.event_id)
+  end
 end
 if op.wh_state then job.wh_state = op.wh_state end
 job_set(jk, job, op.final and op.retention_s or nil)
+if claimed then return {1, claimed} end
 return 1
 """
 )
@@ -191,6 +201,7 @@ class _Op(msgspec.Struct, omit_defaults=True):
     release_slot: bool = False
     final: bool = False
     event_id: str | None = None
+    claim_lease_ms: int | None = None
     wh_state: str | None = None
 
 
@@ -216,6 +227,33 @@ class Lease:
 
     schedule: Literal["submit", "poll", "deliver"]
     token: str
+
+
+@dataclass(frozen=True)
+class HandedOver:
+    """A delivery a change created and claimed in the same script, for this process to send."""
+
+    id: str
+    lease: Lease
+    job_id: str
+    tenant: str
+    event_type: EventType
+    url: str
+    body: bytes
+
+
+class DeliveryTaker(Protocol):
+    """Where a change's new webhook delivery goes when the process making it sends it itself.
+
+    Saves the claim and the read another dispatcher would make; a worker that
+    dies with it lets the lease run out, and the delivery is claimed again.
+    """
+
+    def lease_ms_if_free(self) -> int | None:
+        """The lease (ms) to claim one more delivery for, or None to leave it to the schedule."""
+
+    def take(self, delivery: HandedOver) -> None:
+        """Send `delivery`, claimed for this process (as if claimed from the schedule)."""
 
 
 @dataclass(frozen=True)
@@ -295,15 +333,19 @@ class JobStore:
         retention_s: int,
         on_finish: Callable[[str, str], None] | None = None,
         on_due: Callable[[Literal["poll", "deliver"], float], None] | None = None,
+        taker: DeliveryTaker | None = None,
         pipeliner: Pipeliner | None = None,
     ) -> None:
         """`on_due(schedule, seconds)` hears of each poll or delivery a change schedules.
 
-        `pipeliner` sends reads and state changes with other concurrent calls (the worker).
+        `taker` is handed the deliveries changes create, claimed, while it has
+        room; `pipeliner` sends reads and state changes with other concurrent
+        calls (both the worker's).
         """
         self._redis = redis
         self._pipeliner = pipeliner
         self._on_due = on_due
+        self._taker = taker
         self._keys = keys
         self._retention_s = retention_s
         self._on_finish = on_finish  # (status, tenant), once per job reaching a final state
@@ -458,6 +500,8 @@ class JobStore:
                 WebhookEvent(type=event, timestamp=utcnow(), data=new.view("pending", 0))
             )
             op.event_id = delivery_id(new.id, event)
+            if self._taker is not None:
+                op.claim_lease_ms = self._taker.lease_ms_if_free()
             if final:
                 body, event_body = event_body, b""
         elif final and new.webhook is not None and stored.record.status not in FINAL_STATUSES:
@@ -468,17 +512,32 @@ class JobStore:
             answer = await self._pipeliner.script(self._transition, [self._keys.prefix], args)
         else:
             answer = await self._transition(keys=[self._keys.prefix], args=args)
-        outcome = Outcome(int(answer))
-        if outcome is not Outcome.DONE:
-            return outcome
-        if final and stored.record.status not in FINAL_STATUSES and self._on_finish is not None:
-            self._on_finish(new.status, new.tenant)
-        if self._on_due is not None:
-            if op.poll_in_ms is not None:
-                self._on_due("poll", op.poll_in_ms / 1000)
-            if op.event_id is not None:
-                self._on_due("deliver", 0.0)
+        outcome = Outcome(int(answer[0] if isinstance(answer, list) else answer))
+        if outcome is Outcome.DONE:
+            if final and stored.record.status not in FINAL_STATUSES and self._on_finish:
+                self._on_finish(new.status, new.tenant)
+            token = text(answer[1]) if isinstance(answer, list) else None
+            self._scheduled(op, new, token, body or event_body)
         return outcome
+
+    def _scheduled(self, op: _Op, new: JobRecord, token: str | None, body: bytes) -> None:
+        """Tell the worker of the poll and the delivery a change scheduled (or claimed for it)."""
+        if token is not None and op.event_id is not None and self._taker is not None:
+            self._taker.take(
+                HandedOver(
+                    id=op.event_id,
+                    lease=Lease("deliver", token),
+                    job_id=new.id,
+                    tenant=new.tenant,
+                    event_type=job_of_delivery(op.event_id)[1],
+                    url=new.webhook.url if new.webhook else "",
+                    body=body,
+                )
+            )
+        elif op.event_id is not None and self._on_due is not None:
+            self._on_due("deliver", 0.0)
+        if op.poll_in_ms is not None and self._on_due is not None:
+            self._on_due("poll", op.poll_in_ms / 1000)
 
     # The state machine. Each method names one edge; all go through `_apply`.
 

@@ -134,6 +134,7 @@ class ClaimLoop(ABC):
         self._due_timer: asyncio.TimerHandle | None = None
         self._due_at = float("inf")  # loop time the timer fires
         self._woken = False  # woken by wake() or due_in() since the last claim began
+        self.accepting = False  # while run() claims: items may be adopted
 
     def wake(self) -> None:
         """An item fell due now (this process scheduled it): claim at once, not at the next tick."""
@@ -160,6 +161,22 @@ class ClaimLoop(ABC):
         # Fewer free slots than a refill: the loop claims once they free up anyway.
         if self.concurrency - len(self._in_hand) >= self._refill_at:
             self.wake()
+
+    def adopt(self, claim: Claim) -> bool:
+        """Work an item this process claimed another way (as if this loop had claimed it).
+
+        False, and nothing done, when the loop is not running or is stopping:
+        the caller gives the item back.
+        """
+        if not self.accepting:
+            return False
+        self._start(claim)
+        return True
+
+    def _start(self, claim: Claim) -> None:
+        task = asyncio.create_task(self._guarded(claim))
+        self._in_hand[task] = claim
+        task.add_done_callback(self._done)
 
     @abstractmethod
     async def claim(self, max_items: int) -> list[Claim]:
@@ -189,6 +206,7 @@ class ClaimLoop(ABC):
         """
         failures = 0
         stopping = asyncio.create_task(stop.wait())
+        self.accepting = True
         try:
             while not stop.is_set():
                 asked = min(self.concurrency - len(self._in_hand), self.batch)
@@ -211,9 +229,7 @@ class ClaimLoop(ABC):
                         await _wait_any(stopping, seconds=delay)
                         continue
                 for claim in claims:
-                    task = asyncio.create_task(self._guarded(claim))
-                    self._in_hand[task] = claim
-                    task.add_done_callback(self._done)
+                    self._start(claim)
                 self.heartbeat.beat(self.name)
                 more_due = asked > 0 and len(claims) == asked
                 free = self.concurrency - len(self._in_hand)
@@ -229,6 +245,7 @@ class ClaimLoop(ABC):
                         stopping, asyncio.ensure_future(self._wake.wait()), seconds=self.idle_s
                     )
         finally:
+            self.accepting = False
             stopping.cancel()
             if self._due_timer is not None:
                 self._due_timer.cancel()

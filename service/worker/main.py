@@ -111,6 +111,7 @@ async def run_worker(
         retention_s=settings.job_retention_s,
         on_finish=metrics.job_finished,
         on_due=item_due,
+        taker=dispatcher,
         pipeliner=pipeliner,
     )
     client = RunComfyClient(
