@@ -31,6 +31,7 @@ from service.store.jobs import (
     Outcome,
     body_hash,
     delivery_id,
+    stored_job,
 )
 from service.store.pipelining import Pipeliner
 from service.store.schedules import Schedules
@@ -323,6 +324,20 @@ async def test_a_change_that_schedules_a_poll_or_a_webhook_says_when_it_falls_du
     assert heard == [("poll", 2.5)]
     await jobs.finish(await jobs.get(record.id), "completed", lease=None, output={})
     assert heard == [("poll", 2.5), ("deliver", 0.0)]
+
+
+async def test_claims_carry_the_claimed_jobs_as_stored(jobs, schedules):
+    """A submit claim, and a poll claim asked to, hand over each job as a read would."""
+    record = make_record()
+    await jobs.create(record)
+    [claim] = await schedules.claim_submits(1, global_cap=5, tenant_caps={})
+    assert stored_job(claim.job) == await jobs.get(record.id)
+    _, stored = await jobs.record_submit(stored_job(claim.job), claim.lease)
+    await jobs.submitted(stored, claim.lease, "req-1", poll_in_s=0)
+    claimed = await schedules.claim_due("poll", 5, read_jobs=True)
+    [poll] = claimed.claims
+    assert stored_job(poll.job) == await jobs.get(record.id)
+    assert stored_job(poll.job).record.status == "in_queue"
 
 
 class _Taker:

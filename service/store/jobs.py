@@ -304,6 +304,19 @@ def unpack(value: JobValue) -> tuple[JobRecord, bytes]:
     return _record_decoder.decode(data[value.body_len :]), data[: value.body_len]
 
 
+def stored_job(raw: bytes) -> StoredJob:
+    """A job as stored (`GET` of its key, or what a claim read) ready to change."""
+    value = parse_job(raw)
+    record, body = unpack(value)
+    return StoredJob(
+        record=record,
+        ver=value.ver,
+        webhook_state=value.wh_state,  # type: ignore[arg-type]
+        webhook_attempts=value.wh_attempts,
+        final_body=body,
+    )
+
+
 def describe(raw: bytes) -> str:
     """A job's stored value as text: its header, final event body, record and attempt log.
 
@@ -415,23 +428,7 @@ class JobStore:
             raws = await self._pipeliner.command("MGET", *names)
         else:
             raws = await self._redis.mget(names)
-        jobs: list[StoredJob | None] = []
-        for raw in raws:
-            if raw is None:
-                jobs.append(None)
-                continue
-            value = parse_job(raw)
-            record, body = unpack(value)
-            jobs.append(
-                StoredJob(
-                    record=record,
-                    ver=value.ver,
-                    webhook_state=value.wh_state,  # type: ignore[arg-type]
-                    webhook_attempts=value.wh_attempts,
-                    final_body=body,
-                )
-            )
-        return jobs
+        return [None if raw is None else stored_job(raw) for raw in raws]
 
     async def page(
         self, tenant: str, *, status: JobStatus | None, limit: int, cursor: str | None
