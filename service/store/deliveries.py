@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 from service.models import FINAL_STATUSES, DeliveryAttempt
 from service.store.jobs import Lease, job_of_delivery, unpack
 from service.store.keys import LUA_PRELUDE, LUA_VALUES, Keys, parse_delivery, parse_job
+from service.store.pipelining import Pipeliner
 
 # A log entry is an attempt's fields as a JSON array, in DeliveryAttempt's order:
 # a line of a job's value, half the size of the object with its names.
@@ -126,11 +127,54 @@ def _is_final(event: str) -> bool:
     return event.removeprefix("job.") in FINAL_STATUSES
 
 
+def _delivery(delivery_id: str, own: bytes | None, job_raw: bytes | None) -> Delivery | None:
+    """A delivery from its job's value and, for a non-final event, its own value."""
+    if job_raw is None:
+        return None
+    job_id, event = job_of_delivery(delivery_id)
+    if _is_final(event):
+        job = parse_job(job_raw)
+        if job.wh_id != delivery_id:
+            return None
+        record, body = unpack(job)
+        state = (job.wh_attempts, job.wh_base, job.wh_created_ms)
+    else:
+        if own is None:
+            return None
+        delivery = parse_delivery(own)
+        record, _ = unpack(parse_job(job_raw))
+        body = delivery.body
+        state = (delivery.attempts, delivery.base, delivery.created_ms)
+    if record.webhook is None or not body:
+        return None
+    attempts, base, created_ms = state
+    return Delivery(
+        id=delivery_id,
+        job_id=job_id,
+        tenant=record.tenant,
+        event_type=event,
+        url=record.webhook.url,
+        body=body,
+        attempts=attempts,
+        base=base,
+        created_ms=created_ms,
+    )
+
+
 class DeliveryStore:
     """Webhook deliveries: read, record an attempt, re-send, and the attempt log."""
 
-    def __init__(self, redis: aioredis.Redis, keys: Keys, *, retention_s: int) -> None:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        keys: Keys,
+        *,
+        retention_s: int,
+        pipeliner: Pipeliner | None = None,
+    ) -> None:
+        """`pipeliner` sends reads and attempt records with other concurrent calls (the worker)."""
         self._redis = redis
+        self._pipeliner = pipeliner
         self._keys = keys
         self._retention_s = retention_s
         self._record = redis.register_script(_RECORD_ATTEMPT)
@@ -138,40 +182,29 @@ class DeliveryStore:
 
     async def get(self, delivery_id: str) -> Delivery | None:
         """The delivery, or None when it expired."""
-        job_id, event = job_of_delivery(delivery_id)
-        if _is_final(event):
-            raw = await self._redis.get(self._keys.job(job_id))
-            if raw is None:
-                return None
-            job = parse_job(raw)
-            if job.wh_id != delivery_id:
-                return None
-            record, body = unpack(job)
-            state = (job.wh_attempts, job.wh_base, job.wh_created_ms)
+        [delivery] = await self.get_many([delivery_id])
+        return delivery
+
+    async def get_many(self, delivery_ids: list[str]) -> list[Delivery | None]:
+        """Several deliveries in one round trip, None where one expired."""
+        if not delivery_ids:
+            return []
+        # A final event's delivery lives in its job; another's is its own key, read with the job.
+        names: list[str] = []
+        for delivery_id in delivery_ids:
+            job_id, event = job_of_delivery(delivery_id)
+            if not _is_final(event):
+                names.append(self._keys.delivery(delivery_id))
+            names.append(self._keys.job(job_id))
+        if self._pipeliner is not None:
+            raws = iter(await self._pipeliner.command("MGET", *names))
         else:
-            raw, job_raw = await self._redis.mget(
-                [self._keys.delivery(delivery_id), self._keys.job(job_id)]
-            )
-            if raw is None or job_raw is None:
-                return None
-            delivery = parse_delivery(raw)
-            record, _ = unpack(parse_job(job_raw))
-            body = delivery.body
-            state = (delivery.attempts, delivery.base, delivery.created_ms)
-        if record.webhook is None or not body:
-            return None
-        attempts, base, created_ms = state
-        return Delivery(
-            id=delivery_id,
-            job_id=job_id,
-            tenant=record.tenant,
-            event_type=event,
-            url=record.webhook.url,
-            body=body,
-            attempts=attempts,
-            base=base,
-            created_ms=created_ms,
-        )
+            raws = iter(await self._redis.mget(names))
+        found: list[Delivery | None] = []
+        for delivery_id in delivery_ids:
+            own = None if _is_final(job_of_delivery(delivery_id)[1]) else next(raws)
+            found.append(_delivery(delivery_id, own, next(raws)))
+        return found
 
     async def record_attempt(
         self,
@@ -188,19 +221,20 @@ class DeliveryStore:
         """
         delay_ms = -1 if retry_in_s is None else max(0, round(retry_in_s * 1000))
         job_id, event = job_of_delivery(delivery_id)
-        answer = await self._record(
-            keys=[self._keys.prefix],
-            args=[
-                delivery_id,
-                lease.token,
-                _encoder.encode(msgspec.structs.astuple(attempt)),
-                state,
-                delay_ms,
-                self._retention_s,
-                MAX_LOG_ENTRIES,
-                job_id if _is_final(event) else "",
-            ],
-        )
+        args: list[str | bytes | int] = [
+            delivery_id,
+            lease.token,
+            _encoder.encode(msgspec.structs.astuple(attempt)),
+            state,
+            delay_ms,
+            self._retention_s,
+            MAX_LOG_ENTRIES,
+            job_id if _is_final(event) else "",
+        ]
+        if self._pipeliner is not None:
+            answer = await self._pipeliner.script(self._record, [self._keys.prefix], args)
+        else:
+            answer = await self._record(keys=[self._keys.prefix], args=args)
         return int(answer) > 0
 
     async def resend(self, job_id: str) -> Resend:

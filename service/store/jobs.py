@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from enum import Enum
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import msgspec
 import redis.asyncio as aioredis
@@ -38,6 +38,7 @@ from service.models import (
 from service.store.connection import text, time_prefix
 from service.store.keys import LUA_PRELUDE, LUA_VALUES, JobValue, Keys, parse_job
 from service.store.limits import LUA_GCRA, Take
+from service.store.pipelining import Pipeliner
 
 _record_decoder = msgspec.json.Decoder(JobRecord)
 _encoder = msgspec.json.Encoder()
@@ -145,6 +146,7 @@ local function clock()
   return now
 end
 local old = job.status
+local claimed
 job.status, job.ver, job.blob, job.body_len = op.status, op.ver + 1, ARGV[2], op.body_len or 0
 if old ~= op.status then
   redis.call('ZREM', k_jobs_status(op.tenant, old), op.id)
@@ -181,10 +183,19 @@ if op.event_id then
     dlv_set(k_delivery(op.event_id), {state = 'pending', attempts = 0, base = 0,
       created = clock(), body = ARGV[3], log = ''}, op.retention_s)
   end
-  redis.call('ZADD', k_schedule('deliver'), clock(), op.event_id)
+  if op.claim_lease_ms then
+    -- Claimed at once for the process making the change, which sends it itself.
+    local token = redis.call('INCR', k_fence())
+    redis.call('ZADD', k_schedule('deliver'), clock() + op.claim_lease_ms, op.event_id)
+    redis.call('HSET', k_lease('deliver'), op.event_id, token)
+    claimed = token
+  else
+    redis.call('ZADD', k_schedule('deliver'), clock(), op.event_id)
+  end
 end
 if op.wh_state then job.wh_state = op.wh_state end
 job_set(jk, job, op.final and op.retention_s or nil)
+if claimed then return {1, claimed} end
 return 1
 """
 )
@@ -217,6 +228,7 @@ class _Op(msgspec.Struct, omit_defaults=True):
     release_slot: bool = False
     final: bool = False
     event_id: str | None = None
+    claim_lease_ms: int | None = None
     wh_state: str | None = None
 
 
@@ -242,6 +254,33 @@ class Lease:
 
     schedule: Literal["submit", "poll", "deliver"]
     token: str
+
+
+@dataclass(frozen=True)
+class HandedOver:
+    """A delivery a change created and claimed in the same script, for this process to send."""
+
+    id: str
+    lease: Lease
+    job_id: str
+    tenant: str
+    event_type: EventType
+    url: str
+    body: bytes
+
+
+class DeliveryTaker(Protocol):
+    """Where a change's new webhook delivery goes when the process making it sends it itself.
+
+    Saves the claim and the read another dispatcher would make; a worker that
+    dies with it lets the lease run out, and the delivery is claimed again.
+    """
+
+    def lease_ms_if_free(self) -> int | None:
+        """The lease (ms) to claim one more delivery for, or None to leave it to the schedule."""
+
+    def take(self, delivery: HandedOver) -> None:
+        """Send `delivery`, claimed for this process (as if claimed from the schedule)."""
 
 
 @dataclass(frozen=True)
@@ -294,6 +333,19 @@ def unpack(value: JobValue) -> tuple[JobRecord, bytes]:
     """The record and the final event body (empty before the job ended) of a job's value."""
     data = inflate(value.blob)
     return _record_decoder.decode(data[value.body_len :]), data[: value.body_len]
+
+
+def stored_job(raw: bytes) -> StoredJob:
+    """A job as stored (`GET` of its key, or what a claim read) ready to change."""
+    value = parse_job(raw)
+    record, body = unpack(value)
+    return StoredJob(
+        record=record,
+        ver=value.ver,
+        webhook_state=value.wh_state,  # type: ignore[arg-type]
+        webhook_attempts=value.wh_attempts,
+        final_body=body,
+    )
 
 
 def describe(raw: bytes) -> str:
@@ -349,8 +401,20 @@ class JobStore:
         *,
         retention_s: int,
         on_finish: Callable[[str, str], None] | None = None,
+        on_due: Callable[[Literal["poll", "deliver"], float], None] | None = None,
+        taker: DeliveryTaker | None = None,
+        pipeliner: Pipeliner | None = None,
     ) -> None:
+        """`on_due(schedule, seconds)` hears of each poll or delivery a change schedules.
+
+        `taker` is handed the deliveries changes create, claimed, while it has
+        room; `pipeliner` sends reads and state changes with other concurrent
+        calls (both the worker's).
+        """
         self._redis = redis
+        self._pipeliner = pipeliner
+        self._on_due = on_due
+        self._taker = taker
         self._keys = keys
         self._retention_s = retention_s
         self._on_finish = on_finish  # (status, tenant), once per job reaching a final state
@@ -417,23 +481,12 @@ class JobStore:
         """Several jobs in one round trip, None where a job is gone."""
         if not job_ids:
             return []
-        jobs: list[StoredJob | None] = []
-        for raw in await self._redis.mget([self._keys.job(i) for i in job_ids]):
-            if raw is None:
-                jobs.append(None)
-                continue
-            value = parse_job(raw)
-            record, body = unpack(value)
-            jobs.append(
-                StoredJob(
-                    record=record,
-                    ver=value.ver,
-                    webhook_state=value.wh_state,  # type: ignore[arg-type]
-                    webhook_attempts=value.wh_attempts,
-                    final_body=body,
-                )
-            )
-        return jobs
+        names = [self._keys.job(i) for i in job_ids]
+        if self._pipeliner is not None:
+            raws = await self._pipeliner.command("MGET", *names)
+        else:
+            raws = await self._redis.mget(names)
+        return [None if raw is None else stored_job(raw) for raw in raws]
 
     async def page(
         self, tenant: str, *, status: JobStatus | None, limit: int, cursor: str | None
@@ -502,20 +555,44 @@ class JobStore:
                 WebhookEvent(type=event, timestamp=utcnow(), data=new.view("pending", 0))
             )
             op.event_id = delivery_id(new.id, event)
+            if self._taker is not None:
+                op.claim_lease_ms = self._taker.lease_ms_if_free()
             if final:
                 body, event_body = event_body, b""
         elif final and new.webhook is not None and stored.record.status not in FINAL_STATUSES:
             op.wh_state = "skipped"
         op.body_len = len(body)
-        answer = await self._transition(
-            keys=[self._keys.prefix],
-            args=[_encoder.encode(op), pack(body, _encoder.encode(new)), event_body],
-        )
-        outcome = Outcome(int(answer))
-        ended = final and stored.record.status not in FINAL_STATUSES
-        if outcome is Outcome.DONE and ended and self._on_finish is not None:
-            self._on_finish(new.status, new.tenant)
+        args = [_encoder.encode(op), pack(body, _encoder.encode(new)), event_body]
+        if self._pipeliner is not None:
+            answer = await self._pipeliner.script(self._transition, [self._keys.prefix], args)
+        else:
+            answer = await self._transition(keys=[self._keys.prefix], args=args)
+        outcome = Outcome(int(answer[0] if isinstance(answer, list) else answer))
+        if outcome is Outcome.DONE:
+            if final and stored.record.status not in FINAL_STATUSES and self._on_finish:
+                self._on_finish(new.status, new.tenant)
+            token = text(answer[1]) if isinstance(answer, list) else None
+            self._scheduled(op, new, token, body or event_body)
         return outcome
+
+    def _scheduled(self, op: _Op, new: JobRecord, token: str | None, body: bytes) -> None:
+        """Tell the worker of the poll and the delivery a change scheduled (or claimed for it)."""
+        if token is not None and op.event_id is not None and self._taker is not None:
+            self._taker.take(
+                HandedOver(
+                    id=op.event_id,
+                    lease=Lease("deliver", token),
+                    job_id=new.id,
+                    tenant=new.tenant,
+                    event_type=job_of_delivery(op.event_id)[1],
+                    url=new.webhook.url if new.webhook else "",
+                    body=body,
+                )
+            )
+        elif op.event_id is not None and self._on_due is not None:
+            self._on_due("deliver", 0.0)
+        if op.poll_in_ms is not None and self._on_due is not None:
+            self._on_due("poll", op.poll_in_ms / 1000)
 
     # The state machine. Each method names one edge; all go through `_apply`.
 

@@ -16,14 +16,16 @@ period. Many claims can be given back in one script call (`release_many`).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
 
 from service.store.connection import text
 from service.store.jobs import Lease
 from service.store.keys import LUA_PRELUDE, Keys
+from service.store.pipelining import Pipeliner, Reply
 
 # Claims and batched releases travel as one space-separated string each way
 # rather than an array of 3-4 items per member: redis-py parses and packs RESP
@@ -34,10 +36,11 @@ _CLAIM_DUE = (
     LUA_PRELUDE
     + """
 local name, lease_ms, max = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local with_jobs = ARGV[4] == 'jobs'
 local now = now_ms()
 local sched = k_schedule(name)
 local due = redis.call('ZRANGEBYSCORE', sched, '-inf', now, 'WITHSCORES', 'LIMIT', 0, max)
-local out = {}
+local out, jobs = {}, {}
 for i = 1, #due, 2 do
   local member = due[i]
   local token = redis.call('INCR', k_fence())
@@ -46,7 +49,12 @@ for i = 1, #due, 2 do
   out[#out + 1] = member
   out[#out + 1] = token
   out[#out + 1] = due[i + 1]
+  if with_jobs then jobs[#jobs + 1] = redis.call('GET', k_job(member)) or '' end
 end
+-- Last, how long until the schedule's next member falls due ('-' when it is empty).
+local first = redis.call('ZRANGE', sched, 0, 0, 'WITHSCORES')
+out[#out + 1] = first[2] and math.max(0, tonumber(first[2]) - now) or '-'
+if with_jobs then return {table.concat(out, ' '), unpack(jobs)} end
 return table.concat(out, ' ')
 """
 )
@@ -66,10 +74,10 @@ local inflight = redis.call('SCARD', k_inflight())
 local tenants = redis.call('ZRANGE', k_submit_tenants(), 0, -1)
 local out = {}
 local progress = true
-while progress and #out < max * 3 and inflight < global_cap do
+while progress and #out < max * 4 and inflight < global_cap do
   progress = false
   for _, t in ipairs(tenants) do
-    if #out >= max * 3 or inflight >= global_cap then break end
+    if #out >= max * 4 or inflight >= global_cap then break end
     local cap = caps[t] or global_cap
     if redis.call('SCARD', k_inflight_t(t)) < cap then
       local due = redis.call('ZRANGEBYSCORE', k_submit(t), '-inf', now, 'LIMIT', 0, 1)
@@ -84,6 +92,7 @@ while progress and #out < max * 3 and inflight < global_cap do
         out[#out + 1] = t
         out[#out + 1] = id
         out[#out + 1] = token
+        out[#out + 1] = redis.call('GET', k_job(id)) or ''
         progress = true
       elseif redis.call('ZCARD', k_submit(t)) == 0 then
         redis.call('ZREM', k_submit_tenants(), t)
@@ -159,6 +168,20 @@ class Claim:
     lease: Lease
     tenant: str = ""
     due_ms: int = 0
+    job: bytes | None = field(default=None, repr=False, compare=False)
+    """The job's stored value as the claim read it (submit claims, and poll claims asked to)."""
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """The answer of `Schedules.claim_due`: the claims, and when the next member falls due.
+
+    `next_due_s` is the time until the schedule's earliest member (claimed or
+    not) falls due, by Redis's clock; None when the schedule is empty.
+    """
+
+    claims: list[Claim]
+    next_due_s: float | None
 
 
 @dataclass(frozen=True)
@@ -177,8 +200,17 @@ class Requeue:
 class Schedules:
     """The `submit`, `poll` and `deliver` schedules: claim due members, release them."""
 
-    def __init__(self, redis: aioredis.Redis, keys: Keys, *, lease_s: float) -> None:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        keys: Keys,
+        *,
+        lease_s: float,
+        pipeliner: Pipeliner | None = None,
+    ) -> None:
+        """`pipeliner` sends claims and releases with other concurrent calls (the worker)."""
         self._redis = redis
+        self._pipeliner = pipeliner
         self._keys = keys
         self._lease_ms = round(lease_s * 1000)
         self._claim_due = redis.register_script(_CLAIM_DUE)
@@ -188,30 +220,50 @@ class Schedules:
 
     async def claim(self, name: Literal["poll", "deliver"], max_items: int) -> list[Claim]:
         """Claim up to `max_items` due members of the poll or deliver schedule."""
-        answer = await self._claim_due(
-            keys=[self._keys.prefix], args=[name, self._lease_ms, max_items]
-        )
-        flat = text(answer).split()
-        return [
-            Claim(member=flat[i], lease=Lease(name, flat[i + 1]), due_ms=int(float(flat[i + 2])))
+        return (await self.claim_due(name, max_items)).claims
+
+    async def claim_due(
+        self, name: Literal["poll", "deliver"], max_items: int, *, read_jobs: bool = False
+    ) -> Claimed:
+        """`claim`, also saying when the schedule's next member falls due.
+
+        With `read_jobs` (members are job ids) each claim carries its job's value.
+        """
+        args: list[str | int] = [name, self._lease_ms, max_items, "jobs" if read_jobs else ""]
+        answer = await self._run(self._claim_due, args)
+        jobs: list[bytes] = answer[1:] if read_jobs else []
+        flat = text(answer[0] if read_jobs else answer).split()
+        next_due = flat.pop()
+        claims = [
+            Claim(
+                member=flat[i],
+                lease=Lease(name, flat[i + 1]),
+                due_ms=int(float(flat[i + 2])),
+                job=jobs[i // 3] or None if jobs else None,
+            )
             for i in range(0, len(flat), 3)
         ]
+        return Claimed(claims, None if next_due == "-" else float(next_due) / 1000)
 
     async def claim_submits(
         self, max_items: int, *, global_cap: int, tenant_caps: Mapping[str, int]
     ) -> list[Claim]:
-        """Claim up to `max_items` pending jobs, fairly across tenants, within the slot caps."""
+        """Claim up to `max_items` pending jobs, fairly across tenants, within the slot caps.
+
+        Each claim carries its job's stored value (`Claim.job`).
+        """
         args: list[str | int] = [self._lease_ms, max_items, global_cap]
         for tenant, cap in tenant_caps.items():
             args += [tenant, cap]
-        flat = await self._claim_submits(keys=[self._keys.prefix], args=args)
+        flat = await self._run(self._claim_submits, args)
         return [
             Claim(
                 tenant=text(flat[i]),
                 member=text(flat[i + 1]),
                 lease=Lease("submit", text(flat[i + 2])),
+                job=flat[i + 3] or None,
             )
-            for i in range(0, len(flat), 3)
+            for i in range(0, len(flat), 4)
         ]
 
     async def release(
@@ -229,9 +281,9 @@ class Schedules:
             if schedule == "submit"
             else self._keys.schedule(schedule)
         )
-        done = await self._release(
-            keys=[self._keys.prefix],
-            args=[
+        done = await self._run(
+            self._release,
+            [
                 schedule,
                 key,
                 claim.member,
@@ -260,8 +312,13 @@ class Schedules:
             delay_ms = -1 if requeue.delay_s is None else max(0, round(requeue.delay_s * 1000))
             base_ms = claim.due_ms if requeue.cadence and claim.due_ms > 0 else -1
             items.append(f"{claim.member} {claim.lease.token} {base_ms} {delay_ms}")
-        done = await self._release_many(keys=[self._keys.prefix], args=[name, " ".join(items)])
+        done = await self._run(self._release_many, [name, " ".join(items)])
         return [flag == "1" for flag in text(done)]
+
+    async def _run(self, script: AsyncScript, args: Sequence[str | int]) -> Reply:
+        if self._pipeliner is not None:
+            return await self._pipeliner.script(script, [self._keys.prefix], args)
+        return await script(keys=[self._keys.prefix], args=args)
 
     async def depths(self) -> dict[str, int]:
         """How many members each schedule holds, and how many jobs hold upstream slots."""

@@ -21,12 +21,14 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 import aiohttp
+from redis.exceptions import RedisError
 
 from service.config import Settings
 from service.logs import job_id_var, tenant_var
 from service.metrics import WorkerMetrics
 from service.models import DeliveryAttempt, utcnow
 from service.store.deliveries import Delivery, DeliveryStore
+from service.store.jobs import HandedOver
 from service.store.schedules import Claim, Schedules
 from service.webhooks.delivery import AttemptResult, deliver_once, next_delay, outcome
 from service.webhooks.guard import callback_url_problem
@@ -89,20 +91,67 @@ class Dispatcher(ClaimLoop):
         self.max_wait_s = max(0.0, (settings.lease_s - settings.webhook_deadline_s) / 2)
         self.metrics = metrics
         self._gates: dict[str, _HostGate] = {}
+        # The deliveries of claimed items, read together when claimed and taken by `work`.
+        self._read: dict[str, Delivery | None] = {}  # by the claim's fencing token
+        self._lease_ms = round(settings.lease_s * 1000)
+        self._releasing: set[asyncio.Task[bool]] = set()  # held so they are not collected
 
-    def wake(self) -> None:
-        """A delivery fell due in this process (a job ended): claim now, not at the next tick."""
-        # The idle wait in ClaimLoop.run already listens to this event; a public
-        # ClaimLoop.wake() would let every loop be woken this way.
-        self._wake.set()
+    def lease_ms_if_free(self) -> int | None:
+        """A change may claim its new delivery for this dispatcher while it has a free slot."""
+        if not self.accepting or len(self._in_hand) >= self.concurrency:
+            return None
+        return self._lease_ms
+
+    def take(self, delivery: HandedOver) -> None:
+        """Send a delivery a change of this process created and claimed for it."""
+        claim = Claim(member=delivery.id, lease=delivery.lease)
+        self._read[claim.lease.token] = Delivery(
+            id=delivery.id,
+            job_id=delivery.job_id,
+            tenant=delivery.tenant,
+            event_type=delivery.event_type,
+            url=delivery.url,
+            body=delivery.body,
+            attempts=0,
+            base=0,
+            created_ms=round(time.time() * 1000),
+        )
+        if not self.adopt(claim):  # stopping since the change began: due again at once
+            self._read.pop(claim.lease.token, None)
+            release = asyncio.create_task(self.schedules.release(claim, delay_s=0))
+            self._releasing.add(release)
+            release.add_done_callback(self._releasing.discard)
 
     async def claim(self, max_items: int) -> list[Claim]:
-        """Claim deliveries whose next attempt is due."""
-        return await self.schedules.claim("deliver", max_items)
+        """Claim deliveries whose next attempt is due, and read them all in one round trip."""
+        claimed = await self.schedules.claim_due("deliver", max_items)
+        if claimed.next_due_s is not None:
+            self.due_in(claimed.next_due_s)
+        claims = claimed.claims
+        if claims:
+            try:
+                found = await self.deliveries.get_many([c.member for c in claims])
+            except (RedisError, OSError) as exc:
+                # The claims stand; each `work` reads its own delivery (or fails and retries).
+                log.warning(
+                    "dispatcher: reading %d claimed deliveries failed (%s)", len(claims), exc
+                )
+            else:
+                self._read.update(zip((c.lease.token for c in claims), found, strict=True))
+        return claims
+
+    async def release_on_stop(self, claim: Claim) -> None:
+        """Give an unfinished delivery back at shutdown, due at once."""
+        self._read.pop(claim.lease.token, None)
+        await super().release_on_stop(claim)
 
     async def work(self, claim: Claim) -> None:
         """Make one attempt at a delivery and record it."""
-        delivery = await self.deliveries.get(claim.member)
+        token = claim.lease.token
+        if token in self._read:
+            delivery = self._read.pop(token)
+        else:
+            delivery = await self.deliveries.get(claim.member)
         if delivery is None:
             await self.schedules.release(claim, delay_s=None)
             return

@@ -113,8 +113,9 @@ class ClaimLoop(ABC):
         drain_s: float = 20.0,
         rng: random.Random | None = None,
         refill_at: int | None = None,
+        min_gap_s: float = 0.0,
     ) -> None:
-        """`refill_at` trades latency for fewer, larger claims (see `run`)."""
+        """`refill_at` and `min_gap_s` trade latency for fewer, larger claims (see `run`)."""
         self.schedules = schedules
         self.heartbeat = heartbeat
         self.concurrency = concurrency
@@ -128,6 +129,54 @@ class ClaimLoop(ABC):
         # When nothing is due, a finished item wakes the loop only in the default mode.
         self._idle_wake_at = 1 if refill_at is None else concurrency + 1
         self._wake_at = 1  # free slots that make a finished item wake the loop
+        self.min_gap_s = min_gap_s
+        self._claimed_at = 0.0  # loop time of the last claim
+        self._due_timer: asyncio.TimerHandle | None = None
+        self._due_at = float("inf")  # loop time the timer fires
+        self._woken = False  # woken by wake() or due_in() since the last claim began
+        self.accepting = False  # while run() claims: items may be adopted
+
+    def wake(self) -> None:
+        """An item fell due now (this process scheduled it): claim at once, not at the next tick."""
+        self._woken = True
+        self._wake.set()
+
+    def due_in(self, seconds: float) -> None:
+        """An item falls due in `seconds`: claim then, or `min_gap_s` after the last claim.
+
+        Only ever brings the next claim forward: the loop never sleeps longer
+        than `idle_s` whatever it is told.
+        """
+        loop = asyncio.get_running_loop()
+        at = max(loop.time() + seconds, self._claimed_at + self.min_gap_s)
+        if at >= self._due_at:
+            return
+        if self._due_timer is not None:
+            self._due_timer.cancel()
+        self._due_at = at
+        self._due_timer = loop.call_at(at, self._fall_due)
+
+    def _fall_due(self) -> None:
+        self._due_timer, self._due_at = None, float("inf")
+        # Fewer free slots than a refill: the loop claims once they free up anyway.
+        if self.concurrency - len(self._in_hand) >= self._refill_at:
+            self.wake()
+
+    def adopt(self, claim: Claim) -> bool:
+        """Work an item this process claimed another way (as if this loop had claimed it).
+
+        False, and nothing done, when the loop is not running or is stopping:
+        the caller gives the item back.
+        """
+        if not self.accepting:
+            return False
+        self._start(claim)
+        return True
+
+    def _start(self, claim: Claim) -> None:
+        task = asyncio.create_task(self._guarded(claim))
+        self._in_hand[task] = claim
+        task.add_done_callback(self._done)
 
     @abstractmethod
     async def claim(self, max_items: int) -> list[Claim]:
@@ -152,14 +201,19 @@ class ClaimLoop(ABC):
         `refill_at`, the loop claims again once that many slots are free, and
         while nothing is due it looks again only every `idle_s`: for a schedule
         whose items may start that late (the poller keeps its cadence anyway).
+        Either way `wake` and `due_in` bring the next claim forward, to when this
+        process or a claim's answer says an item falls due.
         """
         failures = 0
         stopping = asyncio.create_task(stop.wait())
+        self.accepting = True
         try:
             while not stop.is_set():
                 asked = min(self.concurrency - len(self._in_hand), self.batch)
                 claims: list[Claim] = []
                 if asked > 0:
+                    self._claimed_at = asyncio.get_running_loop().time()
+                    self._woken = False  # this claim answers every wake-up so far
                     try:
                         claims = await self.claim(asked)
                         failures = 0
@@ -175,12 +229,12 @@ class ClaimLoop(ABC):
                         await _wait_any(stopping, seconds=delay)
                         continue
                 for claim in claims:
-                    task = asyncio.create_task(self._guarded(claim))
-                    self._in_hand[task] = claim
-                    task.add_done_callback(self._done)
+                    self._start(claim)
                 self.heartbeat.beat(self.name)
                 more_due = asked > 0 and len(claims) == asked
                 free = self.concurrency - len(self._in_hand)
+                if asked > 0 and self._woken:
+                    continue  # woken while claiming: the claim may have missed that item
                 if not (more_due and free >= self._refill_at):
                     # Wait for free slots, or (when nothing more is due) for the next tick.
                     self._wake_at = (
@@ -191,7 +245,10 @@ class ClaimLoop(ABC):
                         stopping, asyncio.ensure_future(self._wake.wait()), seconds=self.idle_s
                     )
         finally:
+            self.accepting = False
             stopping.cancel()
+            if self._due_timer is not None:
+                self._due_timer.cancel()
             await self._drain()
 
     def _done(self, task: asyncio.Task[None]) -> None:

@@ -26,11 +26,12 @@ from service.store.deliveries import DeliveryStore
 from service.store.jobs import JobStore
 from service.store.keys import Keys
 from service.store.limits import Limits
+from service.store.pipelining import Pipeliner
 from service.store.schedules import Schedules
 from service.tenants_watch import TenantsWatcher
 from service.webhooks.delivery import create_webhook_session
 from service.worker.dispatcher import CONCURRENCY, PER_HOST, Dispatcher
-from service.worker.loop import Heartbeat
+from service.worker.loop import ClaimLoop, Heartbeat
 from service.worker.poller import Poller
 from service.worker.submitter import Submitter
 
@@ -88,16 +89,31 @@ async def run_worker(
     upstream = create_upstream_session(max_connections=256)
     hooks = create_webhook_session(limit=CONCURRENCY, limit_per_host=PER_HOST)
     heartbeat = Heartbeat()
-    schedules = Schedules(redis, keys, lease_s=settings.lease_s)
+    # The loops' concurrent items change state at about the same moments: one pipeline a turn.
+    pipeliner = Pipeliner(redis)
+    schedules = Schedules(redis, keys, lease_s=settings.lease_s, pipeliner=pipeliner)
     limits = Limits(redis, keys)
-    deliveries = DeliveryStore(redis, keys, retention_s=settings.job_retention_s)
+    deliveries = DeliveryStore(
+        redis, keys, retention_s=settings.job_retention_s, pipeliner=pipeliner
+    )
     dispatcher = Dispatcher(settings, deliveries, schedules, hooks, heartbeat, metrics=metrics)
 
-    def job_finished(status: str, tenant: str) -> None:
-        metrics.job_finished(status, tenant)
-        dispatcher.wake()  # the job's final webhook is due now: no need to wait for a tick
+    woken: dict[str, ClaimLoop] = {"deliver": dispatcher}  # and "poll", once it exists
 
-    jobs = JobStore(redis, keys, retention_s=settings.job_retention_s, on_finish=job_finished)
+    def item_due(schedule: str, seconds: float) -> None:
+        # A poll or webhook this process scheduled: its loop claims it then, not at a tick.
+        if (loop := woken.get(schedule)) is not None:
+            loop.due_in(seconds)
+
+    jobs = JobStore(
+        redis,
+        keys,
+        retention_s=settings.job_retention_s,
+        on_finish=metrics.job_finished,
+        on_due=item_due,
+        taker=dispatcher,
+        pipeliner=pipeliner,
+    )
     client = RunComfyClient(
         upstream,
         settings.runcomfy_base_url,
@@ -105,7 +121,9 @@ async def run_worker(
         timeout_s=settings.upstream_timeout_s,
         on_call=metrics.upstream_call,
     )
-    loops = [
+    poller = Poller(settings, jobs, schedules, client, heartbeat)
+    woken["poll"] = poller
+    loops: list[ClaimLoop] = [
         Submitter(
             settings,
             jobs=jobs,
@@ -114,7 +132,7 @@ async def run_worker(
             limits=limits,
             heartbeat=heartbeat,
         ),
-        Poller(settings, jobs, schedules, client, heartbeat),
+        poller,
         dispatcher,
     ]
     tasks = [loop.run(stop) for loop in loops]
@@ -139,6 +157,7 @@ async def run_worker(
             await runner.cleanup()
         await upstream.close()
         await hooks.close()
+        await pipeliner.aclose()
         await redis.aclose()
         log.info("worker: stopped")
 

@@ -11,7 +11,7 @@ end a job by themselves: only its deadline does.
 Polls keep their cadence: a job whose status did not change is due again one
 interval after it was last due (never earlier than now), so the time a poll
 waits and takes does not stretch the interval. Per claimed batch the poller
-reads the jobs in one round trip and gives them back in a few script calls.
+has the jobs read by the claim itself and gives them back in a few script calls.
 """
 
 from __future__ import annotations
@@ -19,12 +19,10 @@ from __future__ import annotations
 import logging
 from datetime import UTC, datetime
 
-from redis.exceptions import RedisError
-
 from service.config import Settings
 from service.models import UPSTREAM_STATUSES, JobErrorInfo
 from service.runcomfy.client import RunComfyClient, UpstreamError
-from service.store.jobs import JobStore, Outcome, StoredJob
+from service.store.jobs import JobStore, Outcome, StoredJob, stored_job
 from service.store.schedules import Claim, Requeue, Schedules
 from service.worker.loop import ClaimLoop, Heartbeat, RequeueBuffer, backoff_s
 
@@ -53,9 +51,10 @@ class Poller(ClaimLoop):
         *,
         concurrency: int = 256,
     ) -> None:
-        # Claims come in batches of at least an eighth of the slots, or at the idle
-        # tick: a poll may start up to idle_s late without drifting, as the next one
-        # is due an interval after this one was due.
+        # Claims come in batches of at least an eighth of the slots, or when the
+        # next poll falls due but at most every min_gap_s: a poll may start up to
+        # that late without drifting, as the next one is due an interval after this
+        # one was due.
         super().__init__(
             schedules,
             heartbeat,
@@ -63,6 +62,7 @@ class Poller(ClaimLoop):
             batch=200,
             drain_s=settings.shutdown_s,
             refill_at=max(1, concurrency // 8),
+            min_gap_s=0.02,
         )
         self.settings = settings
         self.jobs = jobs
@@ -75,17 +75,13 @@ class Poller(ClaimLoop):
         self._requeues = RequeueBuffer(schedules, "poll")
 
     async def claim(self, max_items: int) -> list[Claim]:
-        """Claim jobs whose next poll is due, and read them all in one round trip."""
-        claims = await self.schedules.claim("poll", max_items)
-        if claims:
-            try:
-                stored = await self.jobs.get_many([c.member for c in claims])
-            except (RedisError, OSError) as exc:
-                # The claims stand; each `work` reads its own job (or fails and retries).
-                log.warning("poller: reading %d claimed job(s) failed (%s)", len(claims), exc)
-            else:
-                self._read.update(zip((c.member for c in claims), stored, strict=True))
-        return claims
+        """Claim jobs whose next poll is due; the claim reads them too."""
+        claimed = await self.schedules.claim_due("poll", max_items, read_jobs=True)
+        if claimed.next_due_s is not None:
+            self.due_in(claimed.next_due_s)
+        for claim in claimed.claims:
+            self._read[claim.member] = stored_job(claim.job) if claim.job is not None else None
+        return claimed.claims
 
     async def release_on_stop(self, claim: Claim) -> None:
         """Give an unfinished poll back at shutdown, due at once."""

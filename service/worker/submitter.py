@@ -14,9 +14,9 @@ A submit is paid and RunComfy has no idempotency key, so it is recorded as
 
 Submits also pass a shared GCRA rate limit (`GATEWAY_UPSTREAM_RATE_PER_S`,
 `GATEWAY_UPSTREAM_BURST`) before they are sent. The jobs claimed in one turn
-are read, and their rate-limit tokens taken, in one round trip each rather
-than one per job; a job whose token could not be taken with the others asks
-for its own.
+come with the claim, and their rate-limit tokens are taken in one round trip
+rather than one per job; a job whose token could not be taken with the others
+asks for its own.
 - No answer came after sending (*unknown*: a paid request may exist), or a
   worker died between sending and recording the answer: by default the job
   fails with `upstream_submit_unknown` rather than risk paying twice
@@ -44,7 +44,7 @@ from service.runcomfy.client import (
     UpstreamRejected,
     UpstreamUnreachable,
 )
-from service.store.jobs import JobStore, Outcome, StoredJob
+from service.store.jobs import JobStore, Outcome, StoredJob, stored_job
 from service.store.limits import Limits
 from service.store.schedules import Claim, Schedules
 from service.worker.loop import ClaimLoop, Heartbeat, backoff_s
@@ -113,13 +113,12 @@ class Submitter(ClaimLoop):
         return claims
 
     async def _read_claimed(self, claims: list[Claim]) -> None:
-        """Read the claimed jobs and take their rate tokens, in one round trip each.
+        """Take the claimed jobs' rate tokens in one round trip (the claim read the jobs).
 
-        If Redis fails here the claims still stand: work() then reads each job
-        and asks for its token itself.
+        If Redis fails here the claims still stand: work() then asks for each
+        job's token itself.
         """
         try:
-            stored = await self.jobs.get_many([claim.member for claim in claims])
             # GCRA grants all or nothing, and never more than the burst at once.
             wanted = min(len(claims), self.settings.upstream_burst)
             wait_s = await self.limits.acquire(
@@ -129,10 +128,13 @@ class Submitter(ClaimLoop):
                 cost=wanted,
             )
         except (RedisError, OSError) as exc:
-            log.warning("submitter: reading %d claimed job(s) failed (%s)", len(claims), exc)
-            return
+            log.warning(
+                "submitter: rate tokens for %d claimed job(s) failed (%s)", len(claims), exc
+            )
+            wait_s = -1.0
         granted = wanted if wait_s == 0 else 0
-        for i, (claim, job) in enumerate(zip(claims, stored, strict=True)):
+        for i, claim in enumerate(claims):
+            job = stored_job(claim.job) if claim.job is not None else None
             self._read[claim.lease.token] = _Read(job, rate_granted=i < granted)
 
     async def release_on_stop(self, claim: Claim) -> None:
