@@ -1,12 +1,13 @@
-"""Coalescing concurrent requests' Redis work into one round trip.
+"""Coalescing concurrent callers' Redis work into one round trip.
 
-Each Redis call from redis-py costs the API more CPU than the rest of a submit
-(a pooled connection taken and given back, a timeout armed, a write, a read,
-a reply parsed), and under load dozens of submits want one at the same time.
-A `Coalescer` queues each call with a future; whatever is queued when the
+Each Redis call from redis-py costs more CPU than the work around it (a
+pooled connection taken and given back, a timeout armed, a write, a read, a
+reply parsed): in the API more than the rest of a submit, in the poller more
+than giving a poll back. Under load dozens of callers want one at the same
+time. A `Coalescer` queues each call with a future; whatever is queued when the
 event loop comes round goes out as one batch, and while batches are on their
-way (at most `max_in_flight`) new calls queue for the next one. So an idle API
-answers after one round trip as before, and a busy one pays for a round trip
+way (at most `max_in_flight`) new calls queue for the next one. So an idle caller
+waits for one round trip as before, and a busy process pays for a round trip
 per batch rather than per request.
 """
 

@@ -16,9 +16,9 @@ from litestar import Litestar
 from litestar.config.cors import CORSConfig
 
 from service.api.app import create_app
-from service.api.batching import Coalescer
 from service.api.lane import SubmitLane
 from service.api.routes import route_handlers
+from service.batching import Coalescer
 from service.config import Settings, load_settings
 from service.localredis import free_port
 from service.models import MAX_METADATA_BYTES, DeliveryAttempt, utcnow

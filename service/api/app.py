@@ -25,12 +25,12 @@ from litestar.exceptions import HTTPException
 from litestar.types import ASGIApp, HTTPScope, Message, Receive, Scope, Send
 from prometheus_client import Counter, Histogram
 
-from service.api.batching import Coalescer
 from service.api.lane import SubmitLane
 from service.api.openapi import serve_openapi
 from service.api.problems import REDIS_UNAVAILABLE, ProblemError, exception_handlers
 from service.api.routes import Services, create_jobs, route_handlers
 from service.api.validation import InvalidInputError, MalformedBodyError
+from service.batching import Coalescer
 from service.config import Settings
 from service.logs import request_id_var
 from service.metrics import ApiMetrics

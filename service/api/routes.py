@@ -27,7 +27,6 @@ from litestar.types import ControllerRouterHandler
 from redis.exceptions import RedisError
 
 from service.api.auth import Caller, authenticate
-from service.api.batching import Coalescer
 from service.api.problems import RETRY_AFTER_S, ProblemError, problem_responses
 from service.api.validation import (
     MAX_IDEMPOTENCY_KEY_CHARS,
@@ -35,6 +34,7 @@ from service.api.validation import (
     parse_job_request,
     request_digest,
 )
+from service.batching import Coalescer
 from service.config import Settings, Tenant
 from service.metrics import PROMETHEUS_CONTENT_TYPE, ApiMetrics
 from service.models import (

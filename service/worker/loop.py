@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import time
@@ -23,6 +24,7 @@ from typing import Literal
 
 from redis.exceptions import RedisError
 
+from service.batching import Coalescer
 from service.logs import job_id_var, tenant_var
 from service.store.schedules import Claim, Requeue, Schedules
 
@@ -55,46 +57,20 @@ class RequeueBuffer:
 
     `requeue` waits for the batch its item went out in and answers whether the
     claim still held, as `Schedules.release` does. One batch is in flight at a
-    time; what arrives meanwhile goes in the next, so the batches grow with load.
+    time; what arrives meanwhile goes in the next, so the batches grow with load
+    (up to `max_batch`, the loop's concurrency: it never has more in hand).
     """
 
-    def __init__(self, schedules: Schedules, name: Literal["poll", "deliver"]) -> None:
-        self._schedules = schedules
-        self._name = name
-        self._pending: list[tuple[Requeue, asyncio.Future[bool]]] = []
-        self._flusher: asyncio.Task[None] | None = None
+    def __init__(
+        self, schedules: Schedules, name: Literal["poll", "deliver"], *, max_batch: int = 256
+    ) -> None:
+        self._batches: Coalescer[Requeue, bool] = Coalescer(
+            functools.partial(schedules.release_many, name), max_in_flight=1, max_batch=max_batch
+        )
 
     async def requeue(self, requeue: Requeue) -> bool:
         """Give one item back with the next batch; False when its claim was lost."""
-        answer: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._pending.append((requeue, answer))
-        if self._flusher is None:
-            # Runs on the next turn, after every task woken in this one has added its item.
-            self._flusher = asyncio.create_task(self._flush())
-        return await answer
-
-    async def _flush(self) -> None:
-        try:
-            while self._pending:
-                batch, self._pending = self._pending, []
-                try:
-                    done = await self._schedules.release_many(self._name, [r for r, _ in batch])
-                except asyncio.CancelledError:
-                    self._pending = batch + self._pending
-                    raise
-                except Exception as exc:  # noqa: BLE001 - handed to each waiter, which logs it
-                    for _, answer in batch:
-                        if not answer.done():
-                            answer.set_exception(exc)
-                    continue
-                for (_, answer), ok in zip(batch, done, strict=True):
-                    if not answer.done():
-                        answer.set_result(ok)
-        finally:
-            self._flusher = None
-            for _, answer in self._pending:
-                answer.cancel()  # left over only when this task itself was cancelled
-            self._pending = []
+        return await self._batches(requeue)
 
 
 class ClaimLoop(ABC):

@@ -72,7 +72,7 @@ class Poller(ClaimLoop):
         self._errors: dict[str, int] = {}
         # The jobs of claimed polls, read together when claimed and taken by `work`.
         self._read: dict[str, StoredJob | None] = {}
-        self._requeues = RequeueBuffer(schedules, "poll")
+        self._requeues = RequeueBuffer(schedules, "poll", max_batch=concurrency)
 
     async def claim(self, max_items: int) -> list[Claim]:
         """Claim jobs whose next poll is due; the claim reads them too."""
