@@ -112,6 +112,11 @@ class WorkerMetrics(_Common):
             ["outcome"],
             registry=self.registry,
         )
+        self.submit_stall = Gauge(
+            "rcg_submit_stall_seconds",
+            "How long the oldest job a submit claim could take has gone unclaimed (0: none).",
+            registry=self.registry,
+        )
         self.webhook_latency = Histogram(
             "rcg_webhook_delivery_seconds",
             "From the event (a job's state change) to its successful delivery.",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import os
 import secrets
 import signal
 import subprocess
@@ -191,3 +192,24 @@ def wait_http(url: str, timeout: float = 20) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"{url} did not come up within {timeout}s")
         time.sleep(0.05)
+
+
+def gateway_env(
+    redis_url: str, emulator_url: str, tenants_file: Path, **settings: str
+) -> dict[str, str]:
+    """The environment of a gateway process: fast polls and retries, then `settings`.
+
+    `settings` are GATEWAY_* variables without their prefix, e.g. `LEASE_S="3"`.
+    """
+    return {
+        **os.environ,
+        "REDIS_URL": redis_url,
+        "RUNCOMFY_BASE_URL": emulator_url,
+        "RUNCOMFY_API_TOKEN": "test-token",
+        "GATEWAY_TENANTS_FILE": str(tenants_file),
+        "GATEWAY_POLL_INTERVAL_MIN_S": "0.1",
+        "GATEWAY_POLL_INTERVAL_MAX_S": "0.3",
+        "GATEWAY_WEBHOOK_RETRY_SCHEDULE": "0.1,0.1,0.1",
+        "GATEWAY_SHUTDOWN_S": "2",
+        **{f"GATEWAY_{name}": value for name, value in settings.items()},
+    }

@@ -33,6 +33,7 @@ from service.store.jobs import (
     delivery_id,
     stored_job,
 )
+from service.store.limits import Limits
 from service.store.pipelining import Pipeliner
 from service.store.schedules import Schedules
 from tests.support import wait_for
@@ -670,3 +671,40 @@ async def test_one_tenants_thousand_jobs_hold_back_anothers_single_job_by_one_tu
     first = await schedules.claim_submits(1, global_cap=100, tenant_caps={})
     second = await schedules.claim_submits(1, global_cap=100, tenant_caps={})
     assert single.id in {c.member for c in first + second}
+
+
+@pytest.mark.parametrize("tenant_caps", [{}, {"orders": 2}])
+async def test_jobs_holding_every_slot_are_claimed_again_when_their_leases_run_out(
+    redis, keys, jobs, tenant_caps
+):
+    """A lapsed claim's slot goes with its job: the job is claimable again whatever the caps."""
+    short = Schedules(redis, keys, lease_s=0.2)
+    for _ in range(3):
+        await jobs.create(make_record())
+    held = await short.claim_submits(10, global_cap=2, tenant_caps=tenant_caps)
+    assert len(held) == 2
+    # The worker holding them dies: nothing is released, the slots stay taken.
+    again = await wait_for(lambda: short.claim_submits(10, global_cap=2, tenant_caps=tenant_caps))
+    assert sorted(c.member for c in again) == sorted(c.member for c in held)
+    assert (await short.depths())["inflight"] == 2
+
+
+async def test_the_submit_stall_is_how_long_a_claimable_job_went_unclaimed(redis, keys, jobs):
+    """A due job with room or holding its slot counts; a claimed, capped or paused one does not."""
+    short = Schedules(redis, keys, lease_s=0.2)
+    limits = Limits(redis, keys)
+    assert await short.submit_stall_s(global_cap=1, tenant_caps={}) == 0
+    await jobs.create(make_record())
+    await jobs.create(make_record())
+    await wait_for(lambda: _stall_over(short, 0.05))
+    [_claim] = await short.claim_submits(1, global_cap=1, tenant_caps={})
+    # The other job has no room under the cap: waiting for a slot is not a stall.
+    assert await short.submit_stall_s(global_cap=1, tenant_caps={}) == 0
+    # The claim lapses (its worker died): the job holding the slot is stalled now.
+    await wait_for(lambda: _stall_over(short, 0.05))
+    await limits.pause_upstream("rate_limited", 5)
+    assert await short.submit_stall_s(global_cap=1, tenant_caps={}) == 0
+
+
+async def _stall_over(schedules: Schedules, seconds: float) -> bool:
+    return await schedules.submit_stall_s(global_cap=1, tenant_caps={}) > seconds

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from datetime import datetime
 from typing import Any
 
 import aiohttp
+import httpx
 import pytest
 from aiohttp import web
 
@@ -490,3 +492,25 @@ async def test_a_webhook_handed_to_a_stopping_dispatcher_is_given_back_due_at_on
     assert claim.member == handed.id
     await hooks.close()
     await redis.aclose()
+
+
+async def test_a_worker_whose_submits_stall_turns_its_health_red(gateway_factory, monkeypatch):
+    """Claimable jobs left unclaimed for three leases make /healthz answer 503 and name it."""
+
+    async def claims_nothing(*_: Any, **__: Any) -> list[Any]:
+        return []  # as the slot leak did: every slot held, nothing claimable by the cap
+
+    monkeypatch.setattr(Schedules, "claim_submits", claims_nothing)
+    monkeypatch.setattr("service.worker.submitter.STALL_CHECK_S", 0.2)
+    port = free_port()
+    fast = {"GATEWAY_LEASE_S": "1", "GATEWAY_UPSTREAM_TIMEOUT_S": "0.5"}
+    gw = await gateway_factory(metrics_port=port, env={**fast, "GATEWAY_WEBHOOK_TIMEOUT_S": "0.5"})
+    await gw.submit()
+
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+        await wait_for(lambda: _when(http.get("/healthz"), lambda r: r.status_code == 503))
+        assert (await http.get("/healthz")).json()["loops"] == ["submitter"]
+        metrics = (await http.get("/metrics")).text
+    stall = re.search(r"^rcg_submit_stall_seconds (\S+)$", metrics, re.MULTILINE)
+    assert stall is not None
+    assert float(stall[1]) > 3

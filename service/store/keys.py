@@ -124,6 +124,7 @@ local function k_inflight_t(t) return P .. ':inflight:' .. t end
 local function k_lease(s) return P .. ':lease:' .. s end
 local function k_fence() return P .. ':fence' end
 local function k_delivery(id) return P .. ':dlv:' .. id end
+local function k_pause() return P .. ':upstream-pause' end
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)

@@ -63,6 +63,10 @@ return table.concat(out, ' ')
 # served first), one job per turn, while the global and the tenant's cap on jobs
 # inside RunComfy allow. A claimed job takes its upstream slot at once, so two
 # workers can never overfill RunComfy between a claim and the submit.
+#
+# A slot belongs to its job's claim: a due job that already holds one (its worker
+# died or stopped with the submit on the way) is claimed first, whatever the caps,
+# or the very jobs holding every slot could never be claimed again.
 _CLAIM_SUBMITS = (
     LUA_PRELUDE
     + """
@@ -73,6 +77,25 @@ local now = now_ms()
 local inflight = redis.call('SCARD', k_inflight())
 local tenants = redis.call('ZRANGE', k_submit_tenants(), 0, -1)
 local out = {}
+local function claim(t, id)
+  local token = redis.call('INCR', k_fence())
+  redis.call('ZADD', k_submit(t), now + lease_ms, id)
+  redis.call('HSET', k_lease('submit'), id, token)
+  if redis.call('SADD', k_inflight(), id) == 1 then inflight = inflight + 1 end
+  redis.call('SADD', k_inflight_t(t), id)
+  redis.call('ZADD', k_submit_tenants(), redis.call('INCR', k_rr()), t)
+  out[#out + 1] = t
+  out[#out + 1] = id
+  out[#out + 1] = token
+  out[#out + 1] = redis.call('GET', k_job(id)) or ''
+end
+for _, t in ipairs(tenants) do
+  for _, id in ipairs(redis.call('SMEMBERS', k_inflight_t(t))) do
+    if #out >= max * 4 then break end
+    local due = redis.call('ZSCORE', k_submit(t), id)
+    if due and tonumber(due) <= now then claim(t, id) end
+  end
+end
 local progress = true
 while progress and #out < max * 4 and inflight < global_cap do
   progress = false
@@ -83,16 +106,7 @@ while progress and #out < max * 4 and inflight < global_cap do
       local due = redis.call('ZRANGEBYSCORE', k_submit(t), '-inf', now, 'LIMIT', 0, 1)
       local id = due[1]
       if id then
-        local token = redis.call('INCR', k_fence())
-        redis.call('ZADD', k_submit(t), now + lease_ms, id)
-        redis.call('HSET', k_lease('submit'), id, token)
-        if redis.call('SADD', k_inflight(), id) == 1 then inflight = inflight + 1 end
-        redis.call('SADD', k_inflight_t(t), id)
-        redis.call('ZADD', k_submit_tenants(), redis.call('INCR', k_rr()), t)
-        out[#out + 1] = t
-        out[#out + 1] = id
-        out[#out + 1] = token
-        out[#out + 1] = redis.call('GET', k_job(id)) or ''
+        claim(t, id)
         progress = true
       elseif redis.call('ZCARD', k_submit(t)) == 0 then
         redis.call('ZREM', k_submit_tenants(), t)
@@ -101,6 +115,34 @@ while progress and #out < max * 4 and inflight < global_cap do
   end
 end
 return out
+"""
+)
+
+# How long the oldest claimable submit has been due (ms), 0 when none: a job that
+# holds a slot already, or whose tenant has room under both caps. Claims move a job's
+# due time past now, so a claimable job stays due only while no worker claims it. An
+# upstream pause (402, 429) holds submits on purpose: nothing is stalled then.
+_SUBMIT_STALL = (
+    LUA_PRELUDE
+    + """
+local global_cap = tonumber(ARGV[1])
+local caps = {}
+for i = 2, #ARGV, 2 do caps[ARGV[i]] = tonumber(ARGV[i + 1]) end
+if redis.call('EXISTS', k_pause()) == 1 then return 0 end
+local now = now_ms()
+local oldest = now
+local room = redis.call('SCARD', k_inflight()) < global_cap
+for _, t in ipairs(redis.call('ZRANGE', k_submit_tenants(), 0, -1)) do
+  for _, id in ipairs(redis.call('SMEMBERS', k_inflight_t(t))) do
+    local due = tonumber(redis.call('ZSCORE', k_submit(t), id))
+    if due and due < oldest then oldest = due end
+  end
+  if room and redis.call('SCARD', k_inflight_t(t)) < (caps[t] or global_cap) then
+    local first = redis.call('ZRANGE', k_submit(t), 0, 0, 'WITHSCORES')
+    if first[2] and tonumber(first[2]) < oldest then oldest = tonumber(first[2]) end
+  end
+end
+return now - oldest
 """
 )
 
@@ -217,6 +259,7 @@ class Schedules:
         self._claim_submits = redis.register_script(_CLAIM_SUBMITS)
         self._release = redis.register_script(_RELEASE)
         self._release_many = redis.register_script(_RELEASE_MANY)
+        self._submit_stall = redis.register_script(_SUBMIT_STALL)
 
     async def claim(self, name: Literal["poll", "deliver"], max_items: int) -> list[Claim]:
         """Claim up to `max_items` due members of the poll or deliver schedule."""
@@ -265,6 +308,16 @@ class Schedules:
             )
             for i in range(0, len(flat), 4)
         ]
+
+    async def submit_stall_s(self, *, global_cap: int, tenant_caps: Mapping[str, int]) -> float:
+        """How long the oldest job a submit claim could take has gone unclaimed (0: none).
+
+        Well past a lease, no worker is claiming submits: the worker's health says so.
+        """
+        args: list[str | int] = [global_cap]
+        for tenant, cap in tenant_caps.items():
+            args += [tenant, cap]
+        return int(await self._run(self._submit_stall, args)) / 1000
 
     async def release(
         self, claim: Claim, *, delay_s: float | None, free_slot: bool = False

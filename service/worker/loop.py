@@ -37,19 +37,28 @@ def backoff_s(failures: int, *, base_s: float, cap_s: float, rng: random.Random)
 
 
 class Heartbeat:
-    """When each loop last completed a turn; the worker's `/healthz` reads it."""
+    """When each loop last completed a turn, and which are stuck: what `/healthz` reports."""
 
     def __init__(self) -> None:
         self.beats: dict[str, float] = {}
+        self.stuck: set[str] = set()
 
     def beat(self, name: str) -> None:
         """Record that loop `name` is alive now."""
         self.beats[name] = time.monotonic()
 
+    def set_stuck(self, name: str, stuck: bool) -> None:
+        """Record whether loop `name`, alive or not, is making no progress."""
+        if stuck:
+            self.stuck.add(name)
+        else:
+            self.stuck.discard(name)
+
     def stale(self, max_age_s: float) -> list[str]:
-        """The loops that have not beaten within `max_age_s`."""
+        """The loops that have not beaten within `max_age_s`, or are stuck."""
         now = time.monotonic()
-        return [name for name, at in self.beats.items() if now - at > max_age_s]
+        late = {name for name, at in self.beats.items() if now - at > max_age_s}
+        return sorted(late | self.stuck)
 
 
 class RequeueBuffer:

@@ -131,6 +131,7 @@ async def run_worker(
             client=client,
             limits=limits,
             heartbeat=heartbeat,
+            metrics=metrics,
         ),
         poller,
         dispatcher,

@@ -36,6 +36,7 @@ import msgspec
 from redis.exceptions import RedisError
 
 from service.config import Settings
+from service.metrics import WorkerMetrics
 from service.models import FINAL_STATUSES, MODEL, JobErrorInfo
 from service.runcomfy.client import (
     RunComfyClient,
@@ -54,6 +55,9 @@ log = logging.getLogger(__name__)
 MAX_SUBMIT_RETRIES: Final = 8
 RATE_LIMIT_PAUSE_S: Final = 5.0
 PAUSE_CHECK_S: Final = 0.5
+STALL_CHECK_S: Final = 5.0
+STALLED_AFTER_LEASES: Final = 3
+"""Submits are stalled when a claimable job has gone unclaimed for this many leases."""
 _encoder = msgspec.json.Encoder()
 
 
@@ -79,6 +83,7 @@ class Submitter(ClaimLoop):
         client: RunComfyClient,
         limits: Limits,
         heartbeat: Heartbeat,
+        metrics: WorkerMetrics | None = None,
         concurrency: int = 128,
     ) -> None:
         super().__init__(schedules, heartbeat, concurrency=concurrency, drain_s=settings.shutdown_s)
@@ -86,9 +91,19 @@ class Submitter(ClaimLoop):
         self.jobs = jobs
         self.client = client
         self.limits = limits
+        self.metrics = metrics
         self._pause_checked_at = -PAUSE_CHECK_S
+        self._stall_checked_at = -STALL_CHECK_S
         self._paused = False
         self._read: dict[str, _Read] = {}  # by the claim's fencing token, until work() takes it
+
+    def _tenant_caps(self) -> dict[str, int]:
+        # Read each time: the tenants file may have been reloaded.
+        return {
+            t.id: t.max_in_flight
+            for t in self.settings.tenants.by_id.values()
+            if t.max_in_flight is not None
+        }
 
     async def claim(self, max_items: int) -> list[Claim]:
         """Claim pending jobs while RunComfy has free slots for them and no pause is on."""
@@ -96,21 +111,33 @@ class Submitter(ClaimLoop):
         if now - self._pause_checked_at >= PAUSE_CHECK_S:
             self._paused = await self.limits.upstream_pause() is not None
             self._pause_checked_at = now
+        if now - self._stall_checked_at >= STALL_CHECK_S:
+            await self._check_stall()
+            self._stall_checked_at = now
         if self._paused:
             return []
         claims = await self.schedules.claim_submits(
             max_items,
             global_cap=self.settings.upstream_max_in_flight,
-            # Read each time: the tenants file may have been reloaded.
-            tenant_caps={
-                t.id: t.max_in_flight
-                for t in self.settings.tenants.by_id.values()
-                if t.max_in_flight is not None
-            },
+            tenant_caps=self._tenant_caps(),
         )
         if claims:
             await self._read_claimed(claims)
         return claims
+
+    async def _check_stall(self) -> None:
+        """Turn the worker's health red while claimable submits go unclaimed for leases."""
+        stall_s = await self.schedules.submit_stall_s(
+            global_cap=self.settings.upstream_max_in_flight, tenant_caps=self._tenant_caps()
+        )
+        stuck = stall_s > STALLED_AFTER_LEASES * self.settings.lease_s
+        if stuck and self.name not in self.heartbeat.stuck:
+            log.error(
+                "submitter: a claimable job has waited %.0fs unclaimed; submits stalled", stall_s
+            )
+        self.heartbeat.set_stuck(self.name, stuck)
+        if self.metrics is not None:
+            self.metrics.submit_stall.set(stall_s)
 
     async def _read_claimed(self, claims: list[Claim]) -> None:
         """Take the claimed jobs' rate tokens in one round trip (the claim read the jobs).
