@@ -148,6 +148,10 @@ class WebhookView(Struct):
     attempts: int
 
 
+_MAY_HAVE_PAID: Final = frozenset({"sent", "accepted", "unknown"})
+"""Submit outcomes after which a paid run may exist; rejected and unreachable ones created none."""
+
+
 class Job(Struct):
     """A job as the API answers it and as webhook events carry it."""
 
@@ -165,6 +169,7 @@ class Job(Struct):
     started_at: datetime | None
     finished_at: datetime | None
     upstream_submits: int = 0
+    """Submits that may have created a paid run: accepted, or sent with no answer known."""
 
 
 class JobRecord(Struct, kw_only=True):
@@ -213,7 +218,7 @@ class JobRecord(Struct, kw_only=True):
             submitted_at=self.submitted_at,
             started_at=self.started_at,
             finished_at=self.finished_at,
-            upstream_submits=sum(1 for s in self.submits if s.outcome != "unreachable"),
+            upstream_submits=sum(1 for s in self.submits if s.outcome in _MAY_HAVE_PAID),
         )
 
 

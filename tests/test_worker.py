@@ -12,6 +12,7 @@ from typing import Any
 
 import aiohttp
 import httpx
+import msgspec
 import pytest
 from aiohttp import web
 
@@ -198,7 +199,7 @@ async def test_started_event_is_sent_only_when_subscribed(gateway_factory):
 
 
 async def test_rate_limited_submits_are_retried_and_recorded(gateway_factory):
-    """429 answers are definite: the submit is retried with backoff and each try is recorded."""
+    """429 answers are definite: retried, each try recorded, one paid submit counted."""
     gw = await gateway_factory(
         EmulatorConfig(queue_s=0.1, run_s=0.1, rate_429=1.0, retry_after_s=0.1)
     )
@@ -211,6 +212,7 @@ async def test_rate_limited_submits_are_retried_and_recorded(gateway_factory):
     assert outcomes[-1] == "accepted"
     assert set(outcomes[:-1]) == {"rejected"}
     assert (await gw.emulator_state())["submits"] == 1
+    assert msgspec.json.decode(final.view_json())["upstream_submits"] == 1
 
 
 async def test_submits_reach_runcomfy_no_faster_than_the_shared_rate_limit(gateway_factory):
