@@ -12,6 +12,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from service.config import load_settings
 from service.localredis import free_port
 from service.models import (
     DeliveryAttempt,
@@ -36,7 +37,8 @@ from service.store.jobs import (
 from service.store.limits import Limits
 from service.store.pipelining import Pipeliner
 from service.store.schedules import Schedules
-from tests.support import wait_for
+from service.worker.listings import trim_listings
+from tests.support import new_tenant, tenants_of, wait_for
 
 RETENTION = 3600
 
@@ -567,8 +569,8 @@ async def test_a_finished_job_leaves_nothing_that_never_expires(
 ):
     """Once a job is final and its webhooks sent, every key it left carries the retention TTL.
 
-    Only the shared schedules, leases, counters and the indexes (trimmed on
-    create) have no expiry.
+    Only the shared schedules, leases, counters and the indexes (trimmed by
+    the worker and by listings) have no expiry.
     """
     record = make_record(events=["job.started", "job.completed"])
     await jobs.create(record, idempotency=("i" * 64, body_hash(b"b")))
@@ -647,19 +649,54 @@ async def test_a_non_final_event_is_delivered_and_logged_apart_from_the_final_on
     assert (await jobs.get(record.id)).webhook_state == "pending"
 
 
-async def test_old_index_entries_are_trimmed_when_jobs_are_created(redis, keys):
-    """Index entries of final jobs older than the retention go, so indexes never outgrow it."""
-    short = JobStore(redis, keys, retention_s=60)
-    old = make_record()
-    old.id = "job_00000000000000000000000000"  # an id from 1970: long past retention
-    await short.create(old)
-    await short.finish(await short.get(old.id), "cancelled", lease=None)
-    await redis.delete(keys.job(old.id))  # as its retention would have
-    new = make_record()
-    await short.create(new)
+async def _expired_job(jobs: JobStore, redis, keys, tenant: str = "orders") -> JobRecord:
+    """A cancelled job whose key is gone, as its retention makes it."""
+    record = make_record(tenant)
+    await jobs.create(record)
+    await jobs.finish(await jobs.get(record.id), "cancelled", lease=None)
+    await redis.delete(keys.job(record.id))
+    return record
+
+
+async def test_a_listing_drops_the_ids_of_expired_jobs_it_meets(redis, keys, jobs):
+    """An expired job is not listed, and its id is gone from the index after one listing."""
+    for _ in range(3):
+        await _expired_job(jobs, redis, keys)
+    alive = make_record()
+    await jobs.create(alive)
+    listed, cursor = await jobs.page("orders", status=None, limit=10, cursor=None)
+    assert [j.record.id for j in listed] == [alive.id]
+    assert cursor is None
     assert await redis.zrange(keys.jobs("orders", "cancelled"), 0, -1) == []
-    listed, _ = await short.page("orders", status=None, limit=10, cursor=None)
-    assert [j.record.id for j in listed] == [new.id]
+
+
+async def test_a_replica_with_a_fast_clock_removes_nobodys_jobs_from_the_listing(
+    redis, keys, jobs, monkeypatch
+):
+    """A submit through an API whose clock is 8 days ahead leaves finished jobs listed."""
+    finished = make_record()
+    await jobs.create(finished)
+    await jobs.finish(await jobs.get(finished.id), "completed", lease=None)
+    ahead = utcnow() + timedelta(days=8)
+    monkeypatch.setattr("service.store.jobs.utcnow", lambda: ahead)
+    monkeypatch.setattr("service.models.utcnow", lambda: ahead)
+    await jobs.create(make_record())
+    listed, _ = await jobs.page("orders", status="completed", limit=10, cursor=None)
+    assert [j.record.id for j in listed] == [finished.id]
+
+
+async def test_trimming_drops_only_expired_jobs_whatever_their_age(redis, keys, jobs):
+    """The worker's trim removes the ids whose job is gone and keeps every live one."""
+    old_alive = make_record()
+    old_alive.id = "job_00000000000000000000000000"  # an id from 1970, its job still kept
+    await jobs.create(old_alive)
+    await jobs.finish(await jobs.get(old_alive.id), "completed", lease=None)
+    expired = [await _expired_job(jobs, redis, keys) for _ in range(5)]
+    other = await _expired_job(jobs, redis, keys, tenant="billing")
+    assert await jobs.trim_indexes("orders", batch=2) == len(expired)
+    assert await redis.zrange(keys.jobs("orders", "cancelled"), 0, -1) == []
+    assert await redis.zrange(keys.jobs("orders", "completed"), 0, -1) == [old_alive.id.encode()]
+    assert await redis.zrange(keys.jobs("billing", "cancelled"), 0, -1) == [other.id.encode()]
 
 
 async def test_one_tenants_thousand_jobs_hold_back_anothers_single_job_by_one_turn(jobs, schedules):
@@ -708,3 +745,23 @@ async def test_the_submit_stall_is_how_long_a_claimable_job_went_unclaimed(redis
 
 async def _stall_over(schedules: Schedules, seconds: float) -> bool:
     return await schedules.submit_stall_s(global_cap=1, tenant_caps={}) > seconds
+
+
+async def test_the_workers_trim_loop_drops_expired_ids_without_any_listing(redis, keys, jobs):
+    """A tenant nobody lists still loses its expired jobs' ids: the worker trims them."""
+    settings = load_settings(
+        {"REDIS_URL": "redis://unused", "RUNCOMFY_API_TOKEN": "t"},
+        tenants=tenants_of(new_tenant("orders").tenant()),
+    )
+    await _expired_job(jobs, redis, keys)
+    stop = asyncio.Event()
+    trimming = asyncio.create_task(trim_listings(jobs, settings, stop, every_s=0.05))
+    try:
+        await wait_for(lambda: _is_empty(redis, keys.jobs("orders", "cancelled")))
+    finally:
+        stop.set()
+        await trimming
+
+
+async def _is_empty(redis, key: str) -> bool:
+    return await redis.zcard(key) == 0

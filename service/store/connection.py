@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import secrets
 import time
-from datetime import datetime
 from typing import Any, Final
 
 import redis.asyncio as aioredis
@@ -61,11 +60,6 @@ def new_id(prefix: str) -> str:
     value = max((time.time_ns() // 1_000_000) << 80 | secrets.randbits(80), _last_id + 1)
     _last_id = value
     return prefix + _base32(value, 26)
-
-
-def time_prefix(moment: datetime) -> str:
-    """The first 10 characters of every id made at `moment`: ids made before sort below it."""
-    return _base32(int(moment.timestamp() * 1000), 10)
 
 
 def _base32(value: int, width: int) -> str:

@@ -16,7 +16,6 @@ import typing
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
 from enum import Enum
 from typing import Any, Literal, Protocol
 
@@ -35,7 +34,7 @@ from service.models import (
     WebhookState,
     utcnow,
 )
-from service.store.connection import text, time_prefix
+from service.store.connection import text
 from service.store.keys import LUA_PRELUDE, LUA_VALUES, JobValue, Keys, parse_job
 from service.store.limits import LUA_GCRA, Take
 from service.store.pipelining import Pipeliner
@@ -73,9 +72,9 @@ _ZDICT = (
     b'0000"}],"submit_retries":0,"cancel_requested_at":null}'
 )
 
-# A batch of creates, each as a create alone would do it, in order. ARGV: retention_s, cutoff
-# id, and the jobs in one string, each a line of nine words then its blob (`_create_entry`):
-# one argument rather than nine per job, which redis-py would encode one by one. The answer
+# A batch of creates, each as a create alone would do it, in order. ARGV: retention_s, and
+# the jobs in one string, each a line of nine words then its blob (`_create_entry`): one
+# argument rather than nine per job, which redis-py would encode one by one. The answer
 # is one line per job: `C` created, `I <job id> <body hash>` its Idempotency-Key was used
 # already (nothing stored), or `R <ms>` its submission limit refused it for that long
 # (nothing taken, nothing stored).
@@ -84,9 +83,9 @@ _CREATE = (
     + LUA_VALUES
     + LUA_GCRA
     + """
-local retention, cutoff_id, batch = tonumber(ARGV[1]), ARGV[2], ARGV[3]
+local retention, batch = tonumber(ARGV[1]), ARGV[2]
 local now = now_ms()
-local answers, trimmed, at = {}, {}, 1
+local answers, at = {}, 1
 while at <= #batch do
   local eol = string.find(batch, '\\n', at, true)
   local id, tenant, idem, body_hash, limit, interval_ms, burst, cost, size = string.match(
@@ -108,15 +107,7 @@ while at <= #batch do
     end
     job_set(k_job(id), {status = 'pending', ver = 1, wh_state = 'pending', wh_attempts = 0,
       wh_base = 0, wh_created = 0, wh_id = '-', body_len = 0, blob = blob, log = ''}, nil)
-    -- Indexes are trimmed here, by id (ids sort by time), so they never outgrow retention.
-    -- Only final jobs expire, so only the final statuses' indexes need it: once a batch.
-    if not trimmed[tenant] then
-      trimmed[tenant] = true
-      for _, status in ipairs({'completed', 'failed', 'cancelled'}) do
-        redis.call('ZREMRANGEBYLEX', k_jobs_status(tenant, status), '-', '(' .. cutoff_id)
-      end
-      redis.call('ZADD', k_submit_tenants(), 'NX', 0, tenant)
-    end
+    redis.call('ZADD', k_submit_tenants(), 'NX', 0, tenant)
     redis.call('ZADD', k_jobs_status(tenant, 'pending'), 0, id)
     redis.call('ZADD', k_submit(tenant), now, id)
     redis.call('ZADD', k_backlog(), now, id)
@@ -448,14 +439,11 @@ class JobStore:
         """
         if not items:
             return []
-        cutoff_id = "job_" + time_prefix(utcnow() - timedelta(seconds=self._retention_s))
         batch = b"".join(
             _create_entry(record, idempotency, limits[i] if i < len(limits) else None, self._keys)
             for i, (record, idempotency) in enumerate(items)
         )
-        answer = await self._create(
-            keys=[self._keys.prefix], args=[self._retention_s, cutoff_id, batch]
-        )
+        answer = await self._create(keys=[self._keys.prefix], args=[self._retention_s, batch])
         results = []
         for (record, idempotency), line in zip(items, answer.split(b"\n"), strict=True):
             kind, _, value = line.decode().partition(" ")
@@ -501,13 +489,53 @@ class JobStore:
             batch = ids[:want]
             if not batch:
                 return jobs, None
-            # Entries whose job expired are skipped; the indexes are trimmed on create.
-            jobs.extend(job for job in await self.get_many(batch) if job is not None)
+            found = await self.get_many(batch)
+            jobs.extend(job for job in found if job is not None)
+            gone = [job_id for job_id, job in zip(batch, found, strict=True) if job is None]
+            if gone:  # expired since they were listed: read once, then never again
+                await self._forget(tenant, gone)
             start = f"({batch[-1]}"
             if len(ids) <= want:
                 return jobs, None
             if len(jobs) == limit:
                 return jobs, batch[-1]
+
+    async def _forget(self, tenant: str, job_ids: list[str]) -> None:
+        """Drop expired jobs' ids from the tenant's indexes (only final jobs expire).
+
+        An id never comes back once its job is gone, so this needs no script.
+        """
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for status in FINAL_STATUSES:
+                pipe.zrem(self._keys.jobs(tenant, status), *job_ids)
+            await pipe.execute()
+
+    async def trim_indexes(self, tenant: str, *, batch: int = 200, most: int = 5000) -> int:
+        """Drop the ids of expired jobs from the tenant's final-status indexes; how many went.
+
+        Jobs expire by Redis's own clock (their retention is a key expiry), so
+        whatever a replica's clock says, only gone jobs leave the listing. The
+        oldest ids are looked at first, `batch` at a time, until a batch finds
+        none gone or `most` ids were looked at.
+        """
+        removed = 0
+        for status in FINAL_STATUSES:
+            index, start, seen = self._keys.jobs(tenant, status), "-", 0
+            while seen < most:
+                ids = [text(i) for i in await self._redis.zrangebylex(index, start, "+", 0, batch)]
+                if not ids:
+                    break
+                seen += len(ids)
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for job_id in ids:
+                        pipe.exists(self._keys.job(job_id))
+                    alive = await pipe.execute()
+                gone = [job_id for job_id, n in zip(ids, alive, strict=True) if not n]
+                if not gone:
+                    break
+                removed += await self._redis.zrem(index, *gone)
+                start = f"({ids[-1]}"
+        return removed
 
     async def _newest(self, indexes: list[str], start: str, count: int) -> list[str]:
         """The `count` greatest ids below `start` in any of the indexes, greatest first.

@@ -31,6 +31,7 @@ from service.store.schedules import Schedules
 from service.tenants_watch import TenantsWatcher
 from service.webhooks.delivery import create_webhook_session
 from service.worker.dispatcher import CONCURRENCY, PER_HOST, Dispatcher
+from service.worker.listings import trim_listings
 from service.worker.loop import ClaimLoop, Heartbeat
 from service.worker.poller import Poller
 from service.worker.submitter import Submitter
@@ -137,6 +138,7 @@ async def run_worker(
         dispatcher,
     ]
     tasks = [loop.run(stop) for loop in loops]
+    tasks.append(trim_listings(jobs, settings, stop))
     if settings.tenants_file:
         watcher = TenantsWatcher(
             settings.tenants, settings.tenants_file, on_result=metrics.tenants_reloaded
