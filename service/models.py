@@ -251,6 +251,32 @@ class WebhookEvent(Struct):
     data: Job
 
 
+MAX_EXCERPT_BYTES: Final = 2048
+"""What the attempt log keeps of a receiver's answer, in bytes as stored."""
+
+_CONTROL: Final = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_json_encode = msgspec.json.Encoder().encode
+
+
+def response_excerpt(answer: bytes | str) -> str:
+    """A receiver's answer as the attempt log keeps it: text of at most 2 KB as stored.
+
+    Undecodable bytes become U+FFFD and control characters `?` (a NUL alone
+    would take 6 bytes as JSON); the text is then cut, on a character
+    boundary, until its JSON encoding fits in `MAX_EXCERPT_BYTES`.
+    """
+    text = answer.decode("utf-8", errors="replace") if isinstance(answer, bytes) else answer
+    text = _CONTROL.sub("?", text[:MAX_EXCERPT_BYTES])
+    fits, over = 0, len(text) + 1  # the longest prefix known to fit, the shortest known not to
+    while over - fits > 1:
+        middle = (fits + over) // 2
+        if len(_json_encode(text[:middle])) - 2 <= MAX_EXCERPT_BYTES:
+            fits = middle
+        else:
+            over = middle
+    return text[:fits]
+
+
 class DeliveryAttempt(Struct):
     """One webhook delivery attempt, as kept in the attempt log."""
 

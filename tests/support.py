@@ -89,6 +89,8 @@ class Receiver:
     statuses: list[int] = field(default_factory=list)
     received: list[Received] = field(default_factory=list)
     port: int = 0
+    failure_body: bytes = b"nope"
+    """What a non-2xx answer says."""
     _runner: web.AppRunner | None = None
 
     @property
@@ -98,7 +100,7 @@ class Receiver:
     async def _handle(self, request: web.Request) -> web.Response:
         self.received.append(Received(dict(request.headers), await request.read()))
         status = self.statuses.pop(0) if self.statuses else 200
-        return web.Response(status=status, text="ok" if status < 300 else "nope")
+        return web.Response(status=status, body=b"ok" if status < 300 else self.failure_body)
 
     async def start(self) -> Receiver:
         app = web.Application()

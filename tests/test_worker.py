@@ -20,7 +20,7 @@ from service.config import Settings, load_settings
 from service.localredis import free_port
 from service.runcomfy.emulator import EmulatorConfig, start_emulator
 from service.store.connection import connect
-from service.store.deliveries import DeliveryStore
+from service.store.deliveries import DeliveryStore, Resend
 from service.store.jobs import HandedOver, JobStore, Outcome, StoredJob
 from service.store.keys import Keys
 from service.store.limits import Limits
@@ -516,3 +516,28 @@ async def test_a_worker_whose_submits_stall_turns_its_health_red(gateway_factory
     stall = re.search(r"^rcg_submit_stall_seconds (\S+)$", metrics, re.MULTILINE)
     assert stall is not None
     assert float(stall[1]) > 3
+
+
+async def test_a_hostile_receiver_cannot_grow_a_job_past_its_cap(gateway_factory, redis, keys):
+    """20 KB of NULs answered to 120 attempts and 3 re-sends: the job stays under 256 KB."""
+    retries = ",".join(["0.01"] * 40)
+    gw = await gateway_factory(env={"GATEWAY_WEBHOOK_RETRY_SCHEDULE": retries})
+    gw.receiver.statuses = [500] * 1000
+    gw.receiver.failure_body = b"\0" * 20_000
+    job_id = await gw.submit()
+    for sends in range(1, 4):
+        await wait_for(
+            lambda n=sends: _when(
+                gw.jobs.get(job_id),
+                lambda s, n=n: s.webhook_state == "failed" and s.webhook_attempts == 41 * n,
+            ),
+            timeout=30,
+        )
+        if sends < 3:
+            assert await gw.deliveries.resend(job_id) is Resend.QUEUED
+    stored = await gw.jobs.get(job_id)
+    assert stored.webhook_attempts == 3 * 41
+    log = await gw.deliveries.log(await gw.deliveries.final_delivery_id(job_id))
+    assert [a.attempt for a in log] == list(range(3 * 41 - 49, 3 * 41 + 1))
+    assert {len(a.response_excerpt.encode()) for a in log} == {2048}
+    assert await redis.memory_usage(keys.job(job_id)) < 256 * 1024

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import msgspec
 import redis.asyncio as aioredis
 
-from service.models import FINAL_STATUSES, DeliveryAttempt
+from service.models import FINAL_STATUSES, DeliveryAttempt, response_excerpt
 from service.store.jobs import Lease, job_of_delivery, unpack
 from service.store.keys import LUA_PRELUDE, LUA_VALUES, Keys, parse_delivery, parse_job
 from service.store.pipelining import Pipeliner
@@ -28,7 +28,8 @@ _entry_decoder: msgspec.json.Decoder[tuple[Any, ...]] = msgspec.json.Decoder(
 )
 _encoder = msgspec.json.Encoder()
 
-MAX_LOG_ENTRIES = 200
+MAX_LOG_ENTRIES = 50
+"""The attempt log keeps the latest attempts; the job's `webhook.attempts` counts them all."""
 
 # ARGV[8] is the job of a final event's delivery (kept in the job), '' for another's.
 _RECORD_ATTEMPT = (
@@ -217,10 +218,17 @@ class DeliveryStore:
     ) -> bool:
         """Append `attempt` to the log and retry after `retry_in_s`, or end the delivery.
 
+        The log keeps the latest `MAX_LOG_ENTRIES` attempts, each with at most
+        `MAX_EXCERPT_BYTES` of the answer, so one job stays well under 256 KB.
+
         False when the claim was lost and nothing was written.
         """
         delay_ms = -1 if retry_in_s is None else max(0, round(retry_in_s * 1000))
         job_id, event = job_of_delivery(delivery_id)
+        # Bounded here, whatever the caller read: a receiver never grows a job past its cap.
+        attempt = msgspec.structs.replace(
+            attempt, response_excerpt=response_excerpt(attempt.response_excerpt)
+        )
         args: list[str | bytes | int] = [
             delivery_id,
             lease.token,
