@@ -541,3 +541,27 @@ async def test_a_hostile_receiver_cannot_grow_a_job_past_its_cap(gateway_factory
     assert [a.attempt for a in log] == list(range(3 * 41 - 49, 3 * 41 + 1))
     assert {len(a.response_excerpt.encode()) for a in log} == {2048}
     assert await redis.memory_usage(keys.job(job_id)) < 256 * 1024
+
+
+async def test_a_removed_tenants_jobs_fail_unpaid_and_its_webhooks_are_skipped(gateway_factory):
+    """Queued jobs fail with tenant_removed unsent, a running one ends, no webhook is signed."""
+    gw = await gateway_factory(
+        EmulatorConfig(queue_s=0.1, run_s=1.5), env={"GATEWAY_UPSTREAM_MAX_IN_FLIGHT": "1"}
+    )
+    running = await gw.submit()
+    await wait_for(lambda: _when(gw.jobs.get(running), lambda s: s.record.status != "pending"))
+    queued = [await gw.submit() for _ in range(3)]
+    gw.settings.tenants.replace_with(tenants_of())  # as a reloaded tenants file would
+    for job_id in queued:
+        final = await gw.final(job_id, timeout=5)
+        assert final.record.status == "failed"
+        assert final.record.error.code == "tenant_removed"
+        assert final.record.submits == []
+    assert (await gw.final(running)).record.status == "completed"
+    assert (await gw.emulator_state())["submits"] == 1
+    for job_id in [running, *queued]:
+        stored = await wait_for(
+            lambda j=job_id: _when(gw.jobs.get(j), lambda s: s.webhook_state != "pending")
+        )
+        assert stored.webhook_state == "skipped"
+    assert gw.receiver.received == []

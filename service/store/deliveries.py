@@ -213,7 +213,7 @@ class DeliveryStore:
         lease: Lease,
         attempt: DeliveryAttempt,
         *,
-        state: Literal["pending", "delivered", "failed"],
+        state: Literal["pending", "delivered", "failed", "skipped"],
         retry_in_s: float | None,
     ) -> bool:
         """Append `attempt` to the log and retry after `retry_in_s`, or end the delivery.

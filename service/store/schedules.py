@@ -66,13 +66,17 @@ return table.concat(out, ' ')
 #
 # A slot belongs to its job's claim: a due job that already holds one (its worker
 # died or stopped with the submit on the way) is claimed first, whatever the caps,
-# or the very jobs holding every slot could never be claimed again.
+# or the very jobs holding every slot could never be claimed again. So are the due
+# jobs of a tenant removed from the tenants file, when the caller names every
+# tenant it knows (its `tenant_caps` then has every tenant): the submitter fails
+# them unsent.
 _CLAIM_SUBMITS = (
     LUA_PRELUDE
     + """
 local lease_ms, max, global_cap = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local known = ARGV[4] == '1'
 local caps = {}
-for i = 4, #ARGV, 2 do caps[ARGV[i]] = tonumber(ARGV[i + 1]) end
+for i = 5, #ARGV, 2 do caps[ARGV[i]] = tonumber(ARGV[i + 1]) end
 local now = now_ms()
 local inflight = redis.call('SCARD', k_inflight())
 local tenants = redis.call('ZRANGE', k_submit_tenants(), 0, -1)
@@ -94,6 +98,13 @@ for _, t in ipairs(tenants) do
     if #out >= max * 4 then break end
     local due = redis.call('ZSCORE', k_submit(t), id)
     if due and tonumber(due) <= now then claim(t, id) end
+  end
+  -- A tenant no longer in the tenants file: its jobs are claimed at once, to be failed unpaid.
+  if known and not caps[t] and #out < max * 4 then
+    local left = max - #out / 4
+    for _, id in ipairs(redis.call('ZRANGEBYSCORE', k_submit(t), '-inf', now, 'LIMIT', 0, left)) do
+      claim(t, id)
+    end
   end
 end
 local progress = true
@@ -289,13 +300,20 @@ class Schedules:
         return Claimed(claims, None if next_due == "-" else float(next_due) / 1000)
 
     async def claim_submits(
-        self, max_items: int, *, global_cap: int, tenant_caps: Mapping[str, int]
+        self,
+        max_items: int,
+        *,
+        global_cap: int,
+        tenant_caps: Mapping[str, int],
+        every_tenant: bool = False,
     ) -> list[Claim]:
         """Claim up to `max_items` pending jobs, fairly across tenants, within the slot caps.
 
+        With `every_tenant`, `tenant_caps` names every tenant there is, and the
+        due jobs of any other tenant (one removed) are claimed whatever the caps.
         Each claim carries its job's stored value (`Claim.job`).
         """
-        args: list[str | int] = [self._lease_ms, max_items, global_cap]
+        args: list[str | int] = [self._lease_ms, max_items, global_cap, int(every_tenant)]
         for tenant, cap in tenant_caps.items():
             args += [tenant, cap]
         flat = await self._run(self._claim_submits, args)

@@ -157,6 +157,11 @@ class Dispatcher(ClaimLoop):
             return
         job_id_var.set(delivery.job_id)  # log lines name the job, not the delivery id
         tenant_var.set(delivery.tenant)
+        if delivery.tenant not in self.settings.tenants.by_id:
+            # Removed from the tenants file: nothing can sign its events any more.
+            removed = AttemptResult(status_code=None, latency_ms=0, error="tenant_removed")
+            await self._record(delivery, claim, removed, skip=True)
+            return
         host = urlsplit(delivery.url).hostname or ""
         gate = self._gates.get(host)
         if gate is None:
@@ -204,8 +209,8 @@ class Dispatcher(ClaimLoop):
 
     async def _attempt(self, delivery: Delivery) -> AttemptResult:
         tenant = self.settings.tenants.by_id.get(delivery.tenant)
-        if tenant is None:
-            return AttemptResult(status_code=None, latency_ms=0, error="unknown_tenant")
+        if tenant is None:  # removed while the attempt waited for a slot: next time it is skipped
+            return AttemptResult(status_code=None, latency_ms=0, error="tenant_removed")
         # The tenants file may have changed since the job was accepted.
         if callback_url_problem(delivery.url, tenant.callback_hosts) is not None:
             return AttemptResult(status_code=None, latency_ms=0, error="invalid_url")
@@ -220,11 +225,15 @@ class Dispatcher(ClaimLoop):
             deadline_s=self.settings.webhook_deadline_s,
         )
 
-    async def _record(self, delivery: Delivery, claim: Claim, result: AttemptResult) -> None:
+    async def _record(
+        self, delivery: Delivery, claim: Claim, result: AttemptResult, *, skip: bool = False
+    ) -> None:
         verdict = outcome(result)
         retry_in: float | None = None
-        state: Literal["pending", "delivered", "failed"]
-        if verdict == "delivered":
+        state: Literal["pending", "delivered", "failed", "skipped"]
+        if skip:
+            state = "skipped"
+        elif verdict == "delivered":
             state = "delivered"
         elif verdict == "gone":
             state = "failed"

@@ -116,10 +116,14 @@ class Submitter(ClaimLoop):
             self._stall_checked_at = now
         if self._paused:
             return []
+        global_cap = self.settings.upstream_max_in_flight
         claims = await self.schedules.claim_submits(
             max_items,
-            global_cap=self.settings.upstream_max_in_flight,
-            tenant_caps=self._tenant_caps(),
+            global_cap=global_cap,
+            tenant_caps={
+                t.id: t.max_in_flight or global_cap for t in self.settings.tenants.by_id.values()
+            },
+            every_tenant=True,
         )
         if claims:
             await self._read_claimed(claims)
@@ -183,6 +187,9 @@ class Submitter(ClaimLoop):
             await self.schedules.release(claim, delay_s=None, free_slot=True)
             return
         record = stored.record
+        if record.tenant not in self.settings.tenants.by_id:
+            await self._tenant_removed(stored, claim)
+            return
         if datetime.now(UTC) >= record.deadline_at:
             error = JobErrorInfo(code="timeout", message="no upstream slot before the job deadline")
             await self.jobs.finish(stored, "failed", lease=claim.lease, error=error)
@@ -203,6 +210,25 @@ class Submitter(ClaimLoop):
         if outcome is not Outcome.DONE:
             return  # changed meanwhile (e.g. cancelled) or the lease was lost: not sent
         await self._send(stored, claim)
+
+    async def _tenant_removed(self, stored: StoredJob, claim: Claim) -> None:
+        """The job's tenant left the tenants file: fail it rather than pay for it."""
+        sent = stored.record.submits[-1:] != [] and stored.record.submits[-1].outcome == "sent"
+        message = "the tenant was removed before this job was sent to RunComfy; nothing was paid"
+        if sent:  # a worker stopped after sending it: never sent again
+            message = "the tenant was removed; a submit sent before may have created a paid run"
+        log.warning(
+            "submitter: %s: tenant %s was removed; failing it",
+            stored.record.id,
+            stored.record.tenant,
+        )
+        await self.jobs.finish(
+            stored,
+            "failed",
+            lease=claim.lease,
+            error=JobErrorInfo(code="tenant_removed", message=message),
+            submit_outcome="unknown" if sent else None,
+        )
 
     async def _send(self, stored: StoredJob, claim: Claim) -> None:
         """Send the submit recorded as `sent` and record what RunComfy answered."""
