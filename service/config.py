@@ -78,7 +78,7 @@ class Tenants(msgspec.Struct):
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
-    """Everything the processes need, read from the environment (DESIGN §2)."""
+    """Everything the processes need, read from the environment (README, Configuration)."""
 
     redis_url: str
     runcomfy_base_url: str = DEFAULT_BASE_URL
@@ -182,7 +182,7 @@ def _tenant(tenant_id: str, table: object, where: str) -> Tenant:  # noqa: C901,
 
 
 def parse_tenants(text: str, where: str = "tenants file") -> Tenants:
-    """Parse the tenants TOML (DESIGN §2) into `Tenants`, or raise `ConfigError`."""
+    """Parse the tenants TOML (README, Tenants file) into `Tenants`, or raise `ConfigError`."""
     try:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -1,4 +1,4 @@
-"""The HTTP API against a real Redis: the contract of DESIGN §3, answer by answer."""
+"""The HTTP API against a real Redis: the documented contract, answer by answer."""
 
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ def base_env(tmp_path, toml: str | None = None) -> dict[str, str]:
 
 
 def test_defaults_are_those_of_the_contract(tmp_path):
-    """With only the required variables set, every knob has DESIGN's default."""
+    """With only the required variables set, every knob has its documented default."""
     s = load_settings(base_env(tmp_path))
     assert s.runcomfy_base_url == "https://model-api.runcomfy.net"
     assert (s.poll_interval_min_s, s.poll_interval_max_s) == (2, 15)

@@ -29,7 +29,7 @@ def test_the_checked_in_document_matches_the_code(document):
 
 
 def test_the_document_is_openapi_3_1_with_every_route(document):
-    """The document is OpenAPI 3.1 and lists every route of DESIGN §3."""
+    """The document is OpenAPI 3.1 and lists every route of the HTTP API."""
     assert document["openapi"].startswith("3.1")
     paths = document["paths"]
     assert set(paths["/v1/jobs"]) == {"get", "post"}

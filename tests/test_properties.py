@@ -1,4 +1,4 @@
-"""Property tests of input validation, driven by the seed schema of DESIGN §1.
+"""Property tests of input validation, driven by the model input schema (docs/runcomfy.md).
 
 The schema is written out here from the design, not read from `models.py`, so the
 code is checked against the contract rather than against itself. Whatever the schema
@@ -43,7 +43,7 @@ BOUNDED = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 
-# DESIGN §1: the seed's schema, field by field.
+# docs/runcomfy.md: the model input's schema, field by field.
 DEFAULTS: dict[str, Any] = {
     "pro_mode": False,
     "resolution": "720p",

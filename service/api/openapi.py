@@ -148,7 +148,7 @@ _EXAMPLE_JOB = Job(
 
 
 def _webhooks() -> dict[str, Any]:
-    """The webhook the gateway sends, as OpenAPI 3.1 `webhooks` (DESIGN §4)."""
+    """The webhook the gateway sends, as OpenAPI 3.1 `webhooks` (README, Verifying the webhook)."""
     headers = {
         "webhook-id": "One per event; the same on every retry and re-send.",
         "webhook-timestamp": "Unix seconds of this attempt (verify within ±5 minutes).",
