@@ -10,7 +10,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -26,6 +27,7 @@ from service.models import EventType, JobRecord, VideoInput, WebhookSpec, utcnow
 from service.store.connection import new_id
 
 StartEmulator = Callable[..., Awaitable[str]]
+TcpHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 """The `emulator` fixture: start an emulator with EmulatorConfig fields, get its URL."""
 
 
@@ -191,3 +193,25 @@ def wait_http(url: str, timeout: float = 20) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"{url} did not come up within {timeout}s")
         time.sleep(0.05)
+
+
+@asynccontextmanager
+async def tcp_server(handler: TcpHandler) -> AsyncIterator[str]:
+    """A raw TCP server on 127.0.0.1 running `handler` per connection; yields its http:// URL."""
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def read_http_request(reader: asyncio.StreamReader) -> bytes:
+    """Read one HTTP/1.1 request with a Content-Length body (as our clients send) off `reader`."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    return head + await reader.readexactly(length)

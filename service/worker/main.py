@@ -20,7 +20,7 @@ from redis.exceptions import RedisError
 
 from service.config import Settings
 from service.metrics import WorkerMetrics
-from service.runcomfy.client import RunComfyClient, create_upstream_session
+from service.runcomfy.client import RunComfyClient, create_upstream_client
 from service.store.connection import connect
 from service.store.deliveries import DeliveryStore
 from service.store.jobs import JobStore
@@ -86,7 +86,7 @@ async def run_worker(
     keys = keys or Keys()
     metrics = WorkerMetrics()
     redis = connect(settings.redis_url)
-    upstream = create_upstream_session(max_connections=256)
+    upstream = create_upstream_client(max_connections=256)
     hooks = create_webhook_session(limit=CONCURRENCY, limit_per_host=PER_HOST)
     heartbeat = Heartbeat()
     # The loops' concurrent items change state at about the same moments: one pipeline a turn.
@@ -155,7 +155,7 @@ async def run_worker(
     finally:
         if runner is not None:
             await runner.cleanup()
-        await upstream.close()
+        await upstream.aclose()
         await hooks.close()
         await pipeliner.aclose()
         await redis.aclose()
