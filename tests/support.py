@@ -215,3 +215,18 @@ async def read_http_request(reader: asyncio.StreamReader) -> bytes:
         if name.strip().lower() == b"content-length":
             length = int(value)
     return head + await reader.readexactly(length)
+
+
+class FakeResolver:
+    """Answers from a fixed table, like a DNS server an attacker controls."""
+
+    def __init__(self, table: dict[str, list[str]]) -> None:
+        self.table = table
+        self.asked: list[str] = []
+
+    async def resolve(self, host: str, port: int) -> list[str]:  # noqa: ARG002 - any port
+        """Answer from the table, or fail like getaddrinfo for an unknown name."""
+        self.asked.append(host)
+        if host not in self.table:
+            raise OSError(f"unknown host {host}")
+        return self.table[host]

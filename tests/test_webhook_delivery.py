@@ -7,17 +7,17 @@ import time
 
 import pytest
 from aiohttp import web
-from aiohttp.abc import AbstractResolver
 
+from service.outbound import parse_retry_after
 from service.webhooks.delivery import (
     AttemptResult,
-    create_webhook_session,
+    create_webhook_client,
     deliver_once,
     next_delay,
     outcome,
-    parse_retry_after,
     parse_retry_schedule,
 )
+from tests.support import FakeResolver
 
 BODY = b'{"type":"job.completed","data":{"id":"job_1","note":"caf\xc3\xa9"}}'
 HEADERS = {
@@ -142,33 +142,8 @@ async def head_trickler():
 
 @pytest.fixture
 async def session():
-    client = create_webhook_session()
-    yield client
-    await client.close()
-
-
-class FakeResolver(AbstractResolver):
-    """Answers from a fixed table, like a DNS server an attacker controls."""
-
-    def __init__(self, table):
-        self.table = table
-
-    async def resolve(self, host, port=0, family=socket.AF_INET):  # noqa: ARG002 - one table for every family
-        """Answer from the table."""
-        return [
-            {
-                "hostname": host,
-                "host": addr,
-                "port": port,
-                "family": socket.AF_INET,
-                "proto": 0,
-                "flags": socket.AI_NUMERICHOST,
-            }
-            for addr in self.table[host]
-        ]
-
-    async def close(self):
-        """Nothing to release."""
+    async with create_webhook_client() as client:
+        yield client
 
 
 def free_port() -> int:
@@ -282,26 +257,19 @@ async def test_connection_refused_is_a_connect_error(session):
 )
 async def test_a_forbidden_ip_literal_is_refused_without_connecting(url):
     """An IP-literal URL naming a metadata address is refused before any connection."""
-
-    class NoResolver(AbstractResolver):
-        async def resolve(self, host, port=0, family=socket.AF_INET):  # noqa: ARG002 - never answers
-            """Fail the test: IP literals must never reach a resolver."""
-            raise AssertionError(f"resolver asked about {host}")
-
-        async def close(self):
-            """Nothing to release."""
-
-    async with create_webhook_session(resolver=NoResolver()) as client:
+    resolver = FakeResolver({})
+    async with create_webhook_client(resolver=resolver) as client:
         result = await deliver_once(client, url, HEADERS, BODY, deadline_s=5)
     assert (result.status_code, result.error) == (None, "forbidden_address")
     assert result.latency_ms < 1000
+    assert resolver.asked == []
 
 
 async def test_a_name_rebound_to_metadata_is_refused_at_connect_time(receiver):
     """A host name resolving to 169.254.169.254 at delivery time is never dialled."""
     port = receiver.base.rsplit(":", 1)[1]
     resolver = FakeResolver({"rebind.test": ["169.254.169.254"], "ok.test": ["127.0.0.1"]})
-    async with create_webhook_session(resolver=resolver) as client:
+    async with create_webhook_client(resolver=resolver) as client:
         refused = await deliver_once(client, f"http://rebind.test:{port}/ok", HEADERS, BODY)
         accepted = await deliver_once(client, f"http://ok.test:{port}/ok", HEADERS, BODY)
     assert (refused.status_code, refused.error) == (None, "forbidden_address")
@@ -314,7 +282,7 @@ async def test_forbidden_answers_are_dropped_and_the_rest_dialled(receiver):
     """Of a mixed DNS answer, only the allowed address is dialled."""
     port = receiver.base.rsplit(":", 1)[1]
     resolver = FakeResolver({"mixed.test": ["169.254.169.254", "127.0.0.1"]})
-    async with create_webhook_session(resolver=resolver) as client:
+    async with create_webhook_client(resolver=resolver) as client:
         result = await deliver_once(client, f"http://mixed.test:{port}/ok", HEADERS, BODY)
     assert (result.status_code, result.error) == (200, None)
 
@@ -333,7 +301,7 @@ async def test_session_ignores_environment_proxies(receiver, monkeypatch):
     monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{free_port()}")
     monkeypatch.delenv("NO_PROXY", raising=False)
     monkeypatch.delenv("no_proxy", raising=False)
-    async with create_webhook_session() as client:
+    async with create_webhook_client() as client:
         result = await deliver_once(client, receiver.base + "/ok", HEADERS, BODY)
     assert result.status_code == 200
 

@@ -29,8 +29,8 @@ from service.store.limits import Limits
 from service.store.pipelining import Pipeliner
 from service.store.schedules import Schedules
 from service.tenants_watch import TenantsWatcher
-from service.webhooks.delivery import create_webhook_session
-from service.worker.dispatcher import CONCURRENCY, PER_HOST, Dispatcher
+from service.webhooks.delivery import create_webhook_client
+from service.worker.dispatcher import CONCURRENCY, Dispatcher
 from service.worker.loop import ClaimLoop, Heartbeat
 from service.worker.poller import Poller
 from service.worker.submitter import Submitter
@@ -87,7 +87,7 @@ async def run_worker(
     metrics = WorkerMetrics()
     redis = connect(settings.redis_url)
     upstream = create_upstream_client(max_connections=256)
-    hooks = create_webhook_session(limit=CONCURRENCY, limit_per_host=PER_HOST)
+    hooks = create_webhook_client(max_connections=CONCURRENCY)
     heartbeat = Heartbeat()
     # The loops' concurrent items change state at about the same moments: one pipeline a turn.
     pipeliner = Pipeliner(redis)
@@ -156,7 +156,7 @@ async def run_worker(
         if runner is not None:
             await runner.cleanup()
         await upstream.aclose()
-        await hooks.close()
+        await hooks.aclose()
         await pipeliner.aclose()
         await redis.aclose()
         log.info("worker: stopped")
