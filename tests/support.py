@@ -7,6 +7,7 @@ import base64
 import hashlib
 import secrets
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -196,11 +197,12 @@ def wait_http(url: str, timeout: float = 20) -> None:
 
 
 @asynccontextmanager
-async def tcp_server(handler: TcpHandler) -> AsyncIterator[str]:
-    """A raw TCP server on 127.0.0.1 running `handler` per connection; yields its http:// URL."""
-    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+async def tcp_server(handler: TcpHandler, tls: ssl.SSLContext | None = None) -> AsyncIterator[str]:
+    """A raw TCP (or TLS) server on 127.0.0.1 running `handler` per connection; yields its URL."""
+    server = await asyncio.start_server(handler, "127.0.0.1", 0, ssl=tls)
+    scheme = "http" if tls is None else "https"
     try:
-        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        yield f"{scheme}://127.0.0.1:{server.sockets[0].getsockname()[1]}"
     finally:
         server.close()
         await server.wait_closed()

@@ -3,9 +3,12 @@ import contextlib
 import email.utils
 import random
 import socket
+import ssl
 import time
 
+import msgspec
 import pytest
+import trustme
 from aiohttp import web
 
 from service.outbound import parse_retry_after
@@ -17,7 +20,7 @@ from service.webhooks.delivery import (
     outcome,
     parse_retry_schedule,
 )
-from tests.support import FakeResolver
+from tests.support import FakeResolver, read_http_request, tcp_server
 
 BODY = b'{"type":"job.completed","data":{"id":"job_1","note":"caf\xc3\xa9"}}'
 HEADERS = {
@@ -50,6 +53,9 @@ class Receiver:
                 web.post("/hang", self.hang),
                 web.post("/trickle", self.trickle),
                 web.post("/huge", self.huge),
+                web.post("/nul", self.body(b"\x00" * 20 * 1024)),
+                web.post("/accents", self.body("é".encode() * 10 * 1024)),
+                web.post("/quotes", self.body(b'"\\\n' * 5 * 1024)),
             ]
         )
 
@@ -94,6 +100,15 @@ class Receiver:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stop.wait(), 0.05)
         return response
+
+    def body(self, content):
+        """Build a handler answering 500 with `content` as its body."""
+
+        async def handler(request):
+            await self.record(request)
+            return web.Response(status=500, body=content)
+
+        return handler
 
     async def huge(self, request):
         """Answer with a 1 MB body."""
@@ -230,6 +245,25 @@ async def test_a_huge_answer_is_truncated_to_max_read(receiver, session):
     assert result.response_excerpt == "x" * 1000
 
 
+def stored_size(text: str) -> int:
+    """UTF-8 bytes of a string as the attempt log stores it (a JSON string, without quotes)."""
+    return len(msgspec.json.encode(text)) - 2
+
+
+@pytest.mark.parametrize(
+    ("path", "looks_like"),
+    [("/nul", "\ufffd"), ("/accents", "é"), ("/quotes", '"\\ ')],
+)
+async def test_the_stored_excerpt_stays_within_2_kb_whatever_the_answer(
+    receiver, session, path, looks_like
+):
+    """20 KB of NULs, accents or JSON-escaped characters keep at most 2048 bytes as stored."""
+    result = await deliver_once(session, receiver.base + path, HEADERS, BODY)
+    assert (result.status_code, result.error) == (500, "http_status")
+    assert 2048 - 4 < stored_size(result.response_excerpt) <= 2048
+    assert set(result.response_excerpt) == set(looks_like)
+
+
 async def test_the_session_still_works_after_cutting_answers_short(receiver, session):
     """A connection closed mid-answer does not poison the pool for the next attempt."""
     await deliver_once(session, receiver.base + "/huge", HEADERS, BODY, max_read=10)
@@ -285,6 +319,33 @@ async def test_forbidden_answers_are_dropped_and_the_rest_dialled(receiver):
     async with create_webhook_client(resolver=resolver) as client:
         result = await deliver_once(client, f"http://mixed.test:{port}/ok", HEADERS, BODY)
     assert (result.status_code, result.error) == (200, None)
+
+
+async def test_tls_is_checked_against_the_url_host_not_the_address_dialled():
+    """Over TLS the guard dials the resolved address, yet the certificate must name the URL host."""
+    ca = trustme.CA()
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("hooks.test").configure_cert(server_tls)
+    client_tls = ssl.create_default_context()
+    ca.configure_trust(client_tls)
+
+    async def answer(reader, writer):
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
+            await read_http_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\ntls ok")
+            await writer.drain()
+        writer.close()
+
+    resolver = FakeResolver({"hooks.test": ["127.0.0.1"], "other.test": ["127.0.0.1"]})
+    async with (
+        tcp_server(answer, tls=server_tls) as base,
+        create_webhook_client(resolver=resolver, verify=client_tls) as client,
+    ):
+        port = base.rsplit(":", 1)[1]
+        named = await deliver_once(client, f"https://hooks.test:{port}/h", HEADERS, BODY)
+        other = await deliver_once(client, f"https://other.test:{port}/h", HEADERS, BODY)
+    assert (named.status_code, named.error, named.response_excerpt) == (200, None, "tls ok")
+    assert (other.status_code, other.error) == (None, "tls_error")
 
 
 @pytest.mark.parametrize(

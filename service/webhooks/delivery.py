@@ -92,15 +92,17 @@ def create_webhook_client(
     *,
     max_connections: int = 256,
     resolver: Resolver | None = None,
+    verify: ssl.SSLContext | bool = True,
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> httpx.AsyncClient:
     """Build the httpx client for webhook deliveries.
 
     Every connection is dialled through the connect-time address guard (`resolver` is the
-    inner resolver it filters); `transport` replaces the network entirely, for tests that
-    only need a scripted receiver. Environment proxies are ignored, cookies are never kept,
-    redirects never followed, and answers are not decompressed (we only keep an excerpt, and
-    a compressed answer cannot turn into a decompression bomb).
+    inner resolver it filters, `verify` the certificate check, the system's by default);
+    `transport` replaces the network entirely, for tests that only need a scripted receiver.
+    Environment proxies are ignored, cookies are never kept, redirects never followed, and
+    answers are not decompressed (we only keep an excerpt, and a compressed answer cannot
+    turn into a decompression bomb).
     """
     limits = httpx.Limits(
         max_connections=max_connections,
@@ -108,7 +110,7 @@ def create_webhook_client(
         keepalive_expiry=30.0,
     )
     return httpx.AsyncClient(
-        transport=transport or GuardedTransport(limits=limits, resolver=resolver),
+        transport=transport or GuardedTransport(limits=limits, resolver=resolver, verify=verify),
         trust_env=False,
         cookies=cookieless_jar(),
         follow_redirects=False,

@@ -11,6 +11,7 @@ receiver answering many deliveries pays for TCP and TLS once.
 from __future__ import annotations
 
 import contextlib
+import ssl
 from collections.abc import AsyncIterable, AsyncIterator, Iterator
 from typing import Final
 
@@ -79,7 +80,7 @@ class GuardedTransport(httpx.AsyncBaseTransport):
         *,
         limits: httpx.Limits,
         resolver: Resolver | None = None,
-        verify: bool = True,
+        verify: ssl.SSLContext | bool = True,
     ) -> None:
         self._pool = httpcore.AsyncConnectionPool(
             ssl_context=httpx.create_ssl_context(verify=verify, trust_env=False),
