@@ -368,7 +368,7 @@ async def test_session_ignores_environment_proxies(receiver, monkeypatch):
 
 
 def test_retry_after_parses_seconds_and_http_dates():
-    """Retry-After is read as delay-seconds or as an HTTP-date relative to now."""
+    """Retry-After is read as delay-seconds or as an HTTP-date (any of its forms) from now."""
     now = 1_700_000_000.0
     assert parse_retry_after("120") == 120
     assert parse_retry_after(" 0 ") == 0
@@ -376,6 +376,8 @@ def test_retry_after_parses_seconds_and_http_dates():
     assert parse_retry_after(date, now=now) == pytest.approx(90)
     past = email.utils.formatdate(now - 90, usegmt=True)
     assert parse_retry_after(past, now=now) == 0
+    asctime = time.asctime(time.gmtime(now + 60))  # HTTP's obsolete date form, zone-less GMT
+    assert parse_retry_after(asctime, now=now) == pytest.approx(60)
     for junk in (None, "", "-5", "soon", "nan", "inf"):
         assert parse_retry_after(junk) is None
 

@@ -186,13 +186,14 @@ def _form_problem(url: str) -> tuple[str | None, httpx.URL | None]:  # noqa: PLR
     # Browsers silently drop tabs and newlines; refuse them rather than guess.
     if any(ch.isspace() or not ch.isprintable() for ch in url):
         return "URL contains whitespace or control characters", None
-    # Browsers read a backslash as a slash, httpx as part of the user name: the two would
-    # disagree on the host (`https://evil.example\@good.example/`), so refuse it.
-    if "\\" in url:
-        return "URL is not a valid absolute URL", None
+    # In the authority a browser reads a backslash as a slash, httpx as part of the user
+    # name: the two would disagree on the host (`https://evil.example\@good.example/`).
     try:
+        authority = urlsplit(url).netloc
         parsed = httpx.URL(url)
-    except httpx.InvalidURL:
+    except (ValueError, httpx.InvalidURL):  # e.g. an unclosed `[` of an IPv6 literal
+        return "URL is not a valid absolute URL", None
+    if "\\" in authority:
         return "URL is not a valid absolute URL", None
     if parsed.scheme not in {"http", "https"}:
         return "URL scheme must be http or https", None
@@ -201,7 +202,7 @@ def _form_problem(url: str) -> tuple[str | None, httpx.URL | None]:  # noqa: PLR
     if parsed.port is not None and not 0 < parsed.port < 65536:
         return "URL port is not a valid port", None
     # httpx drops an empty userinfo (`http://@host/`), so look at the authority as written too.
-    if parsed.userinfo or "@" in urlsplit(url).netloc:
+    if parsed.userinfo or "@" in authority:
         return "URL must not carry user:password", None
     return None, parsed
 
