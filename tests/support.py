@@ -8,10 +8,12 @@ import hashlib
 import os
 import secrets
 import signal
+import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -27,6 +29,7 @@ from service.models import EventType, JobRecord, VideoInput, WebhookSpec, utcnow
 from service.store.connection import new_id
 
 StartEmulator = Callable[..., Awaitable[str]]
+TcpHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 """The `emulator` fixture: start an emulator with EmulatorConfig fields, get its URL."""
 
 
@@ -215,3 +218,41 @@ def gateway_env(
         "GATEWAY_SHUTDOWN_S": "2",
         **{f"GATEWAY_{name}": value for name, value in settings.items()},
     }
+
+
+@asynccontextmanager
+async def tcp_server(handler: TcpHandler, tls: ssl.SSLContext | None = None) -> AsyncIterator[str]:
+    """A raw TCP (or TLS) server on 127.0.0.1 running `handler` per connection; yields its URL."""
+    server = await asyncio.start_server(handler, "127.0.0.1", 0, ssl=tls)
+    scheme = "http" if tls is None else "https"
+    try:
+        yield f"{scheme}://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def read_http_request(reader: asyncio.StreamReader) -> bytes:
+    """Read one HTTP/1.1 request with a Content-Length body (as our clients send) off `reader`."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    return head + await reader.readexactly(length)
+
+
+class FakeResolver:
+    """Answers from a fixed table, like a DNS server an attacker controls."""
+
+    def __init__(self, table: dict[str, list[str]]) -> None:
+        self.table = table
+        self.asked: list[str] = []
+
+    async def resolve(self, host: str, port: int) -> list[str]:  # noqa: ARG002 - any port
+        """Answer from the table, or fail like getaddrinfo for an unknown name."""
+        self.asked.append(host)
+        if host not in self.table:
+            raise OSError(f"unknown host {host}")
+        return self.table[host]

@@ -6,13 +6,12 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
 import pytest
 from aiohttp import web
 
 from service.config import Settings
 from service.localredis import free_port
-from service.runcomfy.client import RunComfyClient
+from service.runcomfy.client import RunComfyClient, create_upstream_client
 from service.runcomfy.emulator import MODEL
 from service.store.jobs import JobStore, Outcome
 from service.store.schedules import Claim, Requeue, Schedules
@@ -56,7 +55,7 @@ async def poller(redis_server, jobs, schedules, emulator) -> AsyncIterator[Polle
         poll_interval_min_s=INTERVAL_S,
         poll_interval_max_s=INTERVAL_S,
     )
-    async with aiohttp.ClientSession() as session:
+    async with create_upstream_client() as session:
         client = RunComfyClient(session, url, "test-token")
         yield Poller(settings, jobs, schedules, client, Heartbeat())
 
@@ -266,7 +265,7 @@ async def test_a_request_id_with_reserved_characters_is_sent_percent_encoded():
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     try:
-        async with aiohttp.ClientSession() as session:
+        async with create_upstream_client() as session:
             client = RunComfyClient(session, f"http://127.0.0.1:{port}", "test-token")
             answer = await client.status("a/b?c#d%e ü")
     finally:

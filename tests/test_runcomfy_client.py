@@ -1,6 +1,7 @@
 """The RunComfy client against a real emulator server (and small scripted servers)."""
 
 import asyncio
+import contextlib
 import socket
 import sys
 import time
@@ -9,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from typing import Any
 
-import aiohttp
+import httpx
 import msgspec
 import pytest
 from aiohttp import web
@@ -20,7 +21,7 @@ from service.runcomfy.client import (
     UpstreamOutcomeUnknown,
     UpstreamRejected,
     UpstreamUnreachable,
-    create_upstream_session,
+    create_upstream_client,
 )
 from service.runcomfy.emulator import MODEL
 from service.runcomfy.wire import (
@@ -30,7 +31,7 @@ from service.runcomfy.wire import (
     STATUS_DECODER,
     SUBMIT_DECODER,
 )
-from tests.support import StartEmulator
+from tests.support import StartEmulator, read_http_request, tcp_server
 
 TOKEN = "sk-test-9f8e7d6c5b4a-secret"  # noqa: S105 -- a test token, the one we hunt for
 INPUT = msgspec.json.encode({"prompt": "a cat surfing", "video_url": "https://example.com/in.mp4"})
@@ -58,9 +59,9 @@ async def scripted() -> AsyncIterator[ServeScript]:
 
 
 @pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with create_upstream_session() as upstream_session:
-        yield upstream_session
+async def session() -> AsyncIterator[httpx.AsyncClient]:
+    async with create_upstream_client() as upstream_client:
+        yield upstream_client
 
 
 def hidden(exc: BaseException) -> bool:
@@ -68,9 +69,9 @@ def hidden(exc: BaseException) -> bool:
     return TOKEN not in str(exc) and TOKEN not in repr(exc) and TOKEN not in repr(exc.args)
 
 
-async def emulator_requests(session: aiohttp.ClientSession, url: str) -> dict[str, Any]:
-    async with session.get(f"{url}/_emulator/requests") as response:
-        return msgspec.json.decode(await response.read())  # type: ignore[no-any-return]
+async def emulator_requests(session: httpx.AsyncClient, url: str) -> dict[str, Any]:
+    response = await session.get(f"{url}/_emulator/requests")
+    return msgspec.json.decode(response.content)  # type: ignore[no-any-return]
 
 
 async def wait_for(
@@ -94,7 +95,7 @@ async def wait_for_status(client: RunComfyClient, request_id: str, status: str) 
 
 
 async def test_status_goes_from_queue_to_progress_to_completed(
-    emulator: StartEmulator, session: aiohttp.ClientSession
+    emulator: StartEmulator, session: httpx.AsyncClient
 ) -> None:
     """A request is in_queue with a 0-based queue position, then in_progress, then completed."""
     url = await emulator(queue_s=0.5, run_s=0.3)
@@ -116,7 +117,7 @@ async def test_status_goes_from_queue_to_progress_to_completed(
 
 
 async def test_submit_answers_absolute_urls_to_follow(
-    emulator: StartEmulator, session: aiohttp.ClientSession
+    emulator: StartEmulator, session: httpx.AsyncClient
 ) -> None:
     """Submit answers status, result and cancel URLs on the emulator's own host."""
     url = await emulator()
@@ -127,7 +128,7 @@ async def test_submit_answers_absolute_urls_to_follow(
 
 
 async def test_completed_result_has_a_fetchable_output(
-    emulator: StartEmulator, session: aiohttp.ClientSession
+    emulator: StartEmulator, session: httpx.AsyncClient
 ) -> None:
     """A completed request's result carries a video URL the emulator itself serves."""
     url = await emulator(queue_s=0, run_s=0)
@@ -141,14 +142,14 @@ async def test_completed_result_has_a_fetchable_output(
     assert result.created_at
     assert result.finished_at
     assert result.output is not None
-    async with session.get(result.output["video"]) as video:
-        assert video.status == 200
-        assert video.content_type == "video/mp4"
-        assert len(await video.read()) > 0
+    video = await session.get(result.output["video"])
+    assert video.status_code == 200
+    assert video.headers["Content-Type"].split(";")[0] == "video/mp4"
+    assert len(video.content) > 0
 
 
 async def test_result_before_the_end_answers_only_the_status(
-    emulator: StartEmulator, session: aiohttp.ClientSession
+    emulator: StartEmulator, session: httpx.AsyncClient
 ) -> None:
     """Before a request is final its result is just the current status, without output."""
     url = await emulator(queue_s=30)
@@ -160,7 +161,7 @@ async def test_result_before_the_end_answers_only_the_status(
 
 
 async def test_failed_request_reports_its_error_as_string_or_object(
-    emulator: StartEmulator, session: aiohttp.ClientSession
+    emulator: StartEmulator, session: httpx.AsyncClient
 ) -> None:
     """A failed request's result has no output and an error, sent as a string or an object."""
     url = await emulator(queue_s=0, run_s=0, fail_rate=1.0)
@@ -178,7 +179,7 @@ async def test_failed_request_reports_its_error_as_string_or_object(
 
 
 async def test_cancel_of_a_queued_request_cancels_it(
-    emulator: StartEmulator, session: aiohttp.ClientSession
+    emulator: StartEmulator, session: httpx.AsyncClient
 ) -> None:
     """Cancelling a queued request answers outcome cancelled and its status becomes cancelled."""
     url = await emulator(queue_s=30)
@@ -191,7 +192,7 @@ async def test_cancel_of_a_queued_request_cancels_it(
 
 
 async def test_cancel_of_a_running_request_is_not_cancellable(
-    emulator: StartEmulator, session: aiohttp.ClientSession
+    emulator: StartEmulator, session: httpx.AsyncClient
 ) -> None:
     """Cancelling a request already in progress answers not_cancellable and it keeps running."""
     url = await emulator(queue_s=0, run_s=30)
@@ -203,7 +204,7 @@ async def test_cancel_of_a_running_request_is_not_cancellable(
 
 
 async def test_rate_limited_submit_is_retryable_with_retry_after(
-    emulator: StartEmulator, session: aiohttp.ClientSession
+    emulator: StartEmulator, session: httpx.AsyncClient
 ) -> None:
     """A 429 is a retryable rate_limited rejection carrying Retry-After, and creates nothing."""
     url = await emulator(rate_429=1.0, retry_after_s=2)
@@ -217,7 +218,7 @@ async def test_rate_limited_submit_is_retryable_with_retry_after(
 
 
 async def test_server_error_is_a_retryable_server_rejection(
-    emulator: StartEmulator, session: aiohttp.ClientSession
+    emulator: StartEmulator, session: httpx.AsyncClient
 ) -> None:
     """A 5xx with error_code 500001 is a retryable server rejection, and creates nothing."""
     url = await emulator(error_5xx_rate=1.0)
@@ -232,7 +233,7 @@ async def test_server_error_is_a_retryable_server_rejection(
 
 
 async def test_http_200_with_error_code_is_a_rejection(
-    emulator: StartEmulator, session: aiohttp.ClientSession
+    emulator: StartEmulator, session: httpx.AsyncClient
 ) -> None:
     """HTTP 200 with a top-level error_code and no request_id is a (server) rejection."""
     url = await emulator(http200_error_rate=1.0)
@@ -246,22 +247,22 @@ async def test_http_200_with_error_code_is_a_rejection(
 
 
 async def test_http_200_with_error_code_on_status_is_a_rejection(
-    emulator: StartEmulator, session: aiohttp.ClientSession
+    emulator: StartEmulator, session: httpx.AsyncClient
 ) -> None:
     """A status call answered HTTP 200 with only an error_code raises, not a blank status."""
     url = await emulator()
     client = RunComfyClient(session, url, TOKEN)
     submitted = await client.submit(MODEL, INPUT)
     assert submitted.request_id
-    async with session.post(f"{url}/_emulator/config", json={"http200_error_rate": 1.0}) as r:
-        assert r.status == 200
+    configured = await session.post(f"{url}/_emulator/config", json={"http200_error_rate": 1.0})
+    assert configured.status_code == 200
     with pytest.raises(UpstreamRejected) as caught:
         await client.status(submitted.request_id)
     assert (caught.value.http_status, caught.value.error_code) == (200, "500001")
 
 
 async def test_exhausted_funds_are_insufficient_funds(
-    emulator: StartEmulator, session: aiohttp.ClientSession
+    emulator: StartEmulator, session: httpx.AsyncClient
 ) -> None:
     """A 402 with error_code 10001 is a retryable insufficient_funds rejection."""
     url = await emulator(funds_exhausted=True)
@@ -277,7 +278,7 @@ async def test_exhausted_funds_are_insufficient_funds(
 
 
 async def test_wrong_token_is_an_auth_rejection_that_never_shows_the_token(
-    emulator: StartEmulator, session: aiohttp.ClientSession
+    emulator: StartEmulator, session: httpx.AsyncClient
 ) -> None:
     """A wrong token answers 401 (auth, not retryable); the token appears nowhere in the error."""
     url = await emulator(token="the-right-token")  # noqa: S106 -- a test token
@@ -292,7 +293,7 @@ async def test_wrong_token_is_an_auth_rejection_that_never_shows_the_token(
 
 
 async def test_unknown_request_is_not_found(
-    emulator: StartEmulator, session: aiohttp.ClientSession
+    emulator: StartEmulator, session: httpx.AsyncClient
 ) -> None:
     """Asking about a request RunComfy does not know is a not_found rejection."""
     url = await emulator()
@@ -303,7 +304,7 @@ async def test_unknown_request_is_not_found(
 
 
 async def test_invalid_input_is_an_invalid_rejection(
-    emulator: StartEmulator, session: aiohttp.ClientSession
+    emulator: StartEmulator, session: httpx.AsyncClient
 ) -> None:
     """Input without a prompt is a 422 invalid rejection that is not worth retrying."""
     url = await emulator()
@@ -317,7 +318,7 @@ async def test_invalid_input_is_an_invalid_rejection(
     assert not caught.value.retryable
 
 
-async def test_refused_connection_is_unreachable(session: aiohttp.ClientSession) -> None:
+async def test_refused_connection_is_unreachable(session: httpx.AsyncClient) -> None:
     """A port nobody listens on makes the call UpstreamUnreachable: nothing was sent."""
     with socket.socket() as placeholder:
         placeholder.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
@@ -347,7 +348,7 @@ def unanswered_port() -> Any:
 
 @pytest.mark.skipif(sys.platform != "linux", reason="relies on Linux dropping SYNs to a full queue")
 async def test_connect_timeout_is_unreachable(
-    session: aiohttp.ClientSession, unanswered_port: int
+    session: httpx.AsyncClient, unanswered_port: int
 ) -> None:
     """A connect that times out is UpstreamUnreachable, even when the whole-call timeout fires."""
     client = RunComfyClient(session, f"http://127.0.0.1:{unanswered_port}", TOKEN, timeout_s=0.3)
@@ -355,18 +356,8 @@ async def test_connect_timeout_is_unreachable(
         await client.submit(MODEL, INPUT)
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="relies on Linux dropping SYNs to a full queue")
-async def test_timeout_on_a_foreign_session_is_treated_as_unknown(unanswered_port: int) -> None:
-    """On a session not made by create_upstream_session a timeout cannot be placed: unknown."""
-    async with aiohttp.ClientSession() as plain_session:
-        url = f"http://127.0.0.1:{unanswered_port}"
-        client = RunComfyClient(plain_session, url, TOKEN, timeout_s=0.3)
-        with pytest.raises(UpstreamOutcomeUnknown):
-            await client.submit(MODEL, INPUT)
-
-
 async def test_latency_beyond_the_timeout_leaves_the_submit_outcome_unknown(
-    emulator: StartEmulator, session: aiohttp.ClientSession
+    emulator: StartEmulator, session: httpx.AsyncClient
 ) -> None:
     """A submit whose answer comes after the timeout is UpstreamOutcomeUnknown, and it did land."""
     url = await emulator(latency_ms=600)
@@ -382,7 +373,7 @@ async def test_latency_beyond_the_timeout_leaves_the_submit_outcome_unknown(
 
 
 async def test_slow_status_is_outcome_unknown(
-    emulator: StartEmulator, session: aiohttp.ClientSession
+    emulator: StartEmulator, session: httpx.AsyncClient
 ) -> None:
     """A status answer slower than the timeout is UpstreamOutcomeUnknown."""
     url = await emulator(latency_ms=600)
@@ -391,7 +382,7 @@ async def test_slow_status_is_outcome_unknown(
 
 
 async def test_dropped_submit_is_unknown_yet_created_upstream(
-    emulator: StartEmulator, session: aiohttp.ClientSession
+    emulator: StartEmulator, session: httpx.AsyncClient
 ) -> None:
     """A submit whose connection drops unanswered is UpstreamOutcomeUnknown; the request exists."""
     url = await emulator(drop_rate=1.0)
@@ -404,7 +395,7 @@ async def test_dropped_submit_is_unknown_yet_created_upstream(
 
 
 async def test_dropped_status_is_outcome_unknown(
-    emulator: StartEmulator, session: aiohttp.ClientSession
+    emulator: StartEmulator, session: httpx.AsyncClient
 ) -> None:
     """A status call whose connection drops unanswered is UpstreamOutcomeUnknown."""
     url = await emulator(drop_rate=1.0)
@@ -413,7 +404,7 @@ async def test_dropped_status_is_outcome_unknown(
 
 
 async def test_unknown_fields_and_statuses_are_tolerated(
-    scripted: ServeScript, session: aiohttp.ClientSession
+    scripted: ServeScript, session: httpx.AsyncClient
 ) -> None:
     """Answers with extra fields and unfamiliar statuses (succeeded) decode without complaint."""
 
@@ -452,7 +443,7 @@ def test_wire_decoders_ignore_unknown_fields() -> None:
 
 
 async def test_garbage_body_on_success_is_outcome_unknown(
-    scripted: ServeScript, session: aiohttp.ClientSession
+    scripted: ServeScript, session: httpx.AsyncClient
 ) -> None:
     """HTTP 200 with a body that is not JSON is no answer at all: UpstreamOutcomeUnknown."""
 
@@ -464,7 +455,7 @@ async def test_garbage_body_on_success_is_outcome_unknown(
 
 
 async def test_success_without_request_id_is_a_rejection(
-    scripted: ServeScript, session: aiohttp.ClientSession
+    scripted: ServeScript, session: httpx.AsyncClient
 ) -> None:
     """A 2xx submit answer naming no request (and no error_code) is an 'other' rejection."""
 
@@ -477,7 +468,7 @@ async def test_success_without_request_id_is_a_rejection(
 
 
 async def test_error_text_echoing_the_token_is_scrubbed(
-    scripted: ServeScript, session: aiohttp.ClientSession
+    scripted: ServeScript, session: httpx.AsyncClient
 ) -> None:
     """An upstream error message that echoes the Authorization header never leaks the token."""
 
@@ -493,7 +484,7 @@ async def test_error_text_echoing_the_token_is_scrubbed(
 
 
 async def test_retry_after_as_http_date_is_read(
-    scripted: ServeScript, session: aiohttp.ClientSession
+    scripted: ServeScript, session: httpx.AsyncClient
 ) -> None:
     """Retry-After given as an HTTP-date becomes the seconds until that date."""
     when = datetime.now(UTC) + timedelta(seconds=30)
@@ -510,7 +501,7 @@ async def test_retry_after_as_http_date_is_read(
 
 
 async def test_error_status_without_json_is_still_a_rejection(
-    scripted: ServeScript, session: aiohttp.ClientSession
+    scripted: ServeScript, session: httpx.AsyncClient
 ) -> None:
     """An HTML error page from a proxy is a definite rejection with an excerpt as its message."""
 
@@ -528,7 +519,7 @@ async def test_error_status_without_json_is_still_a_rejection(
 
 
 async def test_redirects_are_not_followed(
-    scripted: ServeScript, session: aiohttp.ClientSession
+    scripted: ServeScript, session: httpx.AsyncClient
 ) -> None:
     """A redirect is answered as an 'other' rejection, never followed with the token."""
     hits: list[str] = []
@@ -544,7 +535,7 @@ async def test_redirects_are_not_followed(
 
 
 async def test_calls_send_the_token_and_identify_themselves(
-    scripted: ServeScript, session: aiohttp.ClientSession
+    scripted: ServeScript, session: httpx.AsyncClient
 ) -> None:
     """Every call carries the Bearer token, JSON Accept and the gateway's User-Agent."""
     seen: list[tuple[str, str, str, str, bytes]] = []
@@ -567,9 +558,112 @@ async def test_calls_send_the_token_and_identify_themselves(
 
 
 async def test_every_raised_error_is_an_upstream_error(
-    emulator: StartEmulator, session: aiohttp.ClientSession
+    emulator: StartEmulator, session: httpx.AsyncClient
 ) -> None:
     """Each failure kind the client raises shares the UpstreamError base."""
     url = await emulator(error_5xx_rate=1.0)
     with pytest.raises(UpstreamError):
         await RunComfyClient(session, url, TOKEN).status("r")
+
+
+async def test_a_connection_dropped_after_the_request_is_outcome_unknown() -> None:
+    """A server that reads the whole submit, then closes without answering: outcome unknown."""
+    received: list[bytes] = []
+
+    async def read_then_drop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        received.append(await read_http_request(reader))
+        writer.close()
+
+    async with tcp_server(read_then_drop) as url, create_upstream_client() as http:
+        with pytest.raises(UpstreamOutcomeUnknown) as caught:
+            await RunComfyClient(http, url, TOKEN).submit(MODEL, INPUT)
+    assert hidden(caught.value)
+    assert [request.endswith(INPUT) for request in received] == [True]
+
+
+async def test_an_answer_trickling_past_the_deadline_is_outcome_unknown() -> None:
+    """An answer whose body trickles on past the whole-call deadline is outcome unknown."""
+    stop = asyncio.Event()
+
+    async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_http_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+        while not stop.is_set():
+            writer.write(b" ")
+            await writer.drain()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.05)
+        writer.close()
+
+    client_deadline_s = 0.5
+    async with tcp_server(trickle) as url, create_upstream_client() as http:
+        started = time.monotonic()
+        client = RunComfyClient(http, url, TOKEN, timeout_s=client_deadline_s)
+        with pytest.raises(UpstreamOutcomeUnknown, match="in time"):
+            await client.submit(MODEL, INPUT)
+        stop.set()
+    assert time.monotonic() - started < client_deadline_s + 2.0
+
+
+NOTHING_SENT = [
+    httpx.ConnectError("refused"),
+    httpx.ConnectTimeout("no SYN-ACK"),
+    httpx.PoolTimeout("no free connection"),
+]
+MAYBE_SENT = [
+    httpx.WriteTimeout("send buffer full"),
+    httpx.WriteError("broken pipe"),
+    httpx.ReadTimeout("no answer"),
+    httpx.ReadError("reset"),
+    httpx.RemoteProtocolError("disconnected without a response"),
+    httpx.LocalProtocolError("body shorter than its length"),
+    httpx.ProxyError("proxy hung up"),
+]
+
+
+def failing_client(exc: Exception, calls: list[httpx.Request]) -> httpx.AsyncClient:
+    def fail(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        raise exc
+
+    return create_upstream_client(transport=httpx.MockTransport(fail))
+
+
+@pytest.mark.parametrize("exc", NOTHING_SENT, ids=lambda e: type(e).__name__)
+async def test_transport_errors_before_sending_make_a_submit_unreachable(exc: Exception) -> None:
+    """Connect errors and timeouts and pool timeouts mean nothing was sent: unreachable, once."""
+    calls: list[httpx.Request] = []
+    async with failing_client(exc, calls) as http:
+        with pytest.raises(UpstreamUnreachable):
+            await RunComfyClient(http, "https://model-api.test", TOKEN).submit(MODEL, INPUT)
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("exc", MAYBE_SENT, ids=lambda e: type(e).__name__)
+async def test_transport_errors_once_sending_began_leave_a_submit_unknown(exc: Exception) -> None:
+    """Any transport error once the request may have left the host is outcome unknown, once."""
+    calls: list[httpx.Request] = []
+    async with failing_client(exc, calls) as http:
+        with pytest.raises(UpstreamOutcomeUnknown):
+            await RunComfyClient(http, "https://model-api.test", TOKEN).submit(MODEL, INPUT)
+    assert len(calls) == 1
+
+
+async def test_a_scripted_transport_answers_like_runcomfy() -> None:
+    """An injected MockTransport sees the submit's exact request and its answer is decoded."""
+    seen: list[httpx.Request] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={"request_id": "r-7", "status": "in_queue"})
+
+    async with create_upstream_client(transport=httpx.MockTransport(answer)) as http:
+        submitted = await RunComfyClient(http, "https://model-api.test", TOKEN).submit(MODEL, INPUT)
+    assert submitted.request_id == "r-7"
+    [request] = seen
+    assert (request.method, str(request.url)) == (
+        "POST",
+        f"https://model-api.test/v1/models/{MODEL}",
+    )
+    assert request.content == INPUT
+    assert request.headers["Content-Type"] == "application/json"

@@ -3,21 +3,24 @@ import contextlib
 import email.utils
 import random
 import socket
+import ssl
 import time
 
+import msgspec
 import pytest
+import trustme
 from aiohttp import web
-from aiohttp.abc import AbstractResolver
 
+from service.outbound import parse_retry_after
 from service.webhooks.delivery import (
     AttemptResult,
-    create_webhook_session,
+    create_webhook_client,
     deliver_once,
     next_delay,
     outcome,
-    parse_retry_after,
     parse_retry_schedule,
 )
+from tests.support import FakeResolver, read_http_request, tcp_server
 
 BODY = b'{"type":"job.completed","data":{"id":"job_1","note":"caf\xc3\xa9"}}'
 HEADERS = {
@@ -50,6 +53,9 @@ class Receiver:
                 web.post("/hang", self.hang),
                 web.post("/trickle", self.trickle),
                 web.post("/huge", self.huge),
+                web.post("/nul", self.body(b"\x00" * 20 * 1024)),
+                web.post("/accents", self.body("é".encode() * 10 * 1024)),
+                web.post("/quotes", self.body(b'"\\\n' * 5 * 1024)),
             ]
         )
 
@@ -94,6 +100,15 @@ class Receiver:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stop.wait(), 0.05)
         return response
+
+    def body(self, content):
+        """Build a handler answering 500 with `content` as its body."""
+
+        async def handler(request):
+            await self.record(request)
+            return web.Response(status=500, body=content)
+
+        return handler
 
     async def huge(self, request):
         """Answer with a 1 MB body."""
@@ -142,33 +157,8 @@ async def head_trickler():
 
 @pytest.fixture
 async def session():
-    client = create_webhook_session()
-    yield client
-    await client.close()
-
-
-class FakeResolver(AbstractResolver):
-    """Answers from a fixed table, like a DNS server an attacker controls."""
-
-    def __init__(self, table):
-        self.table = table
-
-    async def resolve(self, host, port=0, family=socket.AF_INET):  # noqa: ARG002 - one table for every family
-        """Answer from the table."""
-        return [
-            {
-                "hostname": host,
-                "host": addr,
-                "port": port,
-                "family": socket.AF_INET,
-                "proto": 0,
-                "flags": socket.AI_NUMERICHOST,
-            }
-            for addr in self.table[host]
-        ]
-
-    async def close(self):
-        """Nothing to release."""
+    async with create_webhook_client() as client:
+        yield client
 
 
 def free_port() -> int:
@@ -255,6 +245,25 @@ async def test_a_huge_answer_is_truncated_to_max_read(receiver, session):
     assert result.response_excerpt == "x" * 1000
 
 
+def stored_size(text: str) -> int:
+    """UTF-8 bytes of a string as the attempt log stores it (a JSON string, without quotes)."""
+    return len(msgspec.json.encode(text)) - 2
+
+
+@pytest.mark.parametrize(
+    ("path", "looks_like"),
+    [("/nul", "?"), ("/accents", "é"), ("/quotes", '"\\\n')],
+)
+async def test_the_stored_excerpt_stays_within_2_kb_whatever_the_answer(
+    receiver, session, path, looks_like
+):
+    """20 KB of NULs, accents or JSON-escaped characters keep at most 2048 bytes as stored."""
+    result = await deliver_once(session, receiver.base + path, HEADERS, BODY)
+    assert (result.status_code, result.error) == (500, "http_status")
+    assert 2048 - 4 < stored_size(result.response_excerpt) <= 2048
+    assert set(result.response_excerpt) == set(looks_like)
+
+
 async def test_the_session_still_works_after_cutting_answers_short(receiver, session):
     """A connection closed mid-answer does not poison the pool for the next attempt."""
     await deliver_once(session, receiver.base + "/huge", HEADERS, BODY, max_read=10)
@@ -282,26 +291,19 @@ async def test_connection_refused_is_a_connect_error(session):
 )
 async def test_a_forbidden_ip_literal_is_refused_without_connecting(url):
     """An IP-literal URL naming a metadata address is refused before any connection."""
-
-    class NoResolver(AbstractResolver):
-        async def resolve(self, host, port=0, family=socket.AF_INET):  # noqa: ARG002 - never answers
-            """Fail the test: IP literals must never reach a resolver."""
-            raise AssertionError(f"resolver asked about {host}")
-
-        async def close(self):
-            """Nothing to release."""
-
-    async with create_webhook_session(resolver=NoResolver()) as client:
+    resolver = FakeResolver({})
+    async with create_webhook_client(resolver=resolver) as client:
         result = await deliver_once(client, url, HEADERS, BODY, deadline_s=5)
     assert (result.status_code, result.error) == (None, "forbidden_address")
     assert result.latency_ms < 1000
+    assert resolver.asked == []
 
 
 async def test_a_name_rebound_to_metadata_is_refused_at_connect_time(receiver):
     """A host name resolving to 169.254.169.254 at delivery time is never dialled."""
     port = receiver.base.rsplit(":", 1)[1]
     resolver = FakeResolver({"rebind.test": ["169.254.169.254"], "ok.test": ["127.0.0.1"]})
-    async with create_webhook_session(resolver=resolver) as client:
+    async with create_webhook_client(resolver=resolver) as client:
         refused = await deliver_once(client, f"http://rebind.test:{port}/ok", HEADERS, BODY)
         accepted = await deliver_once(client, f"http://ok.test:{port}/ok", HEADERS, BODY)
     assert (refused.status_code, refused.error) == (None, "forbidden_address")
@@ -314,9 +316,36 @@ async def test_forbidden_answers_are_dropped_and_the_rest_dialled(receiver):
     """Of a mixed DNS answer, only the allowed address is dialled."""
     port = receiver.base.rsplit(":", 1)[1]
     resolver = FakeResolver({"mixed.test": ["169.254.169.254", "127.0.0.1"]})
-    async with create_webhook_session(resolver=resolver) as client:
+    async with create_webhook_client(resolver=resolver) as client:
         result = await deliver_once(client, f"http://mixed.test:{port}/ok", HEADERS, BODY)
     assert (result.status_code, result.error) == (200, None)
+
+
+async def test_tls_is_checked_against_the_url_host_not_the_address_dialled():
+    """Over TLS the guard dials the resolved address, yet the certificate must name the URL host."""
+    ca = trustme.CA()
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("hooks.test").configure_cert(server_tls)
+    client_tls = ssl.create_default_context()
+    ca.configure_trust(client_tls)
+
+    async def answer(reader, writer):
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
+            await read_http_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\ntls ok")
+            await writer.drain()
+        writer.close()
+
+    resolver = FakeResolver({"hooks.test": ["127.0.0.1"], "other.test": ["127.0.0.1"]})
+    async with (
+        tcp_server(answer, tls=server_tls) as base,
+        create_webhook_client(resolver=resolver, verify=client_tls) as client,
+    ):
+        port = base.rsplit(":", 1)[1]
+        named = await deliver_once(client, f"https://hooks.test:{port}/h", HEADERS, BODY)
+        other = await deliver_once(client, f"https://other.test:{port}/h", HEADERS, BODY)
+    assert (named.status_code, named.error, named.response_excerpt) == (200, None, "tls ok")
+    assert (other.status_code, other.error) == (None, "tls_error")
 
 
 @pytest.mark.parametrize(
@@ -333,13 +362,13 @@ async def test_session_ignores_environment_proxies(receiver, monkeypatch):
     monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{free_port()}")
     monkeypatch.delenv("NO_PROXY", raising=False)
     monkeypatch.delenv("no_proxy", raising=False)
-    async with create_webhook_session() as client:
+    async with create_webhook_client() as client:
         result = await deliver_once(client, receiver.base + "/ok", HEADERS, BODY)
     assert result.status_code == 200
 
 
 def test_retry_after_parses_seconds_and_http_dates():
-    """Retry-After is read as delay-seconds or as an HTTP-date relative to now."""
+    """Retry-After is read as delay-seconds or as an HTTP-date (any of its forms) from now."""
     now = 1_700_000_000.0
     assert parse_retry_after("120") == 120
     assert parse_retry_after(" 0 ") == 0
@@ -347,6 +376,8 @@ def test_retry_after_parses_seconds_and_http_dates():
     assert parse_retry_after(date, now=now) == pytest.approx(90)
     past = email.utils.formatdate(now - 90, usegmt=True)
     assert parse_retry_after(past, now=now) == 0
+    asctime = time.asctime(time.gmtime(now + 60))  # HTTP's obsolete date form, zone-less GMT
+    assert parse_retry_after(asctime, now=now) == pytest.approx(60)
     for junk in (None, "", "-5", "soon", "nan", "inf"):
         assert parse_retry_after(junk) is None
 

@@ -1,4 +1,4 @@
-"""Client for RunComfy's Model API on aiohttp: one HTTP attempt per call, answers decoded.
+"""Client for RunComfy's Model API on httpx: one HTTP attempt per call, answers decoded.
 
 Every failure is one of three cases, because the caller's next move differs::
 
@@ -8,35 +8,36 @@ Every failure is one of three cases, because the caller's next move differs::
      │                             ``request_id``). Definite: no request was created.
      │                             ``kind`` says why, ``retryable`` whether backoff helps,
      │                             ``retry_after_s`` what RunComfy asked for.
-     ├── UpstreamUnreachable     no connection was established (refused, DNS, connect
-     │                             timeout, no free pooled connection in time). Nothing
-     │                             was sent, so even a submit may be retried.
+     ├── UpstreamUnreachable     nothing was sent: httpx.ConnectError (refused, DNS,
+     │                             TLS handshake), httpx.ConnectTimeout, httpx.PoolTimeout
+     │                             (no free pooled connection in time), or a URL refused
+     │                             before connecting. Even a submit may be retried.
      └── UpstreamOutcomeUnknown  the request was (or may have been) sent and no complete
-                                   answer came (read timeout, reset, disconnect, garbage
-                                   body). For a submit, a paid request may exist upstream.
+                                   answer came: every later transport error (ReadTimeout,
+                                   WriteTimeout and WriteError, since some bytes may have
+                                   left, ReadError, RemoteProtocolError, the whole-call
+                                   deadline), or a garbage body. For a submit, a paid
+                                   request may exist upstream.
 
+The split rests on httpx's own transport, whose exceptions name the phase that failed
+(an httpx-aiohttp transport reports a connection dropped after the request as
+ConnectTimeout, which would pay twice). Pool and connect timeouts are kept short enough
+that the whole-call deadline can only fire once a connection is in hand.
 Retries, backoff and the unknown-outcome policy belong to the caller: the worker
-reschedules through Redis. aiohttp itself re-sends a GET once when a pooled
-keep-alive connection turns out to be closed by the server; that is safe for
-the idempotent status and result reads, and it never does so for POSTs.
+reschedules through Redis; nothing is re-sent here, not even an idempotent GET.
 No message or repr of these exceptions contains the Bearer token.
 """
 
-import email.utils
-import math
+import asyncio
 import time
 from collections.abc import Callable
-from contextvars import ContextVar
-from datetime import UTC, datetime
 from typing import Final, Literal, TypeAlias, TypeVar
 from urllib.parse import quote
 
-import aiohttp
+import httpx
 import msgspec
-from aiohttp.connector import Connection
-from aiohttp.tracing import Trace
-from yarl import URL
 
+from service.outbound import USER_AGENT, cookieless_jar, parse_retry_after
 from service.runcomfy.wire import (
     CANCEL_DECODER,
     ERROR_DECODER,
@@ -57,10 +58,9 @@ __all__ = [
     "UpstreamOutcomeUnknown",
     "UpstreamRejected",
     "UpstreamUnreachable",
-    "create_upstream_session",
+    "create_upstream_client",
 ]
 
-USER_AGENT: Final = "runcomfy-gateway/0.1"
 _MESSAGE_LIMIT: Final = 500
 _EXCERPT_WINDOW: Final = 64 * 1024
 _INSUFFICIENT_FUNDS_CODE: Final = "10001"
@@ -81,6 +81,8 @@ _KIND_BY_STATUS: Final[dict[int, RejectionKind]] = {
 _RETRYABLE_KINDS: Final = frozenset({"rate_limited", "insufficient_funds", "server"})
 # 408 Request Timeout and 425 Too Early ask the client to try again later.
 _RETRYABLE_STATUSES: Final = frozenset({408, 425})
+# Transport errors raised before a byte of the request could leave: safe to send again.
+_NOTHING_SENT: Final = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 
 CallObserver: TypeAlias = Callable[[str, float, str | None], None]
 """Told of every call: its name (submit, status, result, cancel), seconds, error kind or None."""
@@ -133,64 +135,28 @@ class UpstreamOutcomeUnknown(UpstreamError):  # noqa: N818 -- names the outcome,
     """The request was (or may have been) sent and no complete answer came back."""
 
 
-class _Phase:
-    """Per-request note of whether aiohttp got as far as a connection.
+def create_upstream_client(
+    max_connections: int = 100, *, transport: httpx.AsyncBaseTransport | None = None
+) -> httpx.AsyncClient:
+    """Create the pooled httpx client the RunComfy client runs on.
 
-    A whole-call timeout that expires while connecting surfaces as a plain
-    TimeoutError, the same as one that expires while waiting for the answer;
-    only this note tells them apart. ``tracked`` stays False when the session
-    was not made by ``create_upstream_session``: then we cannot tell, and
-    assume the worse (sent).
+    `transport` replaces the network (an `httpx.MockTransport` in tests); by default it is
+    httpx's own `AsyncHTTPTransport`, whose exceptions keep "nothing sent" exact.
     """
-
-    __slots__ = ("connected", "tracked")
-
-    def __init__(self) -> None:
-        self.tracked = False
-        self.connected = False
-
-
-# aiohttp connects in the calling task, so the connector finds the caller's note
-# here. (A TraceConfig could do the same but costs ~20% of poll throughput.)
-_CURRENT_PHASE: ContextVar[_Phase | None] = ContextVar("runcomfy_call_phase", default=None)
-
-
-class _PhaseNotingConnector(aiohttp.TCPConnector):
-    """A TCPConnector that notes on the current call's ``_Phase`` once it has a connection."""
-
-    async def connect(
-        self,
-        req: aiohttp.ClientRequest,
-        traces: list[Trace],
-        timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109 -- aiohttp's signature, overridden
-    ) -> Connection:
-        """Get a pooled or new connection, noting the moment one is in hand."""
-        phase = _CURRENT_PHASE.get()
-        if phase is not None:
-            phase.tracked = True
-        connection = await super().connect(req, traces, timeout)
-        if phase is not None:
-            phase.connected = True
-        return connection
-
-
-def create_upstream_session(max_connections: int = 100) -> aiohttp.ClientSession:
-    """Create the pooled aiohttp session the RunComfy client runs on; call inside a running loop."""
-    connector = _PhaseNotingConnector(
-        limit=max_connections,
-        # RunComfy sits behind load balancers whose addresses change; re-resolve every minute.
-        ttl_dns_cache=60,
+    limits = httpx.Limits(
+        max_connections=max_connections,
+        max_keepalive_connections=max_connections,
         # Below the usual 60 s idle timeout of load balancers, so we rarely reuse a
         # connection the far end is closing (a POST on one would end as unknown outcome).
-        keepalive_timeout=15.0,
+        keepalive_expiry=15.0,
     )
-    return aiohttp.ClientSession(
-        connector=connector,
+    return httpx.AsyncClient(
         # Never pick up proxies or .netrc credentials from the pod's environment.
+        transport=transport or httpx.AsyncHTTPTransport(limits=limits, trust_env=False),
         trust_env=False,
-        # An API answer has no business setting state for later calls.
-        cookie_jar=aiohttp.DummyCookieJar(),
-        raise_for_status=False,
+        cookies=cookieless_jar(),
+        follow_redirects=False,
+        headers={"User-Agent": USER_AGENT},
     )
 
 
@@ -199,22 +165,29 @@ class RunComfyClient:
 
     def __init__(
         self,
-        session: aiohttp.ClientSession,
+        client: httpx.AsyncClient,
         base_url: str,
         token: str,
         *,
         timeout_s: float = 30.0,
         on_call: CallObserver | None = None,
     ) -> None:
-        url = URL(base_url)
+        try:
+            url = httpx.URL(base_url)
+        except httpx.InvalidURL:
+            raise ValueError("base_url must be an absolute http(s) URL") from None
         if url.scheme not in {"http", "https"} or not url.host:
             raise ValueError("base_url must be an absolute http(s) URL")
         if timeout_s <= 0:
             raise ValueError("timeout_s must be positive")
-        self._session = session
+        self._client = client
         self._base_url = str(url).rstrip("/")
         self._token = token
-        self._timeout = aiohttp.ClientTimeout(total=timeout_s, connect=min(timeout_s, 10.0))
+        self._deadline_s = timeout_s
+        # Waiting for a pooled connection, then TCP and TLS (each up to `connect`), end well
+        # inside the deadline: when the deadline fires, the request has been (or is being) sent.
+        wait = min(timeout_s / 4, 10.0)
+        self._timeout = httpx.Timeout(timeout_s, connect=wait, pool=wait)
         self._headers = {
             "Authorization": f"Bearer {token}",
             "Accept": "application/json",
@@ -323,41 +296,34 @@ class RunComfyClient:
     async def _exchange(
         self, method: str, path: str, payload: bytes | None
     ) -> tuple[int, bytes, str | None]:
-        phase = _Phase()
-        reset_token = _CURRENT_PHASE.set(phase)
         try:
-            async with self._session.request(
-                method,
-                # Both halves are already percent-encoded (`str(URL)`, `quote`): saying so
-                # spares yarl re-encoding every poll's URL, a few us each at 5,000 polls/s.
-                URL(self._base_url + path, encoded=True),
-                data=payload,
-                headers=self._headers if payload is None else self._json_headers,
-                timeout=self._timeout,
-                allow_redirects=False,
-            ) as response:
-                body = await response.read()
-                return response.status, body, response.headers.get("Retry-After")
-        except (
-            aiohttp.ClientConnectorError,
-            aiohttp.ConnectionTimeoutError,
-            aiohttp.InvalidURL,  # refused before any connection was tried
-        ) as exc:
+            async with asyncio.timeout(self._deadline_s):
+                response = await self._client.request(
+                    method,
+                    # Both halves are already percent-encoded (`httpx.URL`, `quote`).
+                    self._base_url + path,
+                    content=payload,
+                    headers=self._headers if payload is None else self._json_headers,
+                    timeout=self._timeout,
+                    follow_redirects=False,
+                )
+        except _NOTHING_SENT as exc:
+            what = "timed out connecting" if isinstance(exc, httpx.TimeoutException) else None
+            raise UpstreamUnreachable(
+                self._failure(method, path, what or "cannot connect", exc)
+            ) from exc
+        except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
+            # Refused while building the request, before any connection was tried.
             raise UpstreamUnreachable(self._failure(method, path, "cannot connect", exc)) from exc
-        except TimeoutError as exc:
-            if phase.tracked and not phase.connected:
-                raise UpstreamUnreachable(
-                    self._failure(method, path, "timed out connecting", exc)
-                ) from exc
+        except (TimeoutError, httpx.TimeoutException) as exc:
             raise UpstreamOutcomeUnknown(
                 self._failure(method, path, "no complete answer in time", exc)
             ) from exc
-        except aiohttp.ClientError as exc:
+        except httpx.TransportError as exc:
             raise UpstreamOutcomeUnknown(
                 self._failure(method, path, "no complete answer", exc)
             ) from exc
-        finally:
-            _CURRENT_PHASE.reset(reset_token)
+        return response.status_code, response.content, response.headers.get("Retry-After")
 
     def _rejection(self, status: int, body: bytes, retry_after: str | None) -> UpstreamRejected:
         try:
@@ -386,7 +352,7 @@ class RunComfyClient:
             kind=_rejection_kind(status, code),
             error_code=code,
             message=self._scrub(_error_text(error) or f"HTTP {status}")[:_MESSAGE_LIMIT],
-            retry_after_s=_parse_retry_after(retry_after),
+            retry_after_s=parse_retry_after(retry_after),
         )
 
     def _failure(self, method: str, path: str, what: str, exc: BaseException) -> str:
@@ -430,22 +396,3 @@ def _rejection_kind(http_status: int, error_code: str | None) -> RejectionKind:
     if status >= 500:
         return "server"
     return _KIND_BY_STATUS.get(status, "other")
-
-
-def _parse_retry_after(value: str | None) -> float | None:
-    """Read ``Retry-After`` as delay-seconds or an HTTP-date; None when absent or unreadable."""
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=UTC)
-        seconds = (when - datetime.now(UTC)).total_seconds()
-    if not math.isfinite(seconds):
-        return None
-    return max(0.0, seconds)

@@ -13,13 +13,13 @@
     http_status        any other non-2xx answer
 
 Once the status line and headers are in, the status decides: a deadline or a broken
-connection while reading the excerpt only shortens the excerpt.
+connection while reading the excerpt only shortens the excerpt. At most `max_read` bytes
+of an answer are read, and at most 2 KB of it, as text, are kept (`models.response_excerpt`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import functools
 import logging
 import math
@@ -27,32 +27,31 @@ import ssl
 import time
 from typing import TYPE_CHECKING, Literal
 
-import aiohttp
+import httpx
 import msgspec
-from yarl import URL
 
+from service.models import response_excerpt
+from service.outbound import USER_AGENT, cookieless_jar, parse_retry_after
 from service.webhooks.guard import (
     ForbiddenAddressError,
-    GuardedResolver,
+    Resolver,
     is_forbidden_address,
     literal_address,
 )
+from service.webhooks.transport import GuardedTransport
 
 if TYPE_CHECKING:
     import random
     from collections.abc import Mapping, Sequence
 
-    from aiohttp.abc import AbstractResolver
-
 __all__ = [
     "AttemptResult",
     "ErrorClass",
     "Outcome",
-    "create_webhook_session",
+    "create_webhook_client",
     "deliver_once",
     "next_delay",
     "outcome",
-    "parse_retry_after",
     "parse_retry_schedule",
 ]
 
@@ -70,10 +69,6 @@ ErrorClass = Literal[
 ]
 Outcome = Literal["delivered", "retry", "gone"]
 
-# deliver_once's asyncio deadline is the one clock for a whole attempt; aiohttp's own
-# per-operation timers would only add a second, inconsistent one (and a trickle beats them).
-_NO_AIOHTTP_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=None, sock_read=None)
-
 
 class AttemptResult(msgspec.Struct, frozen=True):
     """What one delivery attempt saw: the answer's status and head of body, or an error class."""
@@ -85,48 +80,35 @@ class AttemptResult(msgspec.Struct, frozen=True):
     retry_after_s: float | None = None
 
 
-def create_webhook_session(
-    *, limit: int = 256, limit_per_host: int = 8, resolver: AbstractResolver | None = None
-) -> aiohttp.ClientSession:
-    """Build the session for webhook deliveries; call it inside the running event loop.
+def create_webhook_client(
+    *,
+    max_connections: int = 256,
+    resolver: Resolver | None = None,
+    verify: ssl.SSLContext | bool = True,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> httpx.AsyncClient:
+    """Build the httpx client for webhook deliveries.
 
-    `resolver` is the inner resolver, always wrapped in GuardedResolver. Environment proxies
-    are ignored, cookies are never kept, and answers are not decompressed (we only keep an
-    excerpt, and a compressed answer cannot turn into a decompression bomb).
+    Every connection is dialled through the connect-time address guard (`resolver` is the
+    inner resolver it filters, `verify` the certificate check, the system's by default);
+    `transport` replaces the network entirely, for tests that only need a scripted receiver.
+    Environment proxies are ignored, cookies are never kept, redirects never followed, and
+    answers are not decompressed (we only keep an excerpt, and a compressed answer cannot
+    turn into a decompression bomb).
     """
-    connector = aiohttp.TCPConnector(
-        limit=limit, limit_per_host=limit_per_host, resolver=GuardedResolver(resolver)
+    limits = httpx.Limits(
+        max_connections=max_connections,
+        max_keepalive_connections=max_connections,
+        keepalive_expiry=30.0,
     )
-    return aiohttp.ClientSession(
-        connector=connector,
+    return httpx.AsyncClient(
+        transport=transport or GuardedTransport(limits=limits, resolver=resolver, verify=verify),
         trust_env=False,
-        cookie_jar=aiohttp.DummyCookieJar(),
-        auto_decompress=False,
+        cookies=cookieless_jar(),
+        follow_redirects=False,
         # Without decompression, ask receivers for plain bytes so the excerpt stays readable.
-        headers={"accept-encoding": "identity"},
-        timeout=_NO_AIOHTTP_TIMEOUT,
+        headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
     )
-
-
-def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
-    """Return the seconds a `Retry-After` value asks for (delay-seconds or HTTP-date), else None."""
-    if value is None:
-        return None
-    value = value.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        pass
-    else:
-        return seconds if math.isfinite(seconds) and seconds >= 0 else None
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:  # "-0000" dates parse naive; HTTP-dates are always GMT
-        return None
-    current = time.time() if now is None else now
-    return max(0.0, when.timestamp() - current)
 
 
 def _error_for_status(status: int) -> ErrorClass | None:
@@ -139,7 +121,7 @@ def _error_for_status(status: int) -> ErrorClass | None:
 
 
 def _error_for_exception(exc: BaseException) -> ErrorClass:
-    """Map a network exception onto an error class, looking through aiohttp's wrapping."""
+    """Map a network exception onto an error class, looking through httpx's wrapping."""
     chain: list[BaseException] = []
     cause: BaseException | None = exc
     while cause is not None and cause not in chain:
@@ -147,30 +129,48 @@ def _error_for_exception(exc: BaseException) -> ErrorClass:
         cause = cause.__cause__ or cause.__context__
     if any(isinstance(e, ForbiddenAddressError) for e in chain):
         return "forbidden_address"
-    if isinstance(exc, aiohttp.InvalidURL | aiohttp.NonHttpUrlClientError):
+    if isinstance(exc, httpx.InvalidURL | httpx.UnsupportedProtocol):
         return "invalid_url"
-    if isinstance(exc, TimeoutError):
+    if isinstance(exc, TimeoutError | httpx.TimeoutException):
         return "timeout"
-    if isinstance(exc, aiohttp.ClientSSLError | aiohttp.ServerFingerprintMismatch) or any(
-        isinstance(e, ssl.SSLError | ssl.CertificateError) for e in chain
-    ):
+    if any(isinstance(e, ssl.SSLError | ssl.CertificateError) for e in chain):
         return "tls_error"
-    if isinstance(exc, aiohttp.ClientConnectorError):
+    if isinstance(exc, httpx.ConnectError):
         return "connect_error"
     return "connection_error"
 
 
-async def _read_excerpt(response: aiohttp.ClientResponse, into: bytearray, limit: int) -> None:
+async def _read_excerpt(response: httpx.Response, into: bytearray, limit: int) -> None:
     """Append at most `limit` bytes of the answer's body to `into`, never reading further."""
-    while len(into) < limit:
-        chunk = await response.content.read(limit - len(into))
-        if not chunk:
+    async for chunk in response.aiter_raw():
+        into += chunk[: limit - len(into)]
+        if len(into) >= limit:
             return
-        into += chunk
+
+
+@functools.lru_cache(maxsize=1024)
+def _refusal(url: str) -> tuple[ErrorClass | None, httpx.URL | None]:
+    """Refuse what must never be dialled, before any connection: (error class, parsed URL).
+
+    A pure function of the URL, so recent answers are kept: the same few URLs come again.
+    """
+    try:
+        target = httpx.URL(url)
+    except httpx.InvalidURL:
+        return "invalid_url", None
+    if target.scheme not in {"http", "https"} or not target.host:
+        return "invalid_url", None
+    literal = literal_address(target.host)
+    if literal is not None and is_forbidden_address(literal):
+        return "forbidden_address", None
+    # getaddrinfo would dial 2130706433 or 127.1, but they hide what they name.
+    if literal is not None and literal.version == 4 and target.host != str(literal):
+        return "invalid_url", None
+    return None, target
 
 
 async def deliver_once(
-    session: aiohttp.ClientSession,
+    client: httpx.AsyncClient,
     url: str,
     headers: Mapping[str, str],
     body: bytes,
@@ -195,59 +195,46 @@ async def deliver_once(
             status_code=status,
             latency_ms=round((time.monotonic() - started) * 1000),
             error=error,
-            response_excerpt=excerpt.decode("utf-8", errors="replace"),
+            response_excerpt=response_excerpt(excerpt),
             retry_after_s=retry,
         )
 
-    try:
-        target = URL(url)
-    except ValueError:
-        return result(None, "invalid_url")
-    if target.scheme not in {"http", "https"} or not target.host:
-        return result(None, "invalid_url")
-    # aiohttp skips the resolver (and so the guard) for IP literals: check them here.
-    if _forbidden_literal(target.host):
-        logger.warning("webhook to %s refused: forbidden address", target.host)
-        return result(None, "forbidden_address")
+    refused, target = _refusal(url)
+    if target is None:
+        if refused == "forbidden_address":
+            logger.warning("webhook to %s refused: forbidden address", url)
+        return result(None, refused)
 
     status: int | None = None
     retry_after: float | None = None
     excerpt = bytearray()
     failure: ErrorClass = "connection_error"
     try:
-        async with asyncio.timeout(deadline_s):
-            response = await session.post(
+        # The one clock for a whole attempt; httpx's per-operation timers are only a
+        # backstop (a receiver trickling bytes beats them, never this).
+        async with (
+            asyncio.timeout(deadline_s),
+            client.stream(
+                "POST",
                 target,
-                data=body,
+                content=body,
                 headers=dict(headers),
-                allow_redirects=False,
-                timeout=_NO_AIOHTTP_TIMEOUT,
-            )
-            try:
-                status = response.status
-                retry_after = parse_retry_after(response.headers.get("Retry-After"))
-                await _read_excerpt(response, excerpt, max_read)
-            finally:
-                # A fully read answer lets the connection be reused; otherwise close it
-                # instead of draining what a receiver may keep sending forever.
-                if response.content.at_eof():
-                    response.release()
-                else:
-                    response.close()
-    except (aiohttp.ClientError, OSError) as exc:  # TimeoutError is an OSError
+                follow_redirects=False,
+                timeout=deadline_s,
+            ) as response,
+        ):
+            # Leaving the block with the body unread closes the connection instead of
+            # draining whatever a receiver may keep sending.
+            status = response.status_code
+            retry_after = parse_retry_after(response.headers.get("Retry-After"))
+            await _read_excerpt(response, excerpt, max_read)
+    except (httpx.HTTPError, httpx.InvalidURL, OSError) as exc:  # TimeoutError is an OSError
         failure = _error_for_exception(exc)
         if status is None:
             logger.info("webhook to %s failed: %s (%s)", target.host, failure, type(exc).__name__)
     if status is None:
         return result(None, failure)
     return result(status, _error_for_status(status), bytes(excerpt), retry_after)
-
-
-@functools.lru_cache(maxsize=1024)
-def _forbidden_literal(host: str) -> bool:
-    """Whether `host` is an IP literal that must never be dialled (a pure function, so cached)."""
-    literal = literal_address(host)
-    return literal is not None and is_forbidden_address(literal)
 
 
 def outcome(result: AttemptResult) -> Outcome:

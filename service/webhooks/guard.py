@@ -1,35 +1,36 @@
 """The callback URL guard: which webhook URLs a tenant may register, and which addresses we dial.
 
 Two checks, at two times. At submit time `callback_url_problem` vets the URL's form and host
-against the tenant's `callback_hosts`. At connect time `GuardedResolver` drops link-local and
-cloud metadata addresses from every DNS answer, so a name that is re-pointed after submit (DNS
-rebinding) still cannot reach them. aiohttp never asks the resolver about IP-literal hosts, so
-the delivery code checks those itself with `literal_address` and `is_forbidden_address`.
+against the tenant's `callback_hosts`. At connect time `GuardedNetworkBackend`, the httpcore
+network backend under the webhook client, resolves the host itself, drops link-local and cloud
+metadata addresses from the answer (`GuardedResolver`) and dials only what is left, so a name
+that is re-pointed after submit (DNS rebinding) still cannot reach them; an IP-literal host is
+checked the same way, on the address it names. TLS still verifies the URL's host name.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import ipaddress
 import logging
 import re
 import socket
-from typing import TYPE_CHECKING, TypeAlias
+import time
+from collections.abc import Iterable, Sequence
+from typing import Protocol, TypeAlias
 from urllib.parse import urlsplit
 
-import aiohttp
-from aiohttp.abc import AbstractResolver
-from yarl import URL
-
-if TYPE_CHECKING:
-    from collections.abc import Sequence
-
-    from aiohttp.abc import ResolveResult
+import httpcore
+import httpx
 
 __all__ = [
     "MAX_URL_LENGTH",
     "ForbiddenAddressError",
+    "GuardedNetworkBackend",
     "GuardedResolver",
+    "Resolver",
+    "SystemResolver",
     "callback_url_problem",
     "is_forbidden_address",
     "literal_address",
@@ -146,10 +147,8 @@ def _normalise_host(host: str) -> str | None:
     if literal_address(host) is not None:
         return host.lower()
     try:
-        encoded = URL.build(scheme="http", host=host).raw_host
-    except ValueError:
-        return None
-    if encoded is None:
+        encoded = httpx.URL(scheme="http", host=host).raw_host.decode("ascii")
+    except (httpx.InvalidURL, UnicodeError):
         return None
     encoded = encoded.lower().rstrip(".")
     return encoded if _DNS_NAME.fullmatch(encoded) else None
@@ -180,23 +179,30 @@ def _literal_allowed(ip: IPAddress, allowed_hosts: Sequence[str]) -> bool:
 
 
 # A flat list of rules, one return each, reads better than folding them together.
-def _form_problem(url: str) -> tuple[str | None, URL | None]:  # noqa: PLR0911
+def _form_problem(url: str) -> tuple[str | None, httpx.URL | None]:  # noqa: PLR0911
     """Check what any webhook URL must be, whoever the tenant; return (problem, parsed URL)."""
     if len(url) > MAX_URL_LENGTH:
         return f"URL is longer than {MAX_URL_LENGTH} characters", None
-    # yarl silently drops tabs and newlines (as browsers do); refuse them rather than guess.
+    # Browsers silently drop tabs and newlines; refuse them rather than guess.
     if any(ch.isspace() or not ch.isprintable() for ch in url):
         return "URL contains whitespace or control characters", None
+    # In the authority a browser reads a backslash as a slash, httpx as part of the user
+    # name: the two would disagree on the host (`https://evil.example\@good.example/`).
     try:
-        parsed = URL(url)
-    except ValueError:
+        authority = urlsplit(url).netloc
+        parsed = httpx.URL(url)
+    except (ValueError, httpx.InvalidURL):  # e.g. an unclosed `[` of an IPv6 literal
+        return "URL is not a valid absolute URL", None
+    if "\\" in authority:
         return "URL is not a valid absolute URL", None
     if parsed.scheme not in {"http", "https"}:
         return "URL scheme must be http or https", None
     if not parsed.raw_host:
         return "URL has no host", None
-    # yarl drops an empty userinfo (`http://@host/`), so look at the authority as written too.
-    if parsed.user is not None or parsed.password is not None or "@" in urlsplit(url).netloc:
+    if parsed.port is not None and not 0 < parsed.port < 65536:
+        return "URL port is not a valid port", None
+    # httpx drops an empty userinfo (`http://@host/`), so look at the authority as written too.
+    if parsed.userinfo or "@" in authority:
         return "URL must not carry user:password", None
     return None, parsed
 
@@ -205,7 +211,7 @@ def _literal_problem(raw_host: str, ip: IPAddress, allowed_hosts: Sequence[str])
     """Check an IP-literal host: never forbidden, canonical, and listed exactly."""
     if is_forbidden_address(ip):
         return "URL points at a link-local or cloud metadata address"
-    # aiohttp refuses 2130706433, 127.1 and friends; say so now rather than at delivery.
+    # getaddrinfo would dial 2130706433, 127.1 and friends, but they hide what they name.
     if ip.version == 4 and raw_host != str(ip):
         return "an IPv4 host must be written as a plain dotted quad"
     if not _literal_allowed(ip, allowed_hosts):
@@ -216,8 +222,8 @@ def _literal_problem(raw_host: str, ip: IPAddress, allowed_hosts: Sequence[str])
 def callback_url_problem(url: str, allowed_hosts: Sequence[str]) -> str | None:
     """Return None when a tenant may use `url` as its webhook URL, else a short reason why not.
 
-    Parsing is yarl's, the same parser aiohttp uses to connect, so what is checked is what is
-    dialled. The answer depends on nothing else, so recent answers are kept: the dispatcher
+    Parsing is httpx's, the same parser the webhook client dials with, so what is checked is
+    what is dialled. The answer depends on nothing else, so recent answers are kept: the dispatcher
     asks again before every attempt, in case the tenants file changed.
     """
     return _callback_url_problem(url, tuple(allowed_hosts))
@@ -226,12 +232,13 @@ def callback_url_problem(url: str, allowed_hosts: Sequence[str]) -> str | None:
 @functools.lru_cache(maxsize=1024)
 def _callback_url_problem(url: str, allowed_hosts: tuple[str, ...]) -> str | None:
     problem, parsed = _form_problem(url)
-    if parsed is None or parsed.raw_host is None:
+    if parsed is None:
         return problem
-    ip = literal_address(parsed.host or parsed.raw_host)
+    raw_host = parsed.raw_host.decode("ascii")
+    ip = literal_address(parsed.host)
     if ip is not None:
-        return _literal_problem(parsed.raw_host, ip, allowed_hosts)
-    host = _normalise_host(parsed.raw_host)
+        return _literal_problem(raw_host, ip, allowed_hosts)
+    host = _normalise_host(raw_host)
     if host is None:
         return "URL host is not a valid host name"
     if not _host_allowed(host, allowed_hosts):
@@ -239,26 +246,39 @@ def _callback_url_problem(url: str, allowed_hosts: tuple[str, ...]) -> str | Non
     return None
 
 
-class GuardedResolver(AbstractResolver):
+class Resolver(Protocol):
+    """Turns a host name into the addresses it names (a test gives a fixed table)."""
+
+    async def resolve(self, host: str, port: int) -> Sequence[str]:
+        """The addresses `host` resolves to, in the order to try them; OSError when none."""
+        ...
+
+
+class SystemResolver:
+    """The operating system's resolver (getaddrinfo), run off the event loop."""
+
+    async def resolve(self, host: str, port: int) -> list[str]:
+        """Every distinct address getaddrinfo answers for `host`, in its order."""
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+class GuardedResolver:
     """A resolver that drops forbidden addresses from another resolver's answers.
 
     This is the DNS-rebinding defence: it runs at connect time on the addresses actually
-    dialled. When nothing is left it raises ForbiddenAddressError (aiohttp wraps it in
-    ClientConnectorDNSError, keeping it as the cause).
+    dialled. When nothing is left it raises ForbiddenAddressError.
     """
 
-    def __init__(self, inner: AbstractResolver | None = None) -> None:
-        # DefaultResolver() (ThreadedResolver) binds to the running loop: construct in one.
-        self._inner = inner if inner is not None else aiohttp.DefaultResolver()
+    def __init__(self, inner: Resolver | None = None) -> None:
+        self._inner = inner if inner is not None else SystemResolver()
 
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
+    async def resolve(self, host: str, port: int) -> list[str]:
         """Resolve with the inner resolver and keep only addresses that may be dialled."""
-        answers = await self._inner.resolve(host, port, family)
-        kept = [answer for answer in answers if not _forbidden_answer(answer["host"])]
+        answers = list(await self._inner.resolve(host, port))
+        kept = [addr for addr in answers if not _forbidden_answer(addr)]
         if len(kept) < len(answers):
-            dropped = sorted({a["host"] for a in answers} - {a["host"] for a in kept})
+            dropped = sorted(set(answers) - set(kept))
             logger.warning("webhook host %s resolved to forbidden addresses %s", host, dropped)
         if not kept:
             raise ForbiddenAddressError(
@@ -266,9 +286,66 @@ class GuardedResolver(AbstractResolver):
             )
         return kept
 
-    async def close(self) -> None:
-        """Close the inner resolver."""
-        await self._inner.close()
+
+class GuardedNetworkBackend(httpcore.AsyncNetworkBackend):
+    """An httpcore network backend that dials only addresses the guard allows.
+
+    httpcore hands `connect_tcp` the URL's host; this resolves it (or reads the address an IP
+    literal names), drops forbidden addresses and dials the first allowed one that answers,
+    all within the connect timeout. TLS is started afterwards by httpcore on the stream this
+    returns, with the URL's host name for SNI and certificate checks. A refusal is an
+    `httpcore.ConnectError` caused by ForbiddenAddressError: nothing was sent.
+    """
+
+    def __init__(
+        self,
+        resolver: Resolver | None = None,
+        inner: httpcore.AsyncNetworkBackend | None = None,
+    ) -> None:
+        self._resolver = GuardedResolver(resolver)
+        self._inner = inner if inner is not None else httpcore.AnyIOBackend()
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,  # noqa: ASYNC109 -- httpcore's signature
+        local_address: str | None = None,
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        """Resolve `host`, drop forbidden addresses, and connect to the first that answers."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            async with asyncio.timeout(timeout):
+                addresses = await self._addresses(host, port)
+        except TimeoutError as exc:
+            raise httpcore.ConnectTimeout(f"resolving {host} timed out") from exc
+        except OSError as exc:  # ForbiddenAddressError too: the delivery looks for it
+            raise httpcore.ConnectError(str(exc) or type(exc).__name__) from exc
+        failure: httpcore.ConnectError | httpcore.ConnectTimeout | None = None
+        for address in addresses:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                return await self._inner.connect_tcp(
+                    address, port, remaining, local_address, socket_options
+                )
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                failure = exc
+        if failure is None:  # the resolver answered nothing at all
+            raise httpcore.ConnectError(f"{host} resolves to no address")
+        raise failure
+
+    async def _addresses(self, host: str, port: int) -> list[str]:
+        literal = literal_address(host)
+        if literal is None:
+            return await self._resolver.resolve(host, port)
+        if is_forbidden_address(literal):
+            raise ForbiddenAddressError(f"{host} is a link-local or metadata address")
+        return [str(literal)]
+
+    async def sleep(self, seconds: float) -> None:
+        """Sleep as the inner backend does (httpcore's retry backoff)."""
+        await self._inner.sleep(seconds)
 
 
 def _forbidden_answer(addr: str) -> bool:

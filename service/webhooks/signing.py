@@ -12,13 +12,14 @@ import binascii
 import hmac
 from typing import TYPE_CHECKING
 
+from service.outbound import USER_AGENT
+
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-__all__ = ["USER_AGENT", "parse_secret", "sign", "webhook_headers"]
+__all__ = ["parse_secret", "sign", "webhook_headers"]
 
 _WHSEC = "whsec_"
-USER_AGENT = "runcomfy-gateway/0.1"
 
 # Never interpolate the value: this message ends up in logs and startup errors.
 _MALFORMED = "webhook secret must be 'whsec_' followed by base64"

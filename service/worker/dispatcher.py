@@ -20,7 +20,7 @@ from datetime import timedelta
 from typing import Literal
 from urllib.parse import urlsplit
 
-import aiohttp
+import httpx
 from redis.exceptions import RedisError
 
 from service.config import Settings
@@ -38,7 +38,7 @@ from service.worker.loop import ClaimLoop, Heartbeat
 log = logging.getLogger(__name__)
 
 CONCURRENCY = 256
-PER_HOST = 64  # attempts in flight at one host; the webhook session's limit_per_host too
+PER_HOST = 64  # attempts in flight at one host
 PER_HOST_WAITING = 64
 HAND_BACK_MIN_S = 0.02
 HAND_BACK_MAX_S = 1.5
@@ -64,7 +64,7 @@ class Dispatcher(ClaimLoop):
         settings: Settings,
         deliveries: DeliveryStore,
         schedules: Schedules,
-        session: aiohttp.ClientSession,
+        client: httpx.AsyncClient,
         heartbeat: Heartbeat,
         *,
         metrics: WorkerMetrics | None = None,
@@ -84,7 +84,7 @@ class Dispatcher(ClaimLoop):
         )
         self.settings = settings
         self.deliveries = deliveries
-        self.session = session
+        self.client = client
         self.per_host = per_host
         self.per_host_waiting = per_host_waiting
         # Waiting for a slot and the attempt itself must both fit in the claim's lease.
@@ -218,7 +218,7 @@ class Dispatcher(ClaimLoop):
             tenant.webhook_secrets, delivery.id, int(time.time()), delivery.body
         )
         return await deliver_once(
-            self.session,
+            self.client,
             delivery.url,
             headers,
             delivery.body,

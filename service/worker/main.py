@@ -20,7 +20,7 @@ from redis.exceptions import RedisError
 
 from service.config import Settings
 from service.metrics import WorkerMetrics
-from service.runcomfy.client import RunComfyClient, create_upstream_session
+from service.runcomfy.client import RunComfyClient, create_upstream_client
 from service.store.connection import connect
 from service.store.deliveries import DeliveryStore
 from service.store.jobs import JobStore
@@ -29,8 +29,8 @@ from service.store.limits import Limits
 from service.store.pipelining import Pipeliner
 from service.store.schedules import Schedules
 from service.tenants_watch import TenantsWatcher
-from service.webhooks.delivery import create_webhook_session
-from service.worker.dispatcher import CONCURRENCY, PER_HOST, Dispatcher
+from service.webhooks.delivery import create_webhook_client
+from service.worker.dispatcher import CONCURRENCY, Dispatcher
 from service.worker.listings import trim_listings
 from service.worker.loop import ClaimLoop, Heartbeat
 from service.worker.poller import Poller
@@ -87,8 +87,8 @@ async def run_worker(
     keys = keys or Keys()
     metrics = WorkerMetrics()
     redis = connect(settings.redis_url)
-    upstream = create_upstream_session(max_connections=256)
-    hooks = create_webhook_session(limit=CONCURRENCY, limit_per_host=PER_HOST)
+    upstream = create_upstream_client(max_connections=256)
+    hooks = create_webhook_client(max_connections=CONCURRENCY)
     heartbeat = Heartbeat()
     # The loops' concurrent items change state at about the same moments: one pipeline a turn.
     pipeliner = Pipeliner(redis)
@@ -158,8 +158,8 @@ async def run_worker(
     finally:
         if runner is not None:
             await runner.cleanup()
-        await upstream.close()
-        await hooks.close()
+        await upstream.aclose()
+        await hooks.aclose()
         await pipeliner.aclose()
         await redis.aclose()
         log.info("worker: stopped")
