@@ -30,7 +30,7 @@ from service.store.pipelining import Pipeliner
 from service.store.schedules import Schedules
 from service.tenants_watch import TenantsWatcher
 from service.webhooks.delivery import create_webhook_session
-from service.worker.dispatcher import CONCURRENCY, PER_HOST, Dispatcher
+from service.worker.dispatcher import CONCURRENCY, Dispatcher
 from service.worker.loop import ClaimLoop, Heartbeat
 from service.worker.poller import Poller
 from service.worker.submitter import Submitter
@@ -87,7 +87,8 @@ async def run_worker(
     metrics = WorkerMetrics()
     redis = connect(settings.redis_url)
     upstream = create_upstream_session(max_connections=256)
-    hooks = create_webhook_session(limit=CONCURRENCY, limit_per_host=PER_HOST)
+    # No per-host limit: the dispatcher limits each tenant's host:port, not the pool.
+    hooks = create_webhook_session(limit=CONCURRENCY, limit_per_host=0)
     heartbeat = Heartbeat()
     # The loops' concurrent items change state at about the same moments: one pipeline a turn.
     pipeliner = Pipeliner(redis)
