@@ -8,6 +8,7 @@ import hashlib
 import os
 import secrets
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -79,6 +80,7 @@ def tenants_of(*tenants: Tenant) -> Tenants:
 class Received:
     headers: dict[str, str]
     body: bytes
+    at: float = field(default_factory=time.time)  # wall clock, to compare with job timestamps
 
     def verified_by(self, whsec: str) -> dict[str, Any]:
         """The event, verified with the stock standardwebhooks library (raises if invalid)."""
@@ -115,6 +117,40 @@ class Receiver:
         return self
 
     async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+@dataclass
+class HangingReceiver:
+    """A real webhook receiver that never answers until stopped, on `ports` ports of each host."""
+
+    hosts: tuple[str, ...] = ("127.0.0.1",)
+    ports: int = 1
+    urls: list[str] = field(default_factory=list)
+    arrived: int = 0  # requests received, every one of them still unanswered
+    _stopped: asyncio.Event = field(default_factory=asyncio.Event)
+    _runner: web.AppRunner | None = None
+
+    async def _handle(self, _: web.Request) -> web.Response:
+        self.arrived += 1
+        await self._stopped.wait()
+        return web.Response(text="too late")
+
+    async def start(self) -> HangingReceiver:
+        app = web.Application()
+        app.router.add_post("/hook", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        for host in self.hosts:
+            for _ in range(self.ports):
+                sock = socket.create_server((host, 0))
+                await web.SockSite(self._runner, sock).start()
+                self.urls.append(f"http://{host}:{sock.getsockname()[1]}/hook")
+        return self
+
+    async def stop(self) -> None:
+        self._stopped.set()
         if self._runner is not None:
             await self._runner.cleanup()
 

@@ -14,9 +14,8 @@ import aiohttp
 import httpx
 import msgspec
 import pytest
-from aiohttp import web
 
-from service.config import Settings, load_settings
+from service.config import Settings, Tenant, load_settings
 from service.localredis import free_port
 from service.runcomfy.emulator import EmulatorConfig, start_emulator
 from service.store.connection import connect
@@ -26,10 +25,17 @@ from service.store.keys import Keys
 from service.store.limits import Limits
 from service.store.schedules import Schedules
 from service.webhooks.delivery import create_webhook_client
-from service.worker.dispatcher import CONCURRENCY, PER_HOST, Dispatcher
+from service.worker.dispatcher import (
+    CONCURRENCY,
+    PER_DESTINATION,
+    PER_TENANT,
+    AttemptSlots,
+    Destination,
+    Dispatcher,
+)
 from service.worker.loop import Heartbeat
 from service.worker.main import run_worker
-from tests.support import Receiver, job_record, new_tenant, tenants_of, wait_for
+from tests.support import HangingReceiver, Receiver, job_record, new_tenant, tenants_of, wait_for
 
 TENANT = new_tenant("orders")
 
@@ -46,9 +52,9 @@ class Gateway:
     stop: asyncio.Event
     task: asyncio.Task[None]
 
-    async def submit(self, **kwargs: Any) -> str:
+    async def submit(self, tenant: str = TENANT.id, **kwargs: Any) -> str:
         kwargs.setdefault("webhook_url", self.receiver.url)
-        record = job_record(TENANT.id, **kwargs)
+        record = job_record(tenant, **kwargs)
         await self.jobs.create(record)
         return record.id
 
@@ -89,6 +95,7 @@ async def gateway_factory(redis_server, keys: Keys) -> AsyncIterator[Any]:
         statuses: list[int] | None = None,
         hosts: tuple[str, ...] = ("127.0.0.1",),
         metrics_port: int | None = None,
+        others: tuple[Tenant, ...] = (),
         **limits: Any,
     ) -> Gateway:
         runner, url = await start_emulator(emulator or EmulatorConfig(queue_s=0.2, run_s=0.2))
@@ -107,7 +114,7 @@ async def gateway_factory(redis_server, keys: Keys) -> AsyncIterator[Any]:
                 "GATEWAY_SHUTDOWN_S": "3",
                 **(env or {}),
             },
-            tenants=tenants_of(TENANT.tenant(hosts=hosts, **limits)),
+            tenants=tenants_of(TENANT.tenant(hosts=hosts, **limits), *others),
         )
         redis = connect(redis_server.url)
         stop = asyncio.Event()
@@ -360,53 +367,100 @@ async def test_no_funds_pauses_submits_then_resumes_without_failing_jobs(gateway
     assert all(f.record.submit_retries == 0 for f in finals)
 
 
+# Upstream never holds jobs back: the tests below are about webhooks only.
+NO_UPSTREAM_LIMITS = {
+    # Hundreds of jobs' RunComfy calls share this process with the receivers: a loaded
+    # machine must not turn them into timeouts.
+    "GATEWAY_UPSTREAM_TIMEOUT_S": "10",
+    "GATEWAY_UPSTREAM_RATE_PER_S": "10000",
+    "GATEWAY_UPSTREAM_BURST": "1000",
+    "GATEWAY_UPSTREAM_MAX_IN_FLIGHT": "1000",
+}
+# An attempt at a hanging receiver outlasts any test, so what has arrived there still hangs.
+HANGING_ENV = {"GATEWAY_LEASE_S": "120", "GATEWAY_WEBHOOK_TIMEOUT_S": "60", **NO_UPSTREAM_LIMITS}
+MEDIA = new_tenant("media")  # a second tenant, whose receivers hang
+# However many of one tenant's webhooks hang, another's arrive within this (it takes ms).
+UNDELAYED_S = 2.0
+
+
+async def _all_completed(gw: Gateway, job_ids: list[str]) -> bool:
+    return all(s and s.record.status == "completed" for s in await gw.jobs.get_many(job_ids))
+
+
+async def _hang(gw: Gateway, tenant: str, hanging: HangingReceiver, count: int) -> list[str]:
+    """`count` jobs of `tenant`, their webhooks spread over `hanging`'s URLs, all hanging."""
+    stuck = [
+        await gw.submit(tenant, webhook_url=hanging.urls[i % len(hanging.urls)])
+        for i in range(count)
+    ]
+    await wait_for(lambda: _all_completed(gw, stuck))
+    # Each destination holds as many attempts as the tenant may run there, or its share is full.
+    most = min(PER_DESTINATION * len(hanging.urls), PER_TENANT)
+    await wait_for(lambda: _async(hanging.arrived >= most))
+    return stuck
+
+
+async def _seconds_to_webhook(gw: Gateway, count: int) -> list[float]:
+    """Submit `count` jobs of TENANT; the seconds from each job's end to its webhook's arrival."""
+    fast = [await gw.submit() for _ in range(count)]
+    events = await gw.webhooks(count)
+    assert {e["data"]["id"] for e in events} == set(fast)
+    return [
+        received.at - datetime.fromisoformat(event["data"]["finished_at"]).timestamp()
+        for received, event in zip(gw.receiver.received, events, strict=True)
+    ]
+
+
 async def test_a_hanging_receiver_does_not_delay_deliveries_to_others(gateway_factory):
-    """While one host never answers, webhooks to another host arrive before its attempts end."""
-    hang = asyncio.Event()
-    hanging: list[int] = []
+    """While one receiver never answers, webhooks to another port of its host arrive at once."""
+    hanging = await HangingReceiver(hosts=("127.0.0.1",)).start()
+    try:
+        gw = await gateway_factory(EmulatorConfig(queue_s=0, run_s=0), env=HANGING_ENV)
+        stuck = await _hang(gw, TENANT.id, hanging, CONCURRENCY + 50)  # more than all slots
+        latencies = await _seconds_to_webhook(gw, 5)
+        assert max(latencies) < UNDELAYED_S, latencies
+        # They did not wait for a slot freed by the hanging host: none of its attempts ended.
+        assert all(s.webhook_attempts == 0 for s in await gw.jobs.get_many(stuck))
+        assert hanging.arrived <= PER_DESTINATION  # never more attempts there at once
+    finally:
+        await hanging.stop()
 
-    async def never(request: web.Request) -> web.Response:
-        hanging.append(1)
-        await hang.wait()
-        return web.Response(status=200)
 
-    app = web.Application()
-    app.router.add_post("/hook", never)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "localhost", port).start()
+async def test_a_tenants_hanging_receiver_does_not_delay_another_tenant_on_the_same_host(
+    gateway_factory,
+):
+    """150 of a tenant's webhooks hanging at a host:port do not delay another's to another port."""
+    hanging = await HangingReceiver(hosts=("127.0.0.1",)).start()
+    try:
+        gw = await gateway_factory(
+            EmulatorConfig(queue_s=0, run_s=0), env=HANGING_ENV, others=(MEDIA.tenant(),)
+        )
+        await _hang(gw, MEDIA.id, hanging, 150)
+        latencies = await _seconds_to_webhook(gw, 5)
+        assert max(latencies) < UNDELAYED_S, latencies
+    finally:
+        await hanging.stop()
+
+
+async def test_a_tenant_spreading_hanging_receivers_over_hosts_does_not_delay_another(
+    gateway_factory,
+):
+    """A tenant's webhooks hanging on three host names, many ports each, do not delay another's."""
+    hosts = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
+    # More destinations than the dispatcher has slots for, were each to fill.
+    hanging = await HangingReceiver(hosts=hosts, ports=6).start()
     try:
         gw = await gateway_factory(
             EmulatorConfig(queue_s=0, run_s=0),
-            env={
-                "GATEWAY_LEASE_S": "30",
-                "GATEWAY_WEBHOOK_TIMEOUT_S": "10",
-                # 300 jobs' RunComfy calls share this process with the receivers: a loaded
-                # machine must not turn them into timeouts (this test is about webhooks).
-                "GATEWAY_UPSTREAM_TIMEOUT_S": "10",
-                "GATEWAY_UPSTREAM_RATE_PER_S": "10000",
-                "GATEWAY_UPSTREAM_BURST": "1000",
-                "GATEWAY_UPSTREAM_MAX_IN_FLIGHT": "1000",
-            },
-            hosts=("127.0.0.1", "localhost"),
+            env=HANGING_ENV,
+            others=(MEDIA.tenant(hosts=hosts),),
         )
-        stuck = [
-            await gw.submit(webhook_url=f"http://localhost:{port}/hook")
-            for _ in range(CONCURRENCY + 50)  # more than all the dispatcher's slots
-        ]
-        await wait_for(lambda: _async(len(hanging) >= PER_HOST))  # the host holds its share
-        fast = [await gw.submit() for _ in range(5)]
-        await gw.webhooks(5)
-        assert {r.verified_by(TENANT.whsec)["data"]["id"] for r in gw.receiver.received} == set(
-            fast
-        )
-        # They did not wait for a slot freed by the hanging host: none of its attempts ended.
-        assert all(s.webhook_attempts == 0 for s in await gw.jobs.get_many(stuck))
-        assert len(hanging) <= PER_HOST  # never more than per_host attempts at that host at once
+        await _hang(gw, MEDIA.id, hanging, 450)  # more than the dispatcher's slots
+        latencies = await _seconds_to_webhook(gw, 5)
+        assert max(latencies) < UNDELAYED_S, latencies
+        assert hanging.arrived <= PER_TENANT  # the tenant never ran more than its share
     finally:
-        hang.set()
-        await runner.cleanup()
+        await hanging.stop()
 
 
 async def _async(value: Any) -> Any:
@@ -568,3 +622,24 @@ async def test_a_removed_tenants_jobs_fail_unpaid_and_its_webhooks_are_skipped(g
         )
         assert stored.webhook_state == "skipped"
     assert gw.receiver.received == []
+
+
+def test_a_destination_is_a_tenants_host_and_port_with_the_schemes_default():
+    """An explicit default port is the same destination; another port or tenant is another."""
+    same = {Destination.of("a", "https://h.test/x"), Destination.of("a", "https://H.test:443/y")}
+    assert same == {Destination("a", "h.test", 443)}
+    assert Destination.of("a", "http://h.test/x") == Destination("a", "h.test", 80)
+    assert Destination.of("a", "http://h.test:8080/x") != Destination.of("a", "http://h.test/x")
+    assert Destination.of("a", "http://h.test:99999/x").port is None  # the attempt says invalid_url
+
+
+def test_a_tenants_share_bounds_its_attempts_over_all_its_destinations():
+    """A tenant full across several hosts leaves another tenant's slots, at the same host, free."""
+    slots = AttemptSlots(per_tenant=3, per_destination=2)
+    hosts = [Destination("a", host, 443) for host in ("x.test", "y.test")]
+    assert [slots.take(hosts[0]), slots.take(hosts[0]), slots.take(hosts[0])] == [True, True, False]
+    assert slots.take(hosts[1])
+    assert not slots.take(hosts[1])  # the share is used up, though y.test has a slot left
+    assert slots.take(Destination("b", "x.test", 443))
+    slots.give_back(hosts[0])
+    assert slots.take(hosts[1])

@@ -2,12 +2,16 @@
 
 Each attempt sends the exact bytes encoded when the job changed state, with a
 fresh `webhook-timestamp` and signature (receivers check the timestamp within
-±5 minutes) and the same `webhook-id`. One slow or dead receiver never delays
-the others: at most `per_host` attempts run against one host at a time, and at
-most `per_host_waiting` more deliveries wait in hand for one of its slots, so
-one host never holds all of the dispatcher's slots. A delivery beyond that, or
-one that waited too long, is handed back for about as long as the host takes
-to free a slot.
+±5 minutes) and the same `webhook-id`.
+
+One slow or dead receiver never delays the others, nor one tenant another's.
+`AttemptSlots` counts what runs: a tenant has at most `per_tenant` attempts at
+once (its share of the dispatcher's `concurrency`, however many hosts its URLs
+name), and at most `per_destination` of them at one host:port. A delivery that
+finds its tenant's share or its destination full is not held: it is handed back
+to the schedule for about as long as that limit has gone without freeing a
+slot, so the deliveries a dispatcher holds are the attempts it is making.
+Every limit is per worker process.
 """
 
 from __future__ import annotations
@@ -16,8 +20,9 @@ import asyncio
 import logging
 import random
 import time
+from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Literal
+from typing import Final, Literal, NamedTuple
 from urllib.parse import urlsplit
 
 import httpx
@@ -37,21 +42,80 @@ from service.worker.loop import ClaimLoop, Heartbeat
 
 log = logging.getLogger(__name__)
 
-CONCURRENCY = 256
-PER_HOST = 64  # attempts in flight at one host
-PER_HOST_WAITING = 64
+CONCURRENCY = 256  # deliveries in hand: attempts, and those being read or handed back
+PER_TENANT = CONCURRENCY // 4  # a tenant's share: whatever it hangs, the others keep 3/4
+PER_DESTINATION = 16  # one tenant's attempts at one host:port; its other ports have their own
 HAND_BACK_MIN_S = 0.02
 HAND_BACK_MAX_S = 1.5
 
+_DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 
-class _HostGate:
-    """One host's attempt slots, and how many deliveries hold or wait for one."""
 
-    def __init__(self, slots: int) -> None:
-        self.slots = asyncio.Semaphore(slots)
-        self.users = 0  # in flight or waiting: the gate is dropped when this falls to 0
-        self.waiting = 0
-        self.freed_at = time.monotonic()  # when a slot last came free
+class Destination(NamedTuple):
+    """Where one tenant's webhooks go: a host and port (the scheme's when the URL names none)."""
+
+    tenant: str
+    host: str
+    port: int | None
+
+    @classmethod
+    def of(cls, tenant: str, url: str) -> Destination:
+        """The destination of a delivery of `tenant` to `url`."""
+        parts = urlsplit(url)
+        try:
+            port = parts.port or _DEFAULT_PORTS.get(parts.scheme)
+        except ValueError:  # not a port: the attempt itself reports invalid_url
+            port = None
+        return cls(tenant, parts.hostname or "", port)
+
+
+@dataclass
+class _InUse:
+    count: int = 0
+    freed_at: float = field(default_factory=time.monotonic)  # or when its first slot was taken
+
+
+class AttemptSlots:
+    """Which attempts may start: each tenant within its share, each destination within its slots.
+
+    Taking a slot never waits; a caller that gets none gives its delivery back.
+    """
+
+    def __init__(self, *, per_tenant: int, per_destination: int) -> None:
+        self.per_tenant = per_tenant
+        self.per_destination = per_destination
+        # A tenant's share by its id, a destination's slots by the destination; dropped at 0.
+        self._in_use: dict[str | Destination, _InUse] = {}
+
+    def take(self, destination: Destination) -> bool:
+        """Take a slot for one attempt; False, taking none, when tenant or destination is full."""
+        if self._full(destination):
+            return False
+        for key, _ in self._limits(destination):
+            self._in_use.setdefault(key, _InUse()).count += 1
+        return True
+
+    def give_back(self, destination: Destination) -> None:
+        """Free the slot an attempt at `destination` took."""
+        now = time.monotonic()
+        for key, _ in self._limits(destination):
+            in_use = self._in_use[key]
+            in_use.count -= 1
+            in_use.freed_at = now
+            if not in_use.count:
+                del self._in_use[key]
+
+    def stalled_s(self, destination: Destination) -> float:
+        """How long what keeps `destination` full has gone without freeing a slot (0 if nothing)."""
+        now = time.monotonic()
+        return max((now - in_use.freed_at for in_use in self._full(destination)), default=0.0)
+
+    def _limits(self, destination: Destination) -> tuple[tuple[str | Destination, int], ...]:
+        return ((destination.tenant, self.per_tenant), (destination, self.per_destination))
+
+    def _full(self, destination: Destination) -> list[_InUse]:
+        found = ((self._in_use.get(key), limit) for key, limit in self._limits(destination))
+        return [in_use for in_use, limit in found if in_use is not None and in_use.count >= limit]
 
 
 class Dispatcher(ClaimLoop):
@@ -69,12 +133,12 @@ class Dispatcher(ClaimLoop):
         *,
         metrics: WorkerMetrics | None = None,
         concurrency: int = CONCURRENCY,
-        per_host: int = PER_HOST,
-        per_host_waiting: int = PER_HOST_WAITING,
+        per_tenant: int = PER_TENANT,
+        per_destination: int = PER_DESTINATION,
         rng: random.Random | None = None,
     ) -> None:
-        if per_host + per_host_waiting >= concurrency:
-            raise ValueError("one host must not be able to take every dispatcher slot")
+        if not 1 <= per_destination <= per_tenant < concurrency:
+            raise ValueError("need 1 <= per_destination <= per_tenant < concurrency")
         super().__init__(
             schedules,
             heartbeat,
@@ -85,12 +149,8 @@ class Dispatcher(ClaimLoop):
         self.settings = settings
         self.deliveries = deliveries
         self.client = client
-        self.per_host = per_host
-        self.per_host_waiting = per_host_waiting
-        # Waiting for a slot and the attempt itself must both fit in the claim's lease.
-        self.max_wait_s = max(0.0, (settings.lease_s - settings.webhook_deadline_s) / 2)
+        self.slots = AttemptSlots(per_tenant=per_tenant, per_destination=per_destination)
         self.metrics = metrics
-        self._gates: dict[str, _HostGate] = {}
         # The deliveries of claimed items, read together when claimed and taken by `work`.
         self._read: dict[str, Delivery | None] = {}  # by the claim's fencing token
         self._lease_ms = round(settings.lease_s * 1000)
@@ -162,48 +222,23 @@ class Dispatcher(ClaimLoop):
             removed = AttemptResult(status_code=None, latency_ms=0, error="tenant_removed")
             await self._record(delivery, claim, removed, skip=True)
             return
-        host = urlsplit(delivery.url).hostname or ""
-        gate = self._gates.get(host)
-        if gate is None:
-            gate = self._gates[host] = _HostGate(self.per_host)
-        if gate.slots.locked() and gate.waiting >= self.per_host_waiting:
-            await self._hand_back(claim, gate)
+        destination = Destination.of(delivery.tenant, delivery.url)
+        if not self.slots.take(destination):
+            await self._hand_back(claim, destination)
             return
-        gate.users += 1
         try:
-            if not await self._take_slot(gate):
-                await self._hand_back(claim, gate)
-                return
-            try:
-                result = await self._attempt(delivery)
-            finally:
-                gate.slots.release()
-                gate.freed_at = time.monotonic()
+            result = await self._attempt(delivery)
         finally:
-            gate.users -= 1
-            if not gate.users:
-                del self._gates[host]
+            self.slots.give_back(destination)
         await self._record(delivery, claim, result)
 
-    async def _take_slot(self, gate: _HostGate) -> bool:
-        """Take one of the host's attempt slots, waiting at most `max_wait_s` for it."""
-        gate.waiting += 1
-        try:
-            async with asyncio.timeout(self.max_wait_s):
-                await gate.slots.acquire()  # a free slot is taken without yielding
-        except TimeoutError:
-            return False
-        finally:
-            gate.waiting -= 1
-        return True
+    async def _hand_back(self, claim: Claim, destination: Destination) -> None:
+        """Give the delivery back for about as long as its limit has gone without freeing a slot.
 
-    async def _hand_back(self, claim: Claim, gate: _HostGate) -> None:
-        """Give the delivery back for about as long as its host has gone without freeing a slot.
-
-        A host answering quickly frees slots every few milliseconds, so the delivery is
+        A receiver answering quickly frees slots every few milliseconds, so the delivery is
         due again almost at once; a hanging one keeps it away for up to `HAND_BACK_MAX_S`.
         """
-        stalled = time.monotonic() - gate.freed_at
+        stalled = self.slots.stalled_s(destination)
         delay = min(HAND_BACK_MAX_S, max(HAND_BACK_MIN_S, stalled)) * self.rng.uniform(0.5, 1.5)
         await self.schedules.release(claim, delay_s=delay)
 
