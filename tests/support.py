@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import secrets
+import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -191,3 +194,33 @@ def wait_http(url: str, timeout: float = 20) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"{url} did not come up within {timeout}s")
         time.sleep(0.05)
+
+
+def send_raw(sock: socket.socket, data: bytes) -> None:
+    """Send bytes, tolerating a server that answers and closes before it read them all."""
+    with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+        sock.sendall(data)
+
+
+def read_until_closed(sock: socket.socket, timeout: float) -> bytes | None:
+    """Everything the server sends until it closes the connection; None if it stays open."""
+    deadline = time.monotonic() + timeout
+    received = b""
+    while (left := deadline - time.monotonic()) > 0:
+        readable, _, _ = select.select([sock], [], [], left)
+        if not readable:
+            break
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            return received
+        if not chunk:
+            return received
+        received += chunk
+    return None
+
+
+def status_of(answer: bytes) -> int | None:
+    """The status code of a raw HTTP/1.1 answer, None when there is none."""
+    first = answer.split(b"\r\n", 1)[0].split()
+    return int(first[1]) if len(first) > 1 and first[0].startswith(b"HTTP/") else None
