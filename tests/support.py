@@ -224,3 +224,11 @@ def status_of(answer: bytes) -> int | None:
     """The status code of a raw HTTP/1.1 answer, None when there is none."""
     first = answer.split(b"\r\n", 1)[0].split()
     return int(first[1]) if len(first) > 1 and first[0].startswith(b"HTTP/") else None
+
+
+def inet_aton_spelling(value: int, parts: int, bases: list[int]) -> str:
+    """An IPv4 address (as an int) written in 1-4 inet_aton parts, each in its base (8, 10, 16)."""
+    numbers = [(value >> (8 * (3 - i))) & 0xFF for i in range(parts - 1)]
+    numbers.append(value & ((1 << (8 * (5 - parts))) - 1))
+    forms = {8: lambda n: f"0{n:o}", 10: str, 16: lambda n: f"0x{n:x}"}
+    return ".".join(forms[base](n) for n, base in zip(numbers, bases, strict=False))
