@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import select
 import socket
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
+import uvicorn
 
+from service.api import server
 from service.localredis import LocalRedis, free_port
-from tests.support import Process, new_tenant, read_until_closed, send_raw, status_of, wait_http
+from tests.support import (
+    Process,
+    new_tenant,
+    read_until_closed,
+    send_raw,
+    status_of,
+    wait_for,
+    wait_http,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -140,3 +152,39 @@ def test_connections_that_do_not_finish_a_head_in_time_are_closed(api):
     finally:
         for sock in socks.values():
             sock.close()
+
+
+async def _slow_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """An ASGI app that takes its time over every answer."""
+    if scope["type"] != "http":
+        return
+    await asyncio.sleep(2)
+    headers = [(b"content-length", b"14")]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": b"slow and whole"})
+
+
+async def test_a_stalled_head_behind_a_slow_answer_lets_that_answer_finish(monkeypatch):
+    """A half head pipelined behind a slow answer: that answer arrives whole, then the close."""
+    monkeypatch.setattr(server, "HEAD_TIMEOUT_S", 0.5)
+    port = free_port()
+    config = uvicorn.Config(
+        _slow_app, host="127.0.0.1", port=port, http=server.BoundedHeadProtocol, log_config=None
+    )
+    slow = uvicorn.Server(config)
+    serving = asyncio.create_task(slow.serve())
+    try:
+
+        async def started() -> bool:
+            return slow.started
+
+        await wait_for(started)
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            send_raw(sock, b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET / HTTP/1.1\r\nHost: a")
+            answer = await asyncio.to_thread(read_until_closed, sock, 10)
+    finally:
+        slow.should_exit = True
+        await serving
+    assert answer is not None, "the connection stayed open"
+    assert status_of(answer) == 200
+    assert answer.endswith(b"\r\n\r\nslow and whole")  # nothing cut in, nothing after
