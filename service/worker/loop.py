@@ -22,27 +22,19 @@ import logging
 import random
 import time
 from abc import ABC, abstractmethod
-from typing import Literal
+from typing import Final, Literal
 
-from redis.exceptions import ClusterDownError, ReadOnlyError, RedisError, TryAgainError
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisError
 
 from service.batching import Coalescer
 from service.logs import job_id_var, tenant_var
+from service.store.connection import REDIS_UNAVAILABLE
 from service.store.schedules import Claim, Requeue, Schedules
 
 log = logging.getLogger(__name__)
 
-REDIS_UNAVAILABLE: tuple[type[Exception], ...] = (
-    RedisConnectionError,  # refused, reset, closed; also BusyLoadingError after a restart
-    RedisTimeoutError,
-    ReadOnlyError,  # a replica during a failover
-    ClusterDownError,
-    TryAgainError,
-    OSError,
-)
-"""Errors that say Redis cannot be reached or used right now: an outage, not a bug."""
+_OUTAGE: Final = (*REDIS_UNAVAILABLE, OSError)
+"""What a Redis call raises when Redis cannot be reached or used now: an outage, not a bug."""
 
 
 def backoff_s(failures: int, *, base_s: float, cap_s: float, rng: random.Random) -> float:
@@ -275,7 +267,7 @@ class ClaimLoop(ABC):
 
     def redis_failed(self, exc: Exception, doing: str) -> None:
         """Log a failed Redis call: an outage once for the worker, anything else every time."""
-        if isinstance(exc, REDIS_UNAVAILABLE):
+        if isinstance(exc, _OUTAGE):
             self.heartbeat.redis.failed(exc)
             log.debug("%s: %s failed (%s)", self.name, doing, type(exc).__name__)
         else:
@@ -297,7 +289,7 @@ class ClaimLoop(ABC):
             raise
         except Exception as exc:
             delay = backoff_s(2, base_s=1.0, cap_s=30.0, rng=self.rng)
-            if isinstance(exc, REDIS_UNAVAILABLE):
+            if isinstance(exc, _OUTAGE):
                 # Said once for the whole outage, not with a traceback per item in hand.
                 self.redis_failed(exc, f"working {claim.member}")
             else:
