@@ -15,12 +15,16 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Iterator
+from http import HTTPStatus
 
+import msgspec
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from service.api.app import create_app
+from service.api.problems import PROBLEM_JSON, TYPE_PREFIX
 from service.config import Settings
+from service.models import Problem
 from service.store.keys import Keys
 
 MAX_HEAD_BYTES = 32 * 1024
@@ -29,6 +33,13 @@ MAX_HEADER_FIELDS = 100
 """A request head with more header fields than this answers 431."""
 HEAD_TIMEOUT_S = 5.0
 """A connection that has not sent a whole request head this long is answered 408 and closed."""
+
+HEAD_TOO_LARGE = (
+    f"the request head must be at most {MAX_HEAD_BYTES} bytes "
+    f"with at most {MAX_HEADER_FIELDS} header fields"
+)
+_KINDS = {408: "request-timeout", 431: "header-fields-too-large"}
+_problems = msgspec.json.Encoder()
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +80,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         if reading_head and self._head_timer is not None and not self._refused:
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD_BYTES:
-                self._refuse(431, "Request header fields too large.")
+                self._refuse(431, HEAD_TOO_LARGE)
 
     def on_message_begin(self) -> None:
         """A request begins: on a kept-alive connection its head gets its own deadline."""
@@ -84,7 +95,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             return
         size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
         if size > MAX_HEAD_BYTES or len(self.headers) > MAX_HEADER_FIELDS:
-            self._refuse(431, "Request header fields too large.")
+            self._refuse(431, HEAD_TOO_LARGE)
             return
         super().on_headers_complete()
 
@@ -109,13 +120,13 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
-        self._refuse(408, "Request head not received in time.")
+        self._refuse(408, f"the request head did not arrive within {HEAD_TIMEOUT_S:g} s")
 
-    def _refuse(self, status: int, message: str) -> None:
-        """Answer `status` with `message`, then close: nothing of this request reaches the app."""
+    def _refuse(self, status: int, detail: str) -> None:
+        """Answer a `status` problem, then close: nothing of this request reaches the app."""
         self._refused = True
         self._disarm_head_timer()
-        log.debug("refused a request from %s: %s", self.client, message)
+        log.debug("refused a request from %s: %s", self.client, detail)
         if self.cycle is not None and not self.cycle.response_complete:
             # A head pipelined behind a response still being sent: an answer now would
             # cut into that response, so let it finish and close the connection after it.
@@ -126,10 +137,17 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         content = [STATUS_LINE[status]]
         for name, value in self.server_state.default_headers:
             content.extend([name, b": ", value, b"\r\n"])
-        body = message.encode("ascii")
+        body = _problems.encode(
+            Problem(
+                type=TYPE_PREFIX + _KINDS[status],
+                title=HTTPStatus(status).phrase,
+                status=status,
+                detail=detail,
+            )
+        )
         content.extend(
             [
-                b"content-type: text/plain; charset=utf-8\r\n",
+                b"content-type: " + PROBLEM_JSON.encode() + b"\r\n",
                 b"content-length: %d\r\n" % len(body),
                 b"connection: close\r\n\r\n",
                 body,
