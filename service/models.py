@@ -7,12 +7,10 @@ encoded from them, and the OpenAPI document is generated from them.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Final, Literal
-from urllib.parse import urlsplit
 
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
@@ -24,8 +22,6 @@ _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 MAX_PROMPT_CHARS: Final = 4000
 MAX_URL_CHARS: Final = 2048
 MAX_METADATA_BYTES: Final = 4096
-
-_WHITESPACE: Final = re.compile(r"\s")  # what str.isspace calls whitespace
 
 JobStatus = Literal["pending", "in_queue", "in_progress", "completed", "failed", "cancelled"]
 FINAL_STATUSES: Final = frozenset({"completed", "failed", "cancelled"})
@@ -69,30 +65,6 @@ class JobRequest(Base):
     model: Literal["tencent/hunyuan/video-to-video"] = MODEL
     webhook: WebhookSpec | None = None
     metadata: dict[str, Any] | None = None
-
-
-def video_url_problem(url: str) -> str | None:  # noqa: PLR0911 - one return per rule
-    """Say why `url` is not a public http(s) URL RunComfy could fetch, or None when it is."""
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname
-    except ValueError:
-        return "must be a valid URL"
-    if parts.scheme not in {"http", "https"}:
-        return "must be an http or https URL"
-    if not host or _WHITESPACE.search(url):
-        return "must be an absolute http(s) URL with a host"
-    if host == "localhost" or host.endswith(".localhost"):
-        return "must be a public URL, not localhost"
-    if ":" not in host and not host[-1].isdigit():
-        return None  # a name: an address is dotted decimal or has a colon (and ValueError is slow)
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return None
-    if not address.is_global:
-        return "must be a public URL, not a private or reserved address"
-    return None
 
 
 class FieldError(Struct):

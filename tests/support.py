@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import os
 import secrets
+import select
 import signal
 import socket
 import ssl
@@ -292,3 +294,41 @@ class FakeResolver:
         if host not in self.table:
             raise OSError(f"unknown host {host}")
         return self.table[host]
+
+
+def send_raw(sock: socket.socket, data: bytes) -> None:
+    """Send bytes, tolerating a server that answers and closes before it read them all."""
+    with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+        sock.sendall(data)
+
+
+def read_until_closed(sock: socket.socket, timeout: float) -> bytes | None:
+    """Everything the server sends until it closes the connection; None if it stays open."""
+    deadline = time.monotonic() + timeout
+    received = b""
+    while (left := deadline - time.monotonic()) > 0:
+        readable, _, _ = select.select([sock], [], [], left)
+        if not readable:
+            break
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            return received
+        if not chunk:
+            return received
+        received += chunk
+    return None
+
+
+def status_of(answer: bytes) -> int | None:
+    """The status code of a raw HTTP/1.1 answer, None when there is none."""
+    first = answer.split(b"\r\n", 1)[0].split()
+    return int(first[1]) if len(first) > 1 and first[0].startswith(b"HTTP/") else None
+
+
+def inet_aton_spelling(value: int, parts: int, bases: list[int]) -> str:
+    """An IPv4 address (as an int) written in 1-4 inet_aton parts, each in its base (8, 10, 16)."""
+    numbers = [(value >> (8 * (3 - i))) & 0xFF for i in range(parts - 1)]
+    numbers.append(value & ((1 << (8 * (5 - parts))) - 1))
+    forms = {8: lambda n: f"0{n:o}", 10: str, 16: lambda n: f"0x{n:x}"}
+    return ".".join(forms[base](n) for n, base in zip(numbers, bases, strict=False))

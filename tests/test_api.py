@@ -303,6 +303,61 @@ async def test_each_schema_violation_answers_422_naming_the_field(api, body, poi
     assert (await api.get("/v1/jobs")).json()["items"] == []  # nothing was stored
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.1/v.mp4",  # two parts: 127.0.0.1
+        "http://2130706433/v.mp4",  # one decimal part
+        "http://0x7f000001/v.mp4",  # one hex part
+        "http://0X7F.1/v.mp4",
+        "http://0177.0.0.1/v.mp4",  # octal
+        "http://017700000001/v.mp4",
+        "http://127.000.000.001/v.mp4",
+        "http://127.0.0.1./v.mp4",
+        "http://localhost./v.mp4",
+        "http://LocalHost/v.mp4",
+        "http://LOCALHOST./v.mp4",
+        "http://0/v.mp4",  # 0.0.0.0
+        "http://0x0.0/v.mp4",
+        "http://10.1/v.mp4",  # 10.0.0.1
+        "http://0xc0.0xa8.1/v.mp4",  # 192.168.0.1
+        "http://0251.0376.0251.0376/latest",  # 169.254.169.254, octal
+        "http://0xa9fea9fe/latest",
+        "http://169.254.43518/latest",
+        "http://100.100.100.200/latest",  # Alibaba's metadata service
+        "http://168.63.129.16/machine",  # Azure's WireServer, a global address
+        "http://[::ffff:127.0.0.1]/v.mp4",
+        "http://[64:ff9b::a9fe:a9fe]/latest",  # NAT64 of 169.254.169.254
+        "http://[2002:7f00:1::]/v.mp4",  # 6to4 of 127.0.0.1
+        "http://[fd00:ec2::254]/latest",
+        "http://%31%32%37.0.0.1/v.mp4",  # percent-encoded, decoded by WHATWG parsers
+        "http://\uff11\uff12\uff17.0.0.1/v.mp4",  # fullwidth digits, mapped by IDNA
+        "http://example.0x1/v.mp4",  # ends like an address, is none
+        "http://1.2.3.4.5/v.mp4",
+    ],
+)
+async def test_a_video_url_on_a_disguised_private_address_answers_422(api, url):
+    """Every spelling of a loopback, private, link-local or metadata host is named as video_url."""
+    answer = await api.post("/v1/jobs", json=with_input(video_url=url))
+    assert pointers(answer) == {"#/input/video_url"}
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://cdn1.example.com/v.mp4",
+        "https://1.example.com/v.mp4",
+        "http://93.184.215.14/v.mp4",
+        "http://0x5db8d70e/v.mp4",  # the same public address, in hex
+        "https://example.com./v.mp4",
+        "https://b\u00fccher.example/v.mp4",
+    ],
+)
+async def test_a_video_url_on_a_public_host_is_accepted(api, url):
+    """Public names and public addresses, however spelled, are accepted as video_url."""
+    await submit(api, with_input(video_url=url))
+
+
 async def test_several_bad_fields_are_all_named_in_one_answer(api):
     """Every offending field is named at once, not one per round trip."""
     body = {

@@ -29,7 +29,7 @@ from service.api.validation import (
 )
 from service.config import load_settings
 from service.store.keys import Keys
-from tests.support import new_tenant
+from tests.support import inet_aton_spelling, new_tenant
 
 TENANT = new_tenant("orders")
 HOSTS = ("hooks.example.com", "*.orders.internal")
@@ -348,11 +348,17 @@ def test_a_video_url_that_is_not_http_is_named(fields, url):
         st.sampled_from(["localhost", "video.localhost", "[::1]", "[fe80::1]"]),
         st.ip_addresses(v=4).filter(lambda ip: not ip.is_global).map(str),
         st.ip_addresses(v=6).filter(lambda ip: not ip.is_global).map(lambda ip: f"[{ip}]"),
+        st.builds(
+            inet_aton_spelling,
+            st.ip_addresses(v=4).filter(lambda ip: not ip.is_global).map(int),
+            st.integers(1, 4),
+            st.lists(st.sampled_from([8, 10, 16]), min_size=4, max_size=4),
+        ),
     ),
     url_paths,
 )
 def test_a_video_url_that_is_not_public_is_named(fields, host, path):
-    """A video_url on localhost or on a non-public address is named: RunComfy cannot reach it."""
+    """A video_url on localhost or a non-public address, however spelled, is named."""
     fields["video_url"] = f"https://{host}{path}"
     assert pointers_of({"input": fields}) == ["#/input/video_url"]
 

@@ -1,6 +1,10 @@
 import ipaddress
+import socket
+import sys
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from service.webhooks.guard import (
     MAX_URL_LENGTH,
@@ -9,8 +13,9 @@ from service.webhooks.guard import (
     callback_url_problem,
     is_forbidden_address,
     literal_address,
+    parse_host_address,
 )
-from tests.support import FakeResolver
+from tests.support import FakeResolver, inet_aton_spelling
 
 ALLOWED = [
     "orders.default.svc.cluster.local",
@@ -141,6 +146,17 @@ def test_acceptable_urls_pass(url):
         ("http://2130706433/", "plain dotted quad"),
         ("http://127.1/", "plain dotted quad"),
         ("http://127.0.0.1./", "plain dotted quad"),
+        ("http://0x7f000001/", "plain dotted quad"),
+        # httpx refuses leading zeros before any rule looks at the address.
+        ("http://0177.0.0.1/", "not a valid"),
+        ("http://127.000.000.001/", "not a valid"),
+        ("http://0x7f.1/", "plain dotted quad"),
+        ("http://localhost./", "not in this tenant's callback_hosts"),
+        ("http://LOCALHOST/", "not in this tenant's callback_hosts"),
+        ("http://0xa9fea9fe/", "link-local or cloud metadata"),
+        ("http://0251.0376.0251.0376/", "not a valid"),
+        ("http://169.254.43518/", "link-local or cloud metadata"),
+        ("http://0/", "link-local or cloud metadata"),
         ("https://orders.default.svc.cluster.local:99999/", "not a valid"),
     ],
 )
@@ -207,3 +223,64 @@ async def test_resolver_passes_inner_errors_through():
     with pytest.raises(OSError, match="unknown host") as e:
         await resolver.resolve("missing.test", 443)
     assert not isinstance(e.value, ForbiddenAddressError)
+
+
+@pytest.mark.parametrize(
+    ("host", "expected"),
+    [
+        ("127.0.0.1", "127.0.0.1"),
+        ("127.1", "127.0.0.1"),
+        ("2130706433", "127.0.0.1"),
+        ("0x7f000001", "127.0.0.1"),
+        ("0X7F000001", "127.0.0.1"),
+        ("0177.0.0.1", "127.0.0.1"),
+        ("0177.1", "127.0.0.1"),
+        ("017700000001", "127.0.0.1"),
+        ("0x7f.0.1", "127.0.0.1"),
+        ("127.000.000.001", "127.0.0.1"),
+        ("127.0.0.1.", "127.0.0.1"),
+        ("0", "0.0.0.0"),  # noqa: S104 - an address under test
+        ("0x0", "0.0.0.0"),  # noqa: S104 - an address under test
+        ("4294967295", "255.255.255.255"),
+        ("1.16777215", "1.255.255.255"),
+        ("[::ffff:127.0.0.1]", "::ffff:7f00:1"),
+        ("localhost", None),
+        ("localhost.", None),
+        ("0x", None),  # inet_aton wants a hex digit after 0x
+        ("08", None),  # not octal
+        ("4294967296", None),  # over 32 bits
+        ("1.16777216", None),
+        ("256.1", None),
+        ("1.2.3.4.5", None),
+        ("1..2", None),
+        ("+1", None),
+        ("1e3", None),
+        ("", None),
+    ],
+)
+def test_parse_host_address_reads_every_inet_aton_spelling(host, expected):
+    """Decimal, octal and hex parts, one to four of them, name the address resolvers dial."""
+    found = parse_host_address(host)
+    assert (str(found) if found is not None else None) == expected
+
+
+@given(
+    st.ip_addresses(v=4),
+    st.integers(1, 4),
+    st.lists(st.sampled_from([8, 10, 16]), min_size=4, max_size=4),
+)
+def test_every_spelling_of_an_address_parses_to_it(address, parts, bases):
+    """However an IPv4 address is spelled (1-4 parts, any bases), it parses back to itself."""
+    spelled = inet_aton_spelling(int(address), parts, bases)
+    assert parse_host_address(spelled) == address
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's inet_aton")
+@given(st.text("0123456789abcdefxX.", max_size=20).filter(lambda h: not h.endswith(".")))
+def test_parse_host_address_agrees_with_the_platform_inet_aton(host):
+    """On any string of digits, hex letters, x and dots, parsing agrees with glibc's inet_aton."""
+    try:
+        expected: ipaddress.IPv4Address | None = ipaddress.IPv4Address(socket.inet_aton(host))
+    except OSError:
+        expected = None
+    assert parse_host_address(host) == expected

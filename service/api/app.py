@@ -27,14 +27,14 @@ from prometheus_client import Counter, Histogram
 
 from service.api.lane import SubmitLane
 from service.api.openapi import serve_openapi
-from service.api.problems import REDIS_UNAVAILABLE, ProblemError, exception_handlers
+from service.api.problems import ProblemError, exception_handlers
 from service.api.routes import Services, create_jobs, route_handlers
 from service.api.validation import InvalidInputError, MalformedBodyError
 from service.batching import Coalescer
 from service.config import Settings
 from service.logs import request_id_var
 from service.metrics import ApiMetrics
-from service.store.connection import connect
+from service.store.connection import REDIS_UNAVAILABLE, connect
 from service.store.deliveries import DeliveryStore
 from service.store.jobs import JobStore
 from service.store.keys import Keys

@@ -30,17 +30,10 @@ from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.types import ExceptionHandlersMap
-from redis.exceptions import (
-    ClusterDownError,
-    MasterDownError,
-    ReadOnlyError,
-    TryAgainError,
-)
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.api.validation import InvalidInputError, MalformedBodyError, readable_error
 from service.models import FieldError, Problem
+from service.store.connection import REDIS_UNAVAILABLE
 
 log = logging.getLogger(__name__)
 
@@ -65,16 +58,6 @@ _KINDS: Final[Mapping[int, str]] = {
     500: "internal-error",
     503: "unavailable",
 }
-
-REDIS_UNAVAILABLE: Final = (
-    RedisConnectionError,
-    RedisTimeoutError,
-    ReadOnlyError,
-    TryAgainError,
-    ClusterDownError,
-    MasterDownError,
-)
-"""Redis errors that mean "not now" (outage, failover, loading), answered 503, not 500."""
 
 _encoder = msgspec.json.Encoder()
 

@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import ipaddress
 import json
 import re
 import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Final, Literal, Union, get_args, get_origin
+from urllib.parse import urlsplit
 
 import msgspec
 from msgspec import Struct
@@ -39,10 +41,15 @@ from service.models import (
     JobRequest,
     VideoInput,
     WebhookSpec,
-    video_url_problem,
 )
 from service.store.jobs import body_hash
-from service.webhooks.guard import callback_url_problem
+from service.webhooks.guard import (
+    IPAddress,
+    callback_url_problem,
+    embedded_ipv4,
+    is_forbidden_address,
+    parse_host_address,
+)
 
 MAX_IDEMPOTENCY_KEY_CHARS: Final = 255
 
@@ -204,6 +211,57 @@ def _video_url(url: str, _: _Context) -> tuple[Any, str | None]:
     return url, video_url_problem(url)
 
 
+# One return per rule reads better than folding them together.
+def video_url_problem(url: str) -> str | None:  # noqa: PLR0911
+    """Say why `url` is not a public http(s) URL RunComfy could fetch, or None when it is.
+
+    A host is read as a fetcher would read it: IDNA-mapped (fullwidth digits are digits),
+    trailing dot ignored, and an address in any inet_aton spelling (127.1, 0x7f000001).
+    """
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError:
+        return "must be a valid URL"
+    if parts.scheme not in {"http", "https"}:
+        return "must be an http or https URL"
+    if not host or _WHITESPACE.search(url):
+        return "must be an absolute http(s) URL with a host"
+    name = _fetched_host(host)
+    if name is None:
+        return "must be a valid URL: its host is not a valid host name"
+    if name == "localhost" or name.endswith(".localhost"):
+        return "must be a public URL, not localhost"
+    if ":" not in name and not name.rpartition(".")[2][:1].isdigit():
+        return None  # a name: no top-level domain starts with a digit, every address does
+    address = parse_host_address(name)
+    if address is None:
+        return "must be a valid URL: its host is neither a host name nor an IP address"
+    if not _is_public(address):
+        return "must be a public URL, not a private or reserved address"
+    return None
+
+
+def _fetched_host(host: str) -> str | None:
+    """The host a fetcher looks up: IDNA-mapped, without its trailing dot; None if none is."""
+    if not host.isascii():
+        try:
+            host = host.encode("idna").decode("ascii").lower()
+        except UnicodeError:
+            return None
+    name = host.rstrip(".")
+    return name if name and "%" not in name else None
+
+
+def _is_public(address: IPAddress) -> bool:
+    """Global, not a cloud metadata endpoint, and carrying no other IPv4 address (NAT64, 6to4)."""
+    if not address.is_global or is_forbidden_address(address):
+        return False
+    if isinstance(address, ipaddress.IPv6Address):
+        return all(_is_public(v4) for v4 in embedded_ipv4(address))
+    return True
+
+
 def _seed(seed: int, _: _Context) -> tuple[Any, str | None]:
     # A rule, not Meta bounds: msgspec's integer bounds stop at int64, a seed may be uint64.
     if MIN_SEED <= seed <= MAX_SEED:
@@ -253,6 +311,7 @@ _CHECK_AS: Final[dict[tuple[type[Struct], str], Any]] = {
 }
 
 _CONTROL: Final = re.compile(r"[\x00-\x20\x7f]")
+_WHITESPACE: Final = re.compile(r"\s")  # what str.isspace calls whitespace
 
 
 def validate_job_request(data: dict[str, Any], *, callback_hosts: Sequence[str]) -> JobRequest:

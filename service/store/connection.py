@@ -9,6 +9,12 @@ from typing import Any, Final
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import EqualJitterBackoff
+from redis.exceptions import (
+    ClusterDownError,
+    MasterDownError,
+    ReadOnlyError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -20,6 +26,17 @@ try:
     _DRIVER: dict[str, Any] = {"driver_info": DriverInfo()}
 except ImportError:  # redis-py before 7.1 has no DriverInfo
     _DRIVER = {}
+
+REDIS_UNAVAILABLE: Final = (
+    RedisConnectionError,  # refused, reset, closed; also BusyLoadingError after a restart
+    RedisTimeoutError,
+    ReadOnlyError,  # a replica during a failover
+    TryAgainError,
+    ClusterDownError,
+    MasterDownError,
+)
+"""Redis errors that mean "not now" (outage, failover, loading), not a bug: the API answers
+them 503, the worker logs an outage once."""
 
 _CROCKFORD: Final = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 # Ids made in one process are strictly increasing even within a millisecond.

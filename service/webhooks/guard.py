@@ -6,6 +6,9 @@ network backend under the webhook client, resolves the host itself, drops link-l
 metadata addresses from the answer (`GuardedResolver`) and dials only what is left, so a name
 that is re-pointed after submit (DNS rebinding) still cannot reach them; an IP-literal host is
 checked the same way, on the address it names. TLS still verifies the URL's host name.
+
+`parse_host_address` reads a host the way resolvers do, legacy inet_aton spellings included
+(127.1, 2130706433, 0x7f000001, 0177.0.0.1), so a disguised address is seen for what it is.
 """
 
 from __future__ import annotations
@@ -32,8 +35,10 @@ __all__ = [
     "Resolver",
     "SystemResolver",
     "callback_url_problem",
+    "embedded_ipv4",
     "is_forbidden_address",
     "literal_address",
+    "parse_host_address",
 ]
 
 logger = logging.getLogger(__name__)
@@ -63,9 +68,8 @@ _LOW_32_BITS = (_IPV4_MAPPED, _IPV4_TRANSLATED, _IPV4_COMPATIBLE, _NAT64_WELL_KN
 _SIX_TO_FOUR = ipaddress.IPv6Network("2002::/16")
 _TEREDO = ipaddress.IPv6Network("2001::/32")
 
-# Legacy inet_aton spellings (2852039166, 0xa9.0xfe.0xa9.0xfe, 169.254.43518) that
-# getaddrinfo still maps onto an address; only these characters can form one.
-_LEGACY_IPV4 = re.compile(r"[0-9a-fx.]+", re.IGNORECASE)
+# One part of an inet_aton address: hex (0x1f), octal (017; 0 itself) or decimal (17).
+_INET_ATON_PART = re.compile(r"0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*")
 # A DNS name as it reaches the wire after IDNA encoding (underscore: some internal names use it).
 _DNS_NAME = re.compile(r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*")
 
@@ -85,7 +89,7 @@ def _rfc6052_ipv4(value: int, prefix_len: int) -> ipaddress.IPv4Address:
     return ipaddress.IPv4Address((high << (32 - before_u)) | low)
 
 
-def _embedded_ipv4(addr: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+def embedded_ipv4(addr: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
     """Every IPv4 address an IPv6 address may carry through a translation or tunnel."""
     value = int(addr)
     found: list[ipaddress.IPv4Address] = []
@@ -120,22 +124,43 @@ def is_forbidden_address(addr: str | ipaddress.IPv4Address | ipaddress.IPv6Addre
         return False  # ::1 sits inside ::/96 but is plainly the local host, not an IPv4 form
     if ip.is_unspecified or any(ip in net for net in _FORBIDDEN_V6):
         return True
-    return any(is_forbidden_address(v4) for v4 in _embedded_ipv4(ip))
+    return any(is_forbidden_address(v4) for v4 in embedded_ipv4(ip))
 
 
-def literal_address(host: str) -> IPAddress | None:
-    """Return the address an IP-literal host names (legacy IPv4 spellings too), else None."""
+def parse_host_address(host: str) -> IPAddress | None:
+    """The address a URL host names, in any spelling resolvers accept; None for a host name.
+
+    An IPv4 host is read as inet_aton (so getaddrinfo, curl and WHATWG URL parsers) reads it:
+    one to four dot-separated parts, each decimal, octal (leading 0) or hex (0x), the last
+    filling the bytes left, so 127.1, 2130706433, 0x7f000001 and 0177.0.0.1 all name
+    127.0.0.1. Brackets and trailing dots are ignored. Pure Python: the same on every platform.
+    """
     host = host.strip("[]").rstrip(".")
-    try:
-        return ipaddress.ip_address(host)
-    except ValueError:
-        pass
-    if _LEGACY_IPV4.fullmatch(host):
+    if ":" in host:
         try:
-            return ipaddress.IPv4Address(socket.inet_aton(host))
-        except OSError:
+            return ipaddress.ip_address(host)
+        except ValueError:
             return None
-    return None
+    parts = host.split(".")
+    if len(parts) > 4 or not all(_INET_ATON_PART.fullmatch(part) for part in parts):
+        return None
+    *head, last = [_inet_aton_number(part) for part in parts]
+    if any(number > 0xFF for number in head) or last >= 1 << (8 * (4 - len(head))):
+        return None
+    value = last
+    for position, number in enumerate(head):
+        value |= number << (8 * (3 - position))
+    return ipaddress.IPv4Address(value)
+
+
+def _inet_aton_number(part: str) -> int:
+    if part[:2] in {"0x", "0X"}:
+        return int(part, 16)
+    return int(part, 8) if part.startswith("0") else int(part)
+
+
+literal_address = parse_host_address
+"""The name the delivery code knows `parse_host_address` by."""
 
 
 @functools.lru_cache(maxsize=1024)
@@ -144,7 +169,7 @@ def _normalise_host(host: str) -> str | None:
     host = host.strip().strip("[]").rstrip(".")
     if not host:
         return None
-    if literal_address(host) is not None:
+    if parse_host_address(host) is not None:
         return host.lower()
     try:
         encoded = httpx.URL(scheme="http", host=host).raw_host.decode("ascii")
@@ -235,7 +260,7 @@ def _callback_url_problem(url: str, allowed_hosts: tuple[str, ...]) -> str | Non
     if parsed is None:
         return problem
     raw_host = parsed.raw_host.decode("ascii")
-    ip = literal_address(parsed.host)
+    ip = parse_host_address(parsed.host)
     if ip is not None:
         return _literal_problem(raw_host, ip, allowed_hosts)
     host = _normalise_host(raw_host)

@@ -193,9 +193,7 @@ class Dispatcher(ClaimLoop):
                 found = await self.deliveries.get_many([c.member for c in claims])
             except (RedisError, OSError) as exc:
                 # The claims stand; each `work` reads its own delivery (or fails and retries).
-                log.warning(
-                    "dispatcher: reading %d claimed deliveries failed (%s)", len(claims), exc
-                )
+                self.redis_failed(exc, f"reading {len(claims)} claimed deliveries")
             else:
                 self._read.update(zip((c.lease.token for c in claims), found, strict=True))
         return claims

@@ -3,7 +3,9 @@
 A loop keeps up to `concurrency` items in hand. It claims only as many as it
 has free slots, so a claimed item is always being worked and its lease is
 never wasted waiting in a local queue. When Redis fails the loop backs off
-(exponential, jittered, capped) and logs it; it never dies. On stop it claims
+(exponential, jittered, capped); it never dies. An outage is logged once for the
+whole worker, when it starts and when it ends (`RedisOutage`), however many
+items were in hand and however often the loops retried. On stop it claims
 nothing more, gives the items in hand `drain_s` to finish, then cancels the
 rest, and each cancelled item is released so another worker takes it at once.
 
@@ -20,15 +22,19 @@ import logging
 import random
 import time
 from abc import ABC, abstractmethod
-from typing import Literal
+from typing import Final, Literal
 
 from redis.exceptions import RedisError
 
 from service.batching import Coalescer
 from service.logs import job_id_var, tenant_var
+from service.store.connection import REDIS_UNAVAILABLE
 from service.store.schedules import Claim, Requeue, Schedules
 
 log = logging.getLogger(__name__)
+
+_OUTAGE: Final = (*REDIS_UNAVAILABLE, OSError)
+"""What a Redis call raises when Redis cannot be reached or used now: an outage, not a bug."""
 
 
 def backoff_s(failures: int, *, base_s: float, cap_s: float, rng: random.Random) -> float:
@@ -37,11 +43,15 @@ def backoff_s(failures: int, *, base_s: float, cap_s: float, rng: random.Random)
 
 
 class Heartbeat:
-    """When each loop last completed a turn, and which are stuck: what `/healthz` reports."""
+    """When each loop last completed a turn, which are stuck, and whether Redis answers them.
+
+    The worker's `/healthz` reads the beats and the stuck loops.
+    """
 
     def __init__(self) -> None:
         self.beats: dict[str, float] = {}
         self.stuck: set[str] = set()
+        self.redis = RedisOutage()
 
     def beat(self, name: str) -> None:
         """Record that loop `name` is alive now."""
@@ -59,6 +69,38 @@ class Heartbeat:
         now = time.monotonic()
         late = {name for name, at in self.beats.items() if now - at > max_age_s}
         return sorted(late | self.stuck)
+
+
+class RedisOutage:
+    """Whether Redis is failing the worker: one warning when an outage starts, one line at its end.
+
+    The worker's loops share one, and report every failed Redis call to it and every
+    claim Redis answered: a blip logs two lines, not a traceback per item in hand.
+    """
+
+    def __init__(self) -> None:
+        self._since: float | None = None
+
+    @property
+    def down(self) -> bool:
+        """True from a failed Redis call until Redis answers again."""
+        return self._since is not None
+
+    def failed(self, exc: Exception) -> None:
+        """A Redis call failed; the first failure of an outage logs a warning, the rest nothing."""
+        if self._since is None:
+            self._since = time.monotonic()
+            log.warning(
+                "Redis is not answering (%s: %s); retrying with backoff until it is back",
+                type(exc).__name__,
+                exc,
+            )
+
+    def answered(self) -> None:
+        """Redis answered a call; the first answer after an outage logs how long it lasted."""
+        if self._since is not None:
+            log.info("Redis is back after %.1f s", time.monotonic() - self._since)
+            self._since = None
 
 
 class RequeueBuffer:
@@ -202,15 +244,11 @@ class ClaimLoop(ABC):
                     try:
                         claims = await self.claim(asked)
                         failures = 0
+                        self.heartbeat.redis.answered()
                     except (RedisError, OSError) as exc:
                         failures += 1
                         delay = backoff_s(failures, base_s=0.1, cap_s=5.0, rng=self.rng)
-                        log.warning(
-                            "%s: claiming failed (%s), retrying in %.2fs",
-                            self.name,
-                            type(exc).__name__,
-                            delay,
-                        )
+                        self.redis_failed(exc, f"claiming (again in {delay:.2f}s)")
                         await _wait_any(stopping, seconds=delay)
                         continue
                 for claim in claims:
@@ -236,6 +274,14 @@ class ClaimLoop(ABC):
                 self._due_timer.cancel()
             await self._drain()
 
+    def redis_failed(self, exc: Exception, doing: str) -> None:
+        """Log a failed Redis call: an outage once for the worker, anything else every time."""
+        if isinstance(exc, _OUTAGE):
+            self.heartbeat.redis.failed(exc)
+            log.debug("%s: %s failed (%s)", self.name, doing, type(exc).__name__)
+        else:
+            log.warning("%s: %s failed (%s: %s)", self.name, doing, type(exc).__name__, exc)
+
     def _done(self, task: asyncio.Task[None]) -> None:
         self._in_hand.pop(task, None)
         if self.concurrency - len(self._in_hand) >= self._wake_at:
@@ -250,9 +296,13 @@ class ClaimLoop(ABC):
             await self.work(claim)
         except asyncio.CancelledError:
             raise
-        except Exception:
+        except Exception as exc:
             delay = backoff_s(2, base_s=1.0, cap_s=30.0, rng=self.rng)
-            log.exception("%s: %s failed, due again in %.1fs", self.name, claim.member, delay)
+            if isinstance(exc, _OUTAGE):
+                # Said once for the whole outage, not with a traceback per item in hand.
+                self.redis_failed(exc, f"working {claim.member}")
+            else:
+                log.exception("%s: %s failed, due again in %.1fs", self.name, claim.member, delay)
             with contextlib.suppress(RedisError, OSError):
                 await self.retry_later(claim, delay)
 
@@ -266,14 +316,16 @@ class ClaimLoop(ABC):
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
+        released = 0
         for claim in leftover:
             try:
                 await self.release_on_stop(claim)
+                released += 1
             except (RedisError, OSError) as exc:
                 # Its lease runs out and another worker takes it: nothing is lost.
-                log.warning("%s: could not release %s (%s)", self.name, claim.member, exc)
+                self.redis_failed(exc, f"releasing {claim.member}")
         if leftover:
-            log.info("%s: released %d unfinished item(s)", self.name, len(leftover))
+            log.info("%s: released %d of %d unfinished item(s)", self.name, released, len(leftover))
 
 
 async def _wait_any(

@@ -108,7 +108,9 @@ class Submitter(ClaimLoop):
     async def claim(self, max_items: int) -> list[Claim]:
         """Claim pending jobs while RunComfy has free slots for them and no pause is on."""
         now = time.monotonic()
-        if now - self._pause_checked_at >= PAUSE_CHECK_S:
+        # During a Redis outage ask again each time: answering from the last check would
+        # read as Redis answering.
+        if now - self._pause_checked_at >= PAUSE_CHECK_S or self.heartbeat.redis.down:
             self._paused = await self.limits.upstream_pause() is not None
             self._pause_checked_at = now
         if now - self._stall_checked_at >= STALL_CHECK_S:
@@ -159,9 +161,7 @@ class Submitter(ClaimLoop):
                 cost=wanted,
             )
         except (RedisError, OSError) as exc:
-            log.warning(
-                "submitter: rate tokens for %d claimed job(s) failed (%s)", len(claims), exc
-            )
+            self.redis_failed(exc, f"taking rate tokens for {len(claims)} claimed job(s)")
             wait_s = -1.0
         granted = wanted if wait_s == 0 else 0
         for i, claim in enumerate(claims):
