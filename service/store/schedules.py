@@ -20,12 +20,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import redis.asyncio as aioredis
-from redis.commands.core import AsyncScript
 
 from service.store.connection import text
 from service.store.jobs import Lease
 from service.store.keys import LUA_PRELUDE, Keys
-from service.store.pipelining import Pipeliner, Reply
 
 # Claims and batched releases travel as one space-separated string each way
 # rather than an array of 3-4 items per member: redis-py parses and packs RESP
@@ -253,17 +251,8 @@ class Requeue:
 class Schedules:
     """The `submit`, `poll` and `deliver` schedules: claim due members, release them."""
 
-    def __init__(
-        self,
-        redis: aioredis.Redis,
-        keys: Keys,
-        *,
-        lease_s: float,
-        pipeliner: Pipeliner | None = None,
-    ) -> None:
-        """`pipeliner` sends claims and releases with other concurrent calls (the worker)."""
+    def __init__(self, redis: aioredis.Redis, keys: Keys, *, lease_s: float) -> None:
         self._redis = redis
-        self._pipeliner = pipeliner
         self._keys = keys
         self._lease_ms = round(lease_s * 1000)
         self._claim_due = redis.register_script(_CLAIM_DUE)
@@ -284,7 +273,7 @@ class Schedules:
         With `read_jobs` (members are job ids) each claim carries its job's value.
         """
         args: list[str | int] = [name, self._lease_ms, max_items, "jobs" if read_jobs else ""]
-        answer = await self._run(self._claim_due, args)
+        answer = await self._claim_due(keys=[self._keys.prefix], args=args)
         jobs: list[bytes] = answer[1:] if read_jobs else []
         flat = text(answer[0] if read_jobs else answer).split()
         next_due = flat.pop()
@@ -316,7 +305,7 @@ class Schedules:
         args: list[str | int] = [self._lease_ms, max_items, global_cap, int(every_tenant)]
         for tenant, cap in tenant_caps.items():
             args += [tenant, cap]
-        flat = await self._run(self._claim_submits, args)
+        flat = await self._claim_submits(keys=[self._keys.prefix], args=args)
         return [
             Claim(
                 tenant=text(flat[i]),
@@ -335,7 +324,7 @@ class Schedules:
         args: list[str | int] = [global_cap]
         for tenant, cap in tenant_caps.items():
             args += [tenant, cap]
-        return int(await self._run(self._submit_stall, args)) / 1000
+        return int(await self._submit_stall(keys=[self._keys.prefix], args=args)) / 1000
 
     async def release(
         self, claim: Claim, *, delay_s: float | None, free_slot: bool = False
@@ -352,9 +341,9 @@ class Schedules:
             if schedule == "submit"
             else self._keys.schedule(schedule)
         )
-        done = await self._run(
-            self._release,
-            [
+        done = await self._release(
+            keys=[self._keys.prefix],
+            args=[
                 schedule,
                 key,
                 claim.member,
@@ -383,13 +372,8 @@ class Schedules:
             delay_ms = -1 if requeue.delay_s is None else max(0, round(requeue.delay_s * 1000))
             base_ms = claim.due_ms if requeue.cadence and claim.due_ms > 0 else -1
             items.append(f"{claim.member} {claim.lease.token} {base_ms} {delay_ms}")
-        done = await self._run(self._release_many, [name, " ".join(items)])
+        done = await self._release_many(keys=[self._keys.prefix], args=[name, " ".join(items)])
         return [flag == "1" for flag in text(done)]
-
-    async def _run(self, script: AsyncScript, args: Sequence[str | int]) -> Reply:
-        if self._pipeliner is not None:
-            return await self._pipeliner.script(script, [self._keys.prefix], args)
-        return await script(keys=[self._keys.prefix], args=args)
 
     async def depths(self) -> dict[str, int]:
         """How many members each schedule holds, and how many jobs hold upstream slots."""
