@@ -280,6 +280,7 @@ async def test_concurrent_claimers_never_get_the_same_item(redis, keys, jobs):
 async def test_scripts_survive_a_script_cache_flush(redis, jobs, schedules):
     """After SCRIPT FLUSH (as after a failover) every script is loaded again on use."""
     record = make_record()
+    await redis.script_flush()
     await jobs.create(record)
     await redis.script_flush()
     [claim] = await schedules.claim_submits(1, global_cap=5, tenant_caps={})
