@@ -2,11 +2,12 @@
 
 Each Redis call from redis-py costs more CPU than the work around it (a
 pooled connection taken and given back, a timeout armed, a write, a read, a
-reply parsed): in the API more than the rest of a submit, in the poller more
-than giving a poll back. Under load dozens of callers want one at the same
-time. A `Coalescer` queues each call with a future; whatever is queued when the
-event loop comes round goes out as one batch, and while batches are on their
-way (at most `max_in_flight`) new calls queue for the next one. So an idle caller
+reply parsed): in the API about as much as the rest of a submit. In a burst
+dozens of submits want one at the same time, and without batching a burst's
+p99 exceeds what issue 12 allows (`make bench`, A: burst). A `Coalescer`
+queues each call with a future; whatever is queued when the event loop comes
+round goes out as one batch, and while batches are on their way (at most
+`max_in_flight`) new calls queue for the next one. So an idle caller
 waits for one round trip as before, and a busy process pays for a round trip
 per batch rather than per request.
 """

@@ -18,6 +18,7 @@ from typing import Final, Literal, cast
 
 import msgspec
 
+from service.store.connection import SENTINEL_SCHEME, parse_sentinel_url
 from service.webhooks.delivery import parse_retry_schedule
 from service.webhooks.signing import parse_secret
 
@@ -219,8 +220,15 @@ def load_settings(  # noqa: C901 - one flat check per variable reads best
     redis_url = env.get("REDIS_URL", "")
     if not redis_url:
         raise ConfigError("REDIS_URL is required (e.g. redis://localhost:6379/0)")
-    if not redis_url.startswith(("redis://", "rediss://", "unix://", "redis+sentinel://")):
-        raise ConfigError("REDIS_URL must start with redis://, rediss:// or unix://")
+    if not redis_url.startswith(("redis://", "rediss://", "unix://", SENTINEL_SCHEME)):
+        raise ConfigError(
+            f"REDIS_URL must start with redis://, rediss://, unix:// or {SENTINEL_SCHEME}"
+        )
+    if redis_url.startswith(SENTINEL_SCHEME):
+        try:
+            parse_sentinel_url(redis_url)
+        except ValueError as exc:
+            raise ConfigError(f"REDIS_URL: {exc}") from None
     token = env.get("RUNCOMFY_API_TOKEN", "")
     if not token:
         raise ConfigError("RUNCOMFY_API_TOKEN is required")

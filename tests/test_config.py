@@ -38,6 +38,9 @@ def test_defaults_are_those_of_the_contract(tmp_path):
     [
         ("REDIS_URL", "", "REDIS_URL is required"),
         ("REDIS_URL", "http://x", "REDIS_URL must start"),
+        ("REDIS_URL", "redis+sentinel://s1:26379", "name the master"),
+        ("REDIS_URL", "redis+sentinel://s1:port/m", "not a Sentinel's host[:port]"),
+        ("REDIS_URL", "redis+sentinel://s1/m/zero", "not a number"),
         ("RUNCOMFY_API_TOKEN", "", "RUNCOMFY_API_TOKEN is required"),
         ("GATEWAY_TENANTS_FILE", "", "GATEWAY_TENANTS_FILE is required"),
         ("GATEWAY_TENANTS_FILE", "/nonexistent/t.toml", "cannot be read"),

@@ -1,4 +1,4 @@
-"""What keeps many jobs polled cheaply: batched claims and releases, cadence, and fencing."""
+"""What keeps many jobs polled cheaply: batched claims, cadence, and fencing."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from service.localredis import free_port
 from service.runcomfy.client import RunComfyClient, create_upstream_client
 from service.runcomfy.emulator import MODEL
 from service.store.jobs import JobStore, Outcome
-from service.store.schedules import Claim, Requeue, Schedules
-from service.worker.loop import ClaimLoop, Heartbeat, RequeueBuffer
+from service.store.schedules import Claim, Schedules
+from service.worker.loop import ClaimLoop, Heartbeat
 from service.worker.poller import Poller
 from tests.support import job_record, new_tenant, tenants_of, wait_for
 
@@ -79,19 +79,16 @@ async def running_job(poller: Poller) -> str:
     return record.id
 
 
-async def test_a_batched_release_moves_only_members_whose_claim_still_holds(redis, keys, schedules):
-    """A stale fencing token's member stays with its new holder; the rest of the batch moves."""
-    await redis.zadd(keys.schedule("poll"), {"job_a": 0, "job_b": 0})
-    stale, held = sorted(await schedules.claim("poll", 10), key=lambda c: c.member)
+async def test_a_release_moves_a_member_only_while_its_claim_still_holds(redis, keys, schedules):
+    """A stale fencing token's member stays with its new holder; a current one moves."""
+    await redis.zadd(keys.schedule("poll"), {"job_a": 0})
+    [stale] = await schedules.claim("poll", 10)
     assert await schedules.release(stale, delay_s=0)
     [current] = await schedules.claim("poll", 10)
-    assert current.member == "job_a"
 
-    answers = await schedules.release_many("poll", [Requeue(stale, 0), Requeue(held, 0)])
-
-    assert answers == [False, True]
-    assert [c.member for c in await schedules.claim("poll", 10)] == ["job_b"]
-    assert await schedules.release_many("poll", [Requeue(current, None)]) == [True]
+    assert not await schedules.release(stale, delay_s=None)
+    assert await due_at(redis, keys, "job_a") is not None
+    assert await schedules.release(current, delay_s=None)
     assert await due_at(redis, keys, "job_a") is None
 
 
@@ -106,7 +103,8 @@ async def test_a_cadenced_release_is_due_one_interval_after_the_previous_due_tim
     cadenced, plain = sorted(claims, key=lambda c: c.member)
 
     before = await redis_ms(redis)
-    await schedules.release_many("poll", [Requeue(cadenced, 60, cadence=True), Requeue(plain, 60)])
+    await schedules.release(cadenced, delay_s=60, cadence=True)
+    await schedules.release(plain, delay_s=60)
     after = await redis_ms(redis)
 
     assert await due_at(redis, keys, "job_a") == due + 60_000
@@ -120,25 +118,10 @@ async def test_a_cadenced_release_of_a_late_member_is_never_due_before_now(redis
     [claim] = await schedules.claim("poll", 10)
 
     before = await redis_ms(redis)
-    await schedules.release_many("poll", [Requeue(claim, 60, cadence=True)])
+    await schedules.release(claim, delay_s=60, cadence=True)
     after = await redis_ms(redis)
 
     assert before <= (await due_at(redis, keys, "job_a") or 0) <= after
-
-
-async def test_requeues_handed_over_together_each_get_their_own_answer(redis, keys, schedules):
-    """Items given back at once through the buffer move or not by their own token."""
-    await redis.zadd(keys.schedule("poll"), {"job_a": 0, "job_b": 0, "job_c": 0})
-    claims = sorted(await schedules.claim("poll", 10), key=lambda c: c.member)
-    assert await schedules.release(claims[1], delay_s=60)  # job_b's claim is now stale
-    buffer = RequeueBuffer(schedules, "poll")
-
-    answers = await asyncio.gather(*(buffer.requeue(Requeue(c, None)) for c in claims))
-
-    assert answers == [True, False, True]
-    assert await due_at(redis, keys, "job_a") is None
-    assert await due_at(redis, keys, "job_b") is not None
-    assert await due_at(redis, keys, "job_c") is None
 
 
 async def test_an_unchanged_job_is_polled_again_one_interval_after_it_was_due(redis, keys, poller):

@@ -3,17 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 from datetime import timedelta
 
 import pytest
-import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.config import load_settings
-from service.localredis import free_port
 from service.models import (
     DeliveryAttempt,
     EventType,
@@ -23,7 +17,7 @@ from service.models import (
     WebhookSpec,
     utcnow,
 )
-from service.store.connection import connect, new_id
+from service.store.connection import new_id
 from service.store.deliveries import DeliveryStore, Resend
 from service.store.jobs import (
     HandedOver,
@@ -35,7 +29,6 @@ from service.store.jobs import (
     stored_job,
 )
 from service.store.limits import Limits
-from service.store.pipelining import Pipeliner
 from service.store.schedules import Schedules
 from service.worker.listings import trim_listings
 from tests.support import new_tenant, tenants_of, wait_for
@@ -61,30 +54,19 @@ def make_record(
     )
 
 
-@pytest.fixture(params=["direct", "pipelined"])
-async def pipeliner(request, redis):
-    """Each store test runs with plain calls (the API) and pipelined ones (the worker)."""
-    if request.param == "direct":
-        yield None
-        return
-    pipeliner = Pipeliner(redis)
-    yield pipeliner
-    await pipeliner.aclose()
+@pytest.fixture
+def jobs(redis, keys):
+    return JobStore(redis, keys, retention_s=RETENTION)
 
 
 @pytest.fixture
-def jobs(redis, keys, pipeliner):
-    return JobStore(redis, keys, retention_s=RETENTION, pipeliner=pipeliner)
+def schedules(redis, keys):
+    return Schedules(redis, keys, lease_s=30)
 
 
 @pytest.fixture
-def schedules(redis, keys, pipeliner):
-    return Schedules(redis, keys, lease_s=30, pipeliner=pipeliner)
-
-
-@pytest.fixture
-def deliveries(redis, keys, pipeliner):
-    return DeliveryStore(redis, keys, retention_s=RETENTION, pipeliner=pipeliner)
+def deliveries(redis, keys):
+    return DeliveryStore(redis, keys, retention_s=RETENTION)
 
 
 async def test_job_runs_through_every_state_and_queues_one_webhook(jobs, schedules, deliveries):
@@ -298,6 +280,7 @@ async def test_concurrent_claimers_never_get_the_same_item(redis, keys, jobs):
 async def test_scripts_survive_a_script_cache_flush(redis, jobs, schedules):
     """After SCRIPT FLUSH (as after a failover) every script is loaded again on use."""
     record = make_record()
+    await redis.script_flush()
     await jobs.create(record)
     await redis.script_flush()
     [claim] = await schedules.claim_submits(1, global_cap=5, tenant_caps={})
@@ -307,7 +290,7 @@ async def test_scripts_survive_a_script_cache_flush(redis, jobs, schedules):
 
 
 async def test_a_change_that_schedules_a_poll_or_a_webhook_says_when_it_falls_due(
-    redis, keys, schedules, pipeliner
+    redis, keys, schedules
 ):
     """The worker's loops hear of the items its own changes schedule (`on_due`)."""
     heard: list[tuple[str, float]] = []
@@ -315,7 +298,6 @@ async def test_a_change_that_schedules_a_poll_or_a_webhook_says_when_it_falls_du
         redis,
         keys,
         retention_s=RETENTION,
-        pipeliner=pipeliner,
         on_due=lambda schedule, seconds: heard.append((schedule, seconds)),
     )
     record = make_record()
@@ -357,12 +339,10 @@ class _Taker:
         self.taken.append(delivery)
 
 
-async def test_a_job_ended_here_hands_its_webhook_over_claimed(
-    redis, keys, schedules, deliveries, pipeliner
-):
+async def test_a_job_ended_here_hands_its_webhook_over_claimed(redis, keys, schedules, deliveries):
     """The delivery a change creates is claimed for the worker making it: no one else sends it."""
     taker = _Taker(free=1)
-    jobs = JobStore(redis, keys, retention_s=RETENTION, taker=taker, pipeliner=pipeliner)
+    jobs = JobStore(redis, keys, retention_s=RETENTION, taker=taker)
     record = make_record()
     await jobs.create(record)
     await jobs.finish(await jobs.get(record.id), "completed", lease=None, output={"video": "v"})
@@ -382,7 +362,7 @@ async def test_a_job_ended_here_hands_its_webhook_over_claimed(
 
 
 async def test_without_room_a_new_webhook_is_left_due_for_any_dispatcher(
-    redis, keys, schedules, deliveries, pipeliner
+    redis, keys, schedules, deliveries
 ):
     """A taker with no free slot gets nothing: the delivery is due at once, for anyone to claim."""
     heard: list[tuple[str, float]] = []
@@ -392,7 +372,6 @@ async def test_without_room_a_new_webhook_is_left_due_for_any_dispatcher(
         keys,
         retention_s=RETENTION,
         taker=taker,
-        pipeliner=pipeliner,
         on_due=lambda schedule, seconds: heard.append((schedule, seconds)),
     )
     record = make_record()
@@ -403,121 +382,6 @@ async def test_without_room_a_new_webhook_is_left_due_for_any_dispatcher(
     assert ("deliver", 0.0) in heard
     [claim] = await schedules.claim("deliver", 10)
     assert (await deliveries.get(claim.member)).event_type == "job.cancelled"
-
-
-async def test_pipelined_calls_each_get_their_own_answer_or_error(redis, keys):
-    """Calls sent together answer each caller alone: one call's error is not the others'."""
-    pipeliner = Pipeliner(redis)
-    counter, text = f"{keys.prefix}:n", f"{keys.prefix}:s"
-    await redis.set(text, "not a number")
-    answers = await asyncio.gather(
-        *(pipeliner.command("INCR", counter) for _ in range(5)),
-        pipeliner.command("INCR", text),
-        pipeliner.command("GET", text),
-        return_exceptions=True,
-    )
-    assert answers[:5] == [1, 2, 3, 4, 5]
-    assert isinstance(answers[5], ResponseError)
-    assert answers[6] == b"not a number"
-    await pipeliner.aclose()
-
-
-async def test_pipelined_scripts_run_once_each_across_a_script_cache_flush(redis, keys):
-    """After SCRIPT FLUSH the refused calls are sent again once the script is loaded: none twice."""
-    pipeliner = Pipeliner(redis)
-    script = redis.register_script("return redis.call('INCR', KEYS[1])")
-    counter = f"{keys.prefix}:n"
-    await pipeliner.script(script, [counter], [])
-    await redis.script_flush()
-    answers = await asyncio.gather(*(pipeliner.script(script, [counter], []) for _ in range(10)))
-    assert sorted(answers) == list(range(2, 12))
-    assert int(await redis.get(counter)) == 11
-    await pipeliner.aclose()
-
-
-async def test_every_pipelined_call_fails_when_redis_is_unreachable():
-    """Without Redis each caller gets the connection error; none waits forever."""
-    unreachable = connect(f"redis://127.0.0.1:{free_port()}")
-    pipeliner = Pipeliner(unreachable)
-    answers = await asyncio.gather(
-        *(pipeliner.command("GET", "k") for _ in range(3)), return_exceptions=True
-    )
-    assert all(isinstance(a, RedisConnectionError) for a in answers)
-    await pipeliner.aclose()
-    await unreachable.aclose()
-
-
-async def test_a_pipelined_call_cancelled_before_it_is_written_never_runs(redis, keys):
-    """A caller that gave up before the write leaves nothing behind in Redis."""
-    pipeliner = Pipeliner(redis)
-    counter = f"{keys.prefix}:n"
-    given_up = asyncio.create_task(pipeliner.command("INCR", counter))
-    await asyncio.sleep(0)  # it queues its call, due to be written at the end of this turn
-    given_up.cancel()
-    assert await pipeliner.command("INCR", counter) == 1
-    await pipeliner.aclose()
-
-
-async def test_a_pipeliner_connects_as_the_urls_user_to_the_urls_database(redis, redis_server):
-    """User, password and database come from the client it was made from, as redis-py's do."""
-    user = f"pipe{uuid.uuid4().hex[:8]}"
-    await redis.acl_setuser(
-        user, enabled=True, passwords=["+s3cret"], commands=["+@all"], keys=["*"]
-    )
-    url = f"redis://{user}:s3cret@127.0.0.1:{redis_server.port}/3"
-    wrong = f"redis://{user}:wrong@127.0.0.1:{redis_server.port}/3"
-    try:
-        client = connect(url)
-        pipeliner = Pipeliner(client)
-        await pipeliner.command("SET", f"{user}:k", "v")
-        assert await pipeliner.command("ACL", "WHOAMI") == user.encode()
-        assert await client.get(f"{user}:k") == b"v"
-        assert await redis.get(f"{user}:k") is None  # database 0
-        await client.delete(f"{user}:k")
-        await pipeliner.aclose()
-        await client.aclose()
-        refused = connect(wrong)
-        with pytest.raises(RedisConnectionError):
-            await Pipeliner(refused).command("PING")
-        await refused.aclose()
-    finally:
-        await redis.acl_deluser(user)
-
-
-async def test_a_pipeliner_whose_connection_was_killed_answers_again_on_a_new_one(redis):
-    """A dropped connection fails only the calls in flight on it; later calls reconnect."""
-    pipeliner = Pipeliner(redis)
-    first = await pipeliner.command("CLIENT", "ID")
-    await redis.client_kill_filter(_id=first)
-
-    async def answers_again():
-        try:
-            return await pipeliner.command("CLIENT", "ID")
-        except RedisConnectionError:
-            return None
-
-    second = await wait_for(answers_again)
-    assert second not in {None, first}
-    await pipeliner.aclose()
-
-
-async def test_a_pipelined_call_redis_never_answers_times_out():
-    """A server that accepts the call but never replies costs the socket timeout, not a hang."""
-
-    async def silent(reader, writer):
-        await reader.read()  # take the call, answer nothing
-        writer.close()
-
-    server = await asyncio.start_server(silent, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    client = aioredis.Redis.from_url(f"redis://127.0.0.1:{port}", socket_timeout=0.2)
-    pipeliner = Pipeliner(client)
-    with pytest.raises(RedisTimeoutError):
-        await pipeliner.command("PING")
-    await pipeliner.aclose()
-    await client.aclose()
-    server.close()
-    await server.wait_closed()
 
 
 async def test_deliveries_are_read_together_and_a_gone_one_reads_as_none(

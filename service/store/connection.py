@@ -1,13 +1,22 @@
-"""Opening Redis: one pool per process, with timeouts and keepalive on every socket."""
+"""Opening Redis: one pool per process, with timeouts and keepalive on every socket.
+
+`REDIS_URL` is `redis://`, `rediss://` or `unix://` as redis-py reads them, or
+`redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/service[/db]`:
+the Sentinels (port 26379 by default) are asked for the master of `service`,
+again after a failover; the credentials and database are the master's.
+"""
 
 from __future__ import annotations
 
 import secrets
 import time
+from dataclasses import dataclass
 from typing import Any, Final
+from urllib.parse import unquote
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import EqualJitterBackoff
 from redis.exceptions import (
     ClusterDownError,
@@ -39,8 +48,49 @@ REDIS_UNAVAILABLE: Final = (
 them 503, the worker logs an outage once."""
 
 _CROCKFORD: Final = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+SENTINEL_SCHEME: Final = "redis+sentinel://"
+SENTINEL_PORT: Final = 26379
 # Ids made in one process are strictly increasing even within a millisecond.
 _last_id = 0
+
+
+@dataclass(frozen=True)
+class SentinelAddress:
+    """A `redis+sentinel://` URL taken apart: where the Sentinels are and which master to ask."""
+
+    sentinels: list[tuple[str, int]]
+    service: str
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+
+
+def parse_sentinel_url(url: str) -> SentinelAddress:
+    """The parts of a `redis+sentinel://` URL; ValueError saying what is wrong with it."""
+    rest = url.removeprefix(SENTINEL_SCHEME)
+    netloc, _, path = rest.partition("/")
+    credentials, _, hosts = netloc.rpartition("@")
+    user, _, password = credentials.partition(":")
+    sentinels = []
+    for host_port in hosts.split(","):
+        host, sep, port = host_port.rpartition(":")
+        if not sep or "]" in port:  # no port, or the last colon is inside an IPv6 address
+            host, port = host_port, ""
+        if not host or (port and not port.isdigit()):
+            raise ValueError(f"{host_port!r} is not a Sentinel's host[:port]")
+        sentinels.append((host.strip("[]"), int(port) if port else SENTINEL_PORT))
+    service, _, db = path.strip("/").partition("/")
+    if not service:
+        raise ValueError("name the master after the hosts: redis+sentinel://host:26379/mymaster")
+    if db and not db.isdigit():
+        raise ValueError(f"the database {db!r} is not a number")
+    return SentinelAddress(
+        sentinels=sentinels,
+        service=unquote(service),
+        db=int(db or 0),
+        username=unquote(user) or None,
+        password=unquote(password) or None,
+    )
 
 
 def connect(url: str, *, max_connections: int = 64, pool_timeout_s: float = 5.0) -> aioredis.Redis:
@@ -49,20 +99,37 @@ def connect(url: str, *, max_connections: int = 64, pool_timeout_s: float = 5.0)
     A command retries a few times with jittered backoff on a dropped
     connection; past that the caller sees the error (the API answers 503, the
     worker loops back off). The pool is a blocking one: a burst of requests
-    waits up to `pool_timeout_s` for a free connection rather than failing.
+    waits up to `pool_timeout_s` for a free connection rather than failing
+    (behind Sentinel, redis-py's Sentinel pool, which does not wait).
     """
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url,
-        max_connections=max_connections,
-        timeout=pool_timeout_s,
-        socket_timeout=5.0,
-        socket_connect_timeout=3.0,
-        socket_keepalive=True,
-        health_check_interval=15,
-        retry=Retry(EqualJitterBackoff(cap=1.0, base=0.05), retries=2),
-        retry_on_error=[RedisConnectionError, RedisTimeoutError],
-        decode_responses=False,
+    sockets: dict[str, Any] = {
+        "socket_timeout": 5.0,
+        "socket_connect_timeout": 3.0,
+        "socket_keepalive": True,
+    }
+    options: dict[str, Any] = {
+        **sockets,
+        "health_check_interval": 15,
+        "retry": Retry(EqualJitterBackoff(cap=1.0, base=0.05), retries=2),
+        "retry_on_error": [RedisConnectionError, RedisTimeoutError],
+        "decode_responses": False,
         **_DRIVER,
+    }
+    if url.startswith(SENTINEL_SCHEME):
+        address = parse_sentinel_url(url)
+        # redis-py leaves Sentinel's __init__ unannotated.
+        sentinel = Sentinel(address.sentinels, sentinel_kwargs=sockets)  # type: ignore[no-untyped-call]
+        master: aioredis.Redis = sentinel.master_for(
+            address.service,
+            db=address.db,
+            username=address.username,
+            password=address.password,
+            max_connections=max_connections,
+            **options,
+        )
+        return master
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=pool_timeout_s, **options
     )
     return aioredis.Redis(connection_pool=pool)
 

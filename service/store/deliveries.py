@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import msgspec
 import redis.asyncio as aioredis
@@ -19,7 +19,6 @@ import redis.asyncio as aioredis
 from service.models import FINAL_STATUSES, DeliveryAttempt, response_excerpt
 from service.store.jobs import Lease, job_of_delivery, unpack
 from service.store.keys import LUA_PRELUDE, LUA_VALUES, Keys, parse_delivery, parse_job
-from service.store.pipelining import Pipeliner
 
 # A log entry is an attempt's fields as a JSON array, in DeliveryAttempt's order:
 # a line of a job's value, half the size of the object with its names.
@@ -165,17 +164,8 @@ def _delivery(delivery_id: str, own: bytes | None, job_raw: bytes | None) -> Del
 class DeliveryStore:
     """Webhook deliveries: read, record an attempt, re-send, and the attempt log."""
 
-    def __init__(
-        self,
-        redis: aioredis.Redis,
-        keys: Keys,
-        *,
-        retention_s: int,
-        pipeliner: Pipeliner | None = None,
-    ) -> None:
-        """`pipeliner` sends reads and attempt records with other concurrent calls (the worker)."""
+    def __init__(self, redis: aioredis.Redis, keys: Keys, *, retention_s: int) -> None:
         self._redis = redis
-        self._pipeliner = pipeliner
         self._keys = keys
         self._retention_s = retention_s
         self._record = redis.register_script(_RECORD_ATTEMPT)
@@ -197,10 +187,8 @@ class DeliveryStore:
             if not _is_final(event):
                 names.append(self._keys.delivery(delivery_id))
             names.append(self._keys.job(job_id))
-        if self._pipeliner is not None:
-            raws = iter(await self._pipeliner.command("MGET", *names))
-        else:
-            raws = iter(await self._redis.mget(names))
+        # The pool does not decode replies (`connection.connect`): values are bytes.
+        raws = iter(cast("list[bytes | None]", await self._redis.mget(names)))
         found: list[Delivery | None] = []
         for delivery_id in delivery_ids:
             own = None if _is_final(job_of_delivery(delivery_id)[1]) else next(raws)
@@ -239,10 +227,7 @@ class DeliveryStore:
             MAX_LOG_ENTRIES,
             job_id if _is_final(event) else "",
         ]
-        if self._pipeliner is not None:
-            answer = await self._pipeliner.script(self._record, [self._keys.prefix], args)
-        else:
-            answer = await self._record(keys=[self._keys.prefix], args=args)
+        answer = await self._record(keys=[self._keys.prefix], args=args)
         return int(answer) > 0
 
     async def resend(self, job_id: str) -> Resend:

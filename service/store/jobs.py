@@ -17,7 +17,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, cast
 
 import msgspec
 import redis.asyncio as aioredis
@@ -37,7 +37,6 @@ from service.models import (
 from service.store.connection import text
 from service.store.keys import LUA_PRELUDE, LUA_VALUES, JobValue, Keys, parse_job
 from service.store.limits import LUA_GCRA, Take
-from service.store.pipelining import Pipeliner
 
 _record_decoder = msgspec.json.Decoder(JobRecord)
 _encoder = msgspec.json.Encoder()
@@ -394,16 +393,13 @@ class JobStore:
         on_finish: Callable[[str, str], None] | None = None,
         on_due: Callable[[Literal["poll", "deliver"], float], None] | None = None,
         taker: DeliveryTaker | None = None,
-        pipeliner: Pipeliner | None = None,
     ) -> None:
         """`on_due(schedule, seconds)` hears of each poll or delivery a change schedules.
 
         `taker` is handed the deliveries changes create, claimed, while it has
-        room; `pipeliner` sends reads and state changes with other concurrent
-        calls (both the worker's).
+        room (the worker's).
         """
         self._redis = redis
-        self._pipeliner = pipeliner
         self._on_due = on_due
         self._taker = taker
         self._keys = keys
@@ -470,10 +466,8 @@ class JobStore:
         if not job_ids:
             return []
         names = [self._keys.job(i) for i in job_ids]
-        if self._pipeliner is not None:
-            raws = await self._pipeliner.command("MGET", *names)
-        else:
-            raws = await self._redis.mget(names)
+        # The pool does not decode replies (`connection.connect`): values are bytes.
+        raws = cast("list[bytes | None]", await self._redis.mget(names))
         return [None if raw is None else stored_job(raw) for raw in raws]
 
     async def page(
@@ -591,10 +585,7 @@ class JobStore:
             op.wh_state = "skipped"
         op.body_len = len(body)
         args = [_encoder.encode(op), pack(body, _encoder.encode(new)), event_body]
-        if self._pipeliner is not None:
-            answer = await self._pipeliner.script(self._transition, [self._keys.prefix], args)
-        else:
-            answer = await self._transition(keys=[self._keys.prefix], args=args)
+        answer = await self._transition(keys=[self._keys.prefix], args=args)
         outcome = Outcome(int(answer[0] if isinstance(answer, list) else answer))
         if outcome is Outcome.DONE:
             if final and stored.record.status not in FINAL_STATUSES and self._on_finish:

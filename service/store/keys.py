@@ -1,9 +1,11 @@
 """Every Redis key the gateway uses, for Python and for the Lua scripts alike.
 
 All keys share one hash tag (`{rcg}` by default) so a Redis Cluster keeps them
-in one slot and every script may touch any of them. Scripts receive the prefix
-as KEYS[1] and build names with the `LUA_PRELUDE` functions below, so a key's
-name is written once, here.
+in one slot. A script is given the names of the keys it touches as KEYS, built
+by `Keys` below, so a key's name is written once, here. The scripts that reach
+keys they only discover inside (the state change, the submit claim, delivery
+attempts) still receive the prefix as KEYS[1] and build names with the
+`LUA_PRELUDE` functions, which mirror `Keys`.
 
 | key | type | holds |
 | --- | --- | --- |
@@ -108,8 +110,22 @@ class Keys:
         """One webhook delivery."""
         return f"{self.prefix}:dlv:{delivery_id}"
 
+    def fence(self) -> str:
+        """The counter fencing tokens are drawn from."""
+        return f"{self.prefix}:fence"
 
-LUA_PRELUDE: Final = """
+
+LUA_NOW: Final = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+"""
+"""Redis's clock in ms, for every script: replicas with skewed clocks still agree."""
+
+
+LUA_PRELUDE: Final = (
+    """
 local P = KEYS[1]
 local function k_job(id) return P .. ':job:' .. id end
 local function k_idem(t, h) return P .. ':idem:' .. t .. ':' .. h end
@@ -125,11 +141,9 @@ local function k_lease(s) return P .. ':lease:' .. s end
 local function k_fence() return P .. ':fence' end
 local function k_delivery(id) return P .. ':dlv:' .. id end
 local function k_pause() return P .. ':upstream-pause' end
-local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
 """
+    + LUA_NOW
+)
 
 LUA_VALUES: Final = """
 local function job_get(key)

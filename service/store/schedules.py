@@ -10,52 +10,42 @@ write of the dead worker's fail. No sweeper is needed.
 A claim also hands back the member's due time, so a periodic member (a job's
 status poll) can be given back due one period after it was due rather than
 after now: the time it spent waiting and being worked does not stretch the
-period. Many claims can be given back in one script call (`release_many`).
+period (`release(..., cadence=True)`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, cast
 
 import redis.asyncio as aioredis
-from redis.commands.core import AsyncScript
 
 from service.store.connection import text
 from service.store.jobs import Lease
-from service.store.keys import LUA_PRELUDE, Keys
-from service.store.pipelining import Pipeliner, Reply
+from service.store.keys import LUA_NOW, LUA_PRELUDE, Keys
 
-# Claims and batched releases travel as one space-separated string each way
-# rather than an array of 3-4 items per member: redis-py parses and packs RESP
-# in Python, item by item, and that was half the client time of a claim and its
-# release. Members of the poll and deliver schedules are our own ids, which
-# hold no spaces.
+# KEYS: the schedule, its lease hash, the fencing counter. ARGV: lease_ms, max. The answer:
+# how long until the schedule's next member falls due (ms; -1 when it is empty), then the
+# claims, each {member, fencing token, due (ms)}.
 _CLAIM_DUE = (
-    LUA_PRELUDE
+    LUA_NOW
     + """
-local name, lease_ms, max = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local with_jobs = ARGV[4] == 'jobs'
+local sched, lease, fence = KEYS[1], KEYS[2], KEYS[3]
+local lease_ms, max = tonumber(ARGV[1]), tonumber(ARGV[2])
 local now = now_ms()
-local sched = k_schedule(name)
 local due = redis.call('ZRANGEBYSCORE', sched, '-inf', now, 'WITHSCORES', 'LIMIT', 0, max)
-local out, jobs = {}, {}
+local claims = {}
 for i = 1, #due, 2 do
   local member = due[i]
-  local token = redis.call('INCR', k_fence())
+  local token = redis.call('INCR', fence)
   redis.call('ZADD', sched, now + lease_ms, member)
-  redis.call('HSET', k_lease(name), member, token)
-  out[#out + 1] = member
-  out[#out + 1] = token
-  out[#out + 1] = due[i + 1]
-  if with_jobs then jobs[#jobs + 1] = redis.call('GET', k_job(member)) or '' end
+  redis.call('HSET', lease, member, token)
+  claims[#claims + 1] = {member, token, tonumber(due[i + 1])}
 end
--- Last, how long until the schedule's next member falls due ('-' when it is empty).
 local first = redis.call('ZRANGE', sched, 0, 0, 'WITHSCORES')
-out[#out + 1] = first[2] and math.max(0, tonumber(first[2]) - now) or '-'
-if with_jobs then return {table.concat(out, ' '), unpack(jobs)} end
-return table.concat(out, ' ')
+local next_due = first[2] and math.max(0, tonumber(first[2]) - now) or -1
+return {next_due, claims}
 """
 )
 
@@ -157,54 +147,28 @@ return now - oldest
 """
 )
 
+# KEYS: the lease hash, the schedule, then (to free an upstream slot) the global and the
+# tenant's in-flight sets. ARGV: member, token, delay_ms (-1: remove it), base_ms (due
+# delay_ms after it, never before now; -1: after now). 0 when the claim was lost.
 _RELEASE = (
-    LUA_PRELUDE
+    LUA_NOW
     + """
-local name, sched, member, token = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local delay_ms, tenant = tonumber(ARGV[5]), ARGV[6]
-if redis.call('HGET', k_lease(name), member) ~= token then return 0 end
-redis.call('HDEL', k_lease(name), member)
+local lease, sched = KEYS[1], KEYS[2]
+local member, token, delay_ms, base = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+if redis.call('HGET', lease, member) ~= token then return 0 end
+redis.call('HDEL', lease, member)
 if delay_ms < 0 then
   redis.call('ZREM', sched, member)
 else
-  redis.call('ZADD', sched, now_ms() + delay_ms, member)
+  local now = now_ms()
+  if base < 0 then base = now end
+  redis.call('ZADD', sched, math.max(now, base + delay_ms), member)
 end
-if tenant ~= '' then
-  redis.call('SREM', k_inflight(), member)
-  redis.call('SREM', k_inflight_t(tenant), member)
+if KEYS[3] then
+  redis.call('SREM', KEYS[3], member)
+  redis.call('SREM', KEYS[4], member)
 end
 return 1
-"""
-)
-
-# Each member is checked against its own token, so a member whose lease was lost
-# is left alone while the others of the batch are given back, all in one step.
-_RELEASE_MANY = (
-    LUA_PRELUDE
-    + """
-local name = ARGV[1]
-local sched, lease = k_schedule(name), k_lease(name)
-local now = now_ms()
-local items = {}
-for word in string.gmatch(ARGV[2], '%S+') do items[#items + 1] = word end
-local out = {}
-for i = 1, #items, 4 do
-  local member, token = items[i], items[i + 1]
-  local base, delay_ms = tonumber(items[i + 2]), tonumber(items[i + 3])
-  if redis.call('HGET', lease, member) == token then
-    redis.call('HDEL', lease, member)
-    if delay_ms < 0 then
-      redis.call('ZREM', sched, member)
-    else
-      if base < 0 then base = now end
-      redis.call('ZADD', sched, math.max(now, base + delay_ms), member)
-    end
-    out[#out + 1] = '1'
-  else
-    out[#out + 1] = '0'
-  end
-end
-return table.concat(out)
 """
 )
 
@@ -237,39 +201,16 @@ class Claimed:
     next_due_s: float | None
 
 
-@dataclass(frozen=True)
-class Requeue:
-    """One claimed member to give back with `release_many`.
-
-    Due `delay_s` after now, or, with `cadence`, `delay_s` after the time it was
-    due when claimed (never earlier than now); removed when `delay_s` is None.
-    """
-
-    claim: Claim
-    delay_s: float | None
-    cadence: bool = False
-
-
 class Schedules:
     """The `submit`, `poll` and `deliver` schedules: claim due members, release them."""
 
-    def __init__(
-        self,
-        redis: aioredis.Redis,
-        keys: Keys,
-        *,
-        lease_s: float,
-        pipeliner: Pipeliner | None = None,
-    ) -> None:
-        """`pipeliner` sends claims and releases with other concurrent calls (the worker)."""
+    def __init__(self, redis: aioredis.Redis, keys: Keys, *, lease_s: float) -> None:
         self._redis = redis
-        self._pipeliner = pipeliner
         self._keys = keys
         self._lease_ms = round(lease_s * 1000)
         self._claim_due = redis.register_script(_CLAIM_DUE)
         self._claim_submits = redis.register_script(_CLAIM_SUBMITS)
         self._release = redis.register_script(_RELEASE)
-        self._release_many = redis.register_script(_RELEASE_MANY)
         self._submit_stall = redis.register_script(_SUBMIT_STALL)
 
     async def claim(self, name: Literal["poll", "deliver"], max_items: int) -> list[Claim]:
@@ -281,23 +222,23 @@ class Schedules:
     ) -> Claimed:
         """`claim`, also saying when the schedule's next member falls due.
 
-        With `read_jobs` (members are job ids) each claim carries its job's value.
+        With `read_jobs` (members are job ids) each claim carries its job's
+        value, read with one MGET once claimed.
         """
-        args: list[str | int] = [name, self._lease_ms, max_items, "jobs" if read_jobs else ""]
-        answer = await self._run(self._claim_due, args)
-        jobs: list[bytes] = answer[1:] if read_jobs else []
-        flat = text(answer[0] if read_jobs else answer).split()
-        next_due = flat.pop()
-        claims = [
-            Claim(
-                member=flat[i],
-                lease=Lease(name, flat[i + 1]),
-                due_ms=int(float(flat[i + 2])),
-                job=jobs[i // 3] or None if jobs else None,
+        keys = [self._keys.schedule(name), self._keys.lease(name), self._keys.fence()]
+        next_due_ms, found = await self._claim_due(keys=keys, args=[self._lease_ms, max_items])
+        members = [text(member) for member, _, _ in found]
+        jobs: list[bytes | None] = [None] * len(members)
+        if read_jobs and members:
+            # The pool does not decode replies (`connection.connect`): values are bytes.
+            jobs = cast(
+                "list[bytes | None]", await self._redis.mget([self._keys.job(m) for m in members])
             )
-            for i in range(0, len(flat), 3)
+        claims = [
+            Claim(member=member, lease=Lease(name, text(token)), due_ms=int(due_ms), job=job)
+            for member, (_, token, due_ms), job in zip(members, found, jobs, strict=True)
         ]
-        return Claimed(claims, None if next_due == "-" else float(next_due) / 1000)
+        return Claimed(claims, None if next_due_ms < 0 else next_due_ms / 1000)
 
     async def claim_submits(
         self,
@@ -316,7 +257,7 @@ class Schedules:
         args: list[str | int] = [self._lease_ms, max_items, global_cap, int(every_tenant)]
         for tenant, cap in tenant_caps.items():
             args += [tenant, cap]
-        flat = await self._run(self._claim_submits, args)
+        flat = await self._claim_submits(keys=[self._keys.prefix], args=args)
         return [
             Claim(
                 tenant=text(flat[i]),
@@ -335,61 +276,38 @@ class Schedules:
         args: list[str | int] = [global_cap]
         for tenant, cap in tenant_caps.items():
             args += [tenant, cap]
-        return int(await self._run(self._submit_stall, args)) / 1000
+        return int(await self._submit_stall(keys=[self._keys.prefix], args=args)) / 1000
 
     async def release(
-        self, claim: Claim, *, delay_s: float | None, free_slot: bool = False
+        self,
+        claim: Claim,
+        *,
+        delay_s: float | None,
+        cadence: bool = False,
+        free_slot: bool = False,
     ) -> bool:
         """Give a claimed member back: due again after `delay_s`, or removed (None).
 
+        With `cadence` it is due `delay_s` after the time it was due when claimed
+        (never earlier than now), so a periodic member keeps its period.
         `free_slot` also gives back the upstream slot a submit claim took. False
         when the claim was lost (its lease ran out and another worker took it).
         """
-        delay_ms = -1 if delay_s is None else max(0, round(delay_s * 1000))
         schedule = claim.lease.schedule
-        key = (
+        keys = [
+            self._keys.lease(schedule),
             self._keys.submit(claim.tenant)
             if schedule == "submit"
-            else self._keys.schedule(schedule)
-        )
-        done = await self._run(
-            self._release,
-            [
-                schedule,
-                key,
-                claim.member,
-                claim.lease.token,
-                delay_ms,
-                claim.tenant if free_slot else "",
-            ],
+            else self._keys.schedule(schedule),
+        ]
+        if free_slot:
+            keys += [self._keys.inflight(), self._keys.inflight(claim.tenant)]
+        delay_ms = -1 if delay_s is None else max(0, round(delay_s * 1000))
+        base_ms = claim.due_ms if cadence and claim.due_ms > 0 else -1
+        done = await self._release(
+            keys=keys, args=[claim.member, claim.lease.token, delay_ms, base_ms]
         )
         return bool(done)
-
-    async def release_many(
-        self, name: Literal["poll", "deliver"], requeues: Sequence[Requeue]
-    ) -> list[bool]:
-        """Give back many claimed members of one schedule in one atomic step.
-
-        Each member moves only if its claim still holds (its fencing token is
-        current); the answer says, per member, whether it did.
-        """
-        if not requeues:
-            return []
-        items: list[str] = []
-        for requeue in requeues:
-            claim = requeue.claim
-            if claim.lease.schedule != name:
-                raise ValueError(f"{claim.member} was claimed from {claim.lease.schedule}")
-            delay_ms = -1 if requeue.delay_s is None else max(0, round(requeue.delay_s * 1000))
-            base_ms = claim.due_ms if requeue.cadence and claim.due_ms > 0 else -1
-            items.append(f"{claim.member} {claim.lease.token} {base_ms} {delay_ms}")
-        done = await self._run(self._release_many, [name, " ".join(items)])
-        return [flag == "1" for flag in text(done)]
-
-    async def _run(self, script: AsyncScript, args: Sequence[str | int]) -> Reply:
-        if self._pipeliner is not None:
-            return await self._pipeliner.script(script, [self._keys.prefix], args)
-        return await script(keys=[self._keys.prefix], args=args)
 
     async def depths(self) -> dict[str, int]:
         """How many members each schedule holds, and how many jobs hold upstream slots."""

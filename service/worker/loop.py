@@ -8,28 +8,23 @@ whole worker, when it starts and when it ends (`RedisOutage`), however many
 items were in hand and however often the loops retried. On stop it claims
 nothing more, gives the items in hand `drain_s` to finish, then cancels the
 rest, and each cancelled item is released so another worker takes it at once.
-
-`RequeueBuffer` lets a loop give its items back in batches: what the item
-tasks hand it during one turn of the event loop goes to Redis as one script.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import random
 import time
 from abc import ABC, abstractmethod
-from typing import Final, Literal
+from typing import Final
 
 from redis.exceptions import RedisError
 
-from service.batching import Coalescer
 from service.logs import job_id_var, tenant_var
 from service.store.connection import REDIS_UNAVAILABLE
-from service.store.schedules import Claim, Requeue, Schedules
+from service.store.schedules import Claim, Schedules
 
 log = logging.getLogger(__name__)
 
@@ -101,27 +96,6 @@ class RedisOutage:
         if self._since is not None:
             log.info("Redis is back after %.1f s", time.monotonic() - self._since)
             self._since = None
-
-
-class RequeueBuffer:
-    """Gives claimed items back in batches: one `release_many` per event-loop turn.
-
-    `requeue` waits for the batch its item went out in and answers whether the
-    claim still held, as `Schedules.release` does. One batch is in flight at a
-    time; what arrives meanwhile goes in the next, so the batches grow with load
-    (up to `max_batch`, the loop's concurrency: it never has more in hand).
-    """
-
-    def __init__(
-        self, schedules: Schedules, name: Literal["poll", "deliver"], *, max_batch: int = 256
-    ) -> None:
-        self._batches: Coalescer[Requeue, bool] = Coalescer(
-            functools.partial(schedules.release_many, name), max_in_flight=1, max_batch=max_batch
-        )
-
-    async def requeue(self, requeue: Requeue) -> bool:
-        """Give one item back with the next batch; False when its claim was lost."""
-        return await self._batches(requeue)
 
 
 class ClaimLoop(ABC):

@@ -26,7 +26,6 @@ from service.store.deliveries import DeliveryStore
 from service.store.jobs import JobStore
 from service.store.keys import Keys
 from service.store.limits import Limits
-from service.store.pipelining import Pipeliner
 from service.store.schedules import Schedules
 from service.tenants_watch import TenantsWatcher
 from service.webhooks.delivery import create_webhook_client
@@ -90,13 +89,9 @@ async def run_worker(
     upstream = create_upstream_client(max_connections=256)
     hooks = create_webhook_client(max_connections=CONCURRENCY)
     heartbeat = Heartbeat()
-    # The loops' concurrent items change state at about the same moments: one pipeline a turn.
-    pipeliner = Pipeliner(redis)
-    schedules = Schedules(redis, keys, lease_s=settings.lease_s, pipeliner=pipeliner)
+    schedules = Schedules(redis, keys, lease_s=settings.lease_s)
     limits = Limits(redis, keys)
-    deliveries = DeliveryStore(
-        redis, keys, retention_s=settings.job_retention_s, pipeliner=pipeliner
-    )
+    deliveries = DeliveryStore(redis, keys, retention_s=settings.job_retention_s)
     dispatcher = Dispatcher(settings, deliveries, schedules, hooks, heartbeat, metrics=metrics)
 
     woken: dict[str, ClaimLoop] = {"deliver": dispatcher}  # and "poll", once it exists
@@ -113,7 +108,6 @@ async def run_worker(
         on_finish=metrics.job_finished,
         on_due=item_due,
         taker=dispatcher,
-        pipeliner=pipeliner,
     )
     client = RunComfyClient(
         upstream,
@@ -160,7 +154,6 @@ async def run_worker(
             await runner.cleanup()
         await upstream.aclose()
         await hooks.aclose()
-        await pipeliner.aclose()
         await redis.aclose()
         log.info("worker: stopped")
 

@@ -10,8 +10,8 @@ end a job by themselves: only its deadline does.
 
 Polls keep their cadence: a job whose status did not change is due again one
 interval after it was last due (never earlier than now), so the time a poll
-waits and takes does not stretch the interval. Per claimed batch the poller
-has the jobs read by the claim itself and gives them back in a few script calls.
+waits and takes does not stretch the interval. The jobs of a claimed batch are
+read together right after the claim, in one round trip.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from service.config import Settings
 from service.models import UPSTREAM_STATUSES, JobErrorInfo
 from service.runcomfy.client import RunComfyClient, UpstreamError
 from service.store.jobs import JobStore, Outcome, StoredJob, stored_job
-from service.store.schedules import Claim, Requeue, Schedules
-from service.worker.loop import ClaimLoop, Heartbeat, RequeueBuffer, backoff_s
+from service.store.schedules import Claim, Schedules
+from service.worker.loop import ClaimLoop, Heartbeat, backoff_s
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,6 @@ class Poller(ClaimLoop):
         self._errors: dict[str, int] = {}
         # The jobs of claimed polls, read together when claimed and taken by `work`.
         self._read: dict[str, StoredJob | None] = {}
-        self._requeues = RequeueBuffer(schedules, "poll", max_batch=concurrency)
 
     async def claim(self, max_items: int) -> list[Claim]:
         """Claim jobs whose next poll is due; the claim reads them too."""
@@ -89,8 +88,8 @@ class Poller(ClaimLoop):
         await super().release_on_stop(claim)
 
     async def _requeue(self, claim: Claim, delay_s: float | None, *, cadence: bool = False) -> None:
-        """Give the poll back with the next batch (see `Requeue`)."""
-        await self._requeues.requeue(Requeue(claim, delay_s, cadence=cadence))
+        """Give the poll back: due after `delay_s` (see `Schedules.release`), or removed."""
+        await self.schedules.release(claim, delay_s=delay_s, cadence=cadence)
 
     def interval_s(self, stored: StoredJob) -> float:
         """How long until the next poll: a tenth of the time since the last change, clamped."""
