@@ -87,13 +87,19 @@ async def _wrk(
 
 
 async def _loadgen(
-    url: str, headers: dict[str, str], body: bytes, seconds: float, tmp: Path
+    url: str,
+    headers: dict[str, str],
+    body: bytes,
+    seconds: float,
+    tmp: Path,
+    *,
+    requests: int = 0,
 ) -> dict[str, Any]:
     body_file = tmp / "body.json"
     body_file.write_bytes(body)
     args = [PYTHON, str(BENCH / "loadgen.py"), "--url", url, "--method", "POST"]
     args += ["--body-file", str(body_file), "--concurrency", str(CONNECTIONS)]
-    args += ["--duration", str(seconds), "--warmup", "0"]
+    args += ["--duration", str(seconds), "--warmup", "0", "--requests", str(requests)]
     for name, value in headers.items():
         args += ["--header", f"{name}: {value}"]
     process = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE)
@@ -104,9 +110,42 @@ async def _loadgen(
         "requests": result["requests"],
         "bad": result["requests"] - good,
         "socket_errors": "",
-        "p50": "?",
-        "p99": "?",
+        "p50": f"{result['p50_ms']:.1f}ms" if "p50_ms" in result else "?",
+        "p99": f"{result['p99_ms']:.1f}ms" if "p99_ms" in result else "?",
     }
+
+
+async def burst(requests: int = 10_000, *, rounds: int = 3) -> Section:
+    """`requests` submits at once from 50 connections to a warm gateway: rate and latency."""
+    tenant = bench_tenant()
+    body = json.dumps({**JOB_BODY, "webhook": {"url": "http://127.0.0.1:9/hook"}}).encode()
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {tenant.api_key}"}
+    section = Section(f"A2. A burst of {requests:,} submits from {CONNECTIONS} connections")
+    async with Stack() as stack:
+        server = stack.redis()
+        env = gateway_env(server.url, "http://127.0.0.1:9", stack.tenants_file(tenant))
+        _, api_url = await stack.api(env)
+        url = f"{api_url}/v1/jobs"
+        await _loadgen(url, headers, body, 2.0, stack.dir)  # warm-up
+        for i in range(1, rounds + 1):
+            result = await _loadgen(url, headers, body, 0, stack.dir, requests=requests)
+            section.figures.append(
+                (
+                    f"round {i}",
+                    (
+                        f"{result['rate']:,.0f} req/s, p50 {result['p50']}, "
+                        f"p99 {result['p99']}, non-2xx {result['bad']}"
+                    ),
+                )
+            )
+        stack.check_alive()
+    section.notes = [
+        (
+            f"load: aiohttp (tests/bench/loadgen.py) in its own process, {CONNECTIONS} "
+            "connections, each sending its next submit when answered."
+        )
+    ]
+    return section
 
 
 ROUNDS = 2
@@ -201,9 +240,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--seconds", type=float, default=6.0, help="per round and server")
     parser.add_argument("--profile", type=float, default=0.0, help="profile the API for N s")
+    parser.add_argument("--burst", type=int, default=0, help="instead: N submits at once")
     args = parser.parse_args()
     started = time.monotonic()
-    section = run_async(run(seconds=args.seconds, profile_s=args.profile))
+    if args.burst:
+        section = run_async(burst(args.burst))
+    else:
+        section = run_async(run(seconds=args.seconds, profile_s=args.profile))
     print(section.render())
     print(f"\n({time.monotonic() - started:.0f}s)")
 
