@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import aiohttp
+import httpx
 import pytest
 from aiohttp import web
 
@@ -59,13 +59,14 @@ class Gateway:
 
     async def emulator_state(self) -> dict[str, Any]:
         url = f"{self.emulator}/_emulator/requests"
-        async with aiohttp.ClientSession() as http, http.get(url) as answer:
-            return await answer.json()  # type: ignore[no-any-return]
+        async with httpx.AsyncClient() as http:
+            return (await http.get(url)).json()  # type: ignore[no-any-return]
 
     async def configure_emulator(self, **config: Any) -> None:
         url = f"{self.emulator}/_emulator/config"
-        async with aiohttp.ClientSession() as http, http.post(url, json=config) as answer:
-            assert answer.status == 200, await answer.text()
+        async with httpx.AsyncClient() as http:
+            answer = await http.post(url, json=config)
+        assert answer.status_code == 200, answer.text
 
     async def webhooks(self, count: int) -> list[dict[str, Any]]:
         async def check() -> bool:
@@ -88,7 +89,8 @@ async def gateway_factory(redis_server, keys: Keys) -> AsyncIterator[Any]:
         metrics_port: int | None = None,
         **limits: Any,
     ) -> Gateway:
-        runner, url = await start_emulator(emulator or EmulatorConfig(queue_s=0.2, run_s=0.2))
+        upstream = await start_emulator(emulator or EmulatorConfig(queue_s=0.2, run_s=0.2))
+        url = upstream.url
         receiver = await Receiver(statuses=list(statuses or [])).start()
         settings = load_settings(
             {
@@ -121,15 +123,15 @@ async def gateway_factory(redis_server, keys: Keys) -> AsyncIterator[Any]:
                 run_worker(settings, stop, keys=keys, metrics_port=metrics_port)
             ),
         )
-        started.append((gateway, (runner, redis)))
+        started.append((gateway, (upstream, redis)))
         return gateway
 
     yield start
-    for gateway, (runner, redis) in started:
+    for gateway, (upstream, redis) in started:
         gateway.stop.set()
         await asyncio.wait_for(gateway.task, 10)
         await gateway.receiver.stop()
-        await runner.cleanup()
+        await upstream.stop()
         await redis.aclose()
 
 
@@ -140,8 +142,8 @@ async def test_a_job_completes_with_output_and_one_verified_webhook(gateway_fact
     final = await gw.final(job_id)
     assert final.record.status == "completed"
     video = final.record.output["video"]
-    async with aiohttp.ClientSession() as http, http.get(video) as answer:
-        assert answer.status == 200
+    async with httpx.AsyncClient() as http:
+        assert (await http.get(video)).status_code == 200
     assert final.record.submitted_at
     assert final.record.started_at
     assert final.record.finished_at
@@ -431,8 +433,8 @@ async def test_worker_metrics_count_calls_jobs_and_deliveries(gateway_factory):
     gw = await gateway_factory(metrics_port=port)
     job_id = await gw.submit()
     await wait_for(lambda: _when(gw.jobs.get(job_id), lambda s: s.webhook_state == "delivered"))
-    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/metrics") as r:
-        text = await r.text()
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
     assert 'rcg_upstream_request_duration_seconds_count{call="submit"} 1.0' in text
     assert 'rcg_jobs_finished_total{status="completed",tenant="orders"} 1.0' in text
     assert 'rcg_webhook_attempts_total{outcome="delivered"} 1.0' in text
@@ -490,3 +492,4 @@ async def test_a_webhook_handed_to_a_stopping_dispatcher_is_given_back_due_at_on
     assert claim.member == handed.id
     await hooks.close()
     await redis.aclose()
+
