@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
+import subprocess
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -26,7 +29,7 @@ from service.webhooks.delivery import create_webhook_session
 from service.worker.dispatcher import CONCURRENCY, PER_HOST, Dispatcher
 from service.worker.loop import Heartbeat
 from service.worker.main import run_worker
-from tests.support import Receiver, job_record, new_tenant, tenants_of, wait_for
+from tests.support import CLI, Receiver, job_record, new_tenant, tenants_of, wait_for
 
 TENANT = new_tenant("orders")
 
@@ -493,3 +496,31 @@ async def test_a_webhook_handed_to_a_stopping_dispatcher_is_given_back_due_at_on
     await hooks.close()
     await redis.aclose()
 
+
+def test_a_worker_whose_metrics_port_is_taken_says_so_in_one_line_and_exits_2(
+    redis_server, tmp_path
+):
+    """A worker that cannot bind its metrics port prints one line, no traceback, and exits 2."""
+    tenants = tmp_path / "tenants.toml"
+    tenants.write_text(TENANT.toml())
+    env = {
+        **os.environ,
+        "REDIS_URL": redis_server.url,
+        "RUNCOMFY_API_TOKEN": "test-token",
+        "GATEWAY_TENANTS_FILE": str(tenants),
+    }
+    # Every address, as the worker binds: a socket on 127.0.0.1 alone would conflict too.
+    with socket.create_server(("0.0.0.0", 0)) as taken:  # noqa: S104
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [*CLI, "worker", "--metrics-port", str(port)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    [line] = done.stderr.splitlines()
+    assert str(port) in line
