@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 from collections.abc import Iterator
 
 import uvicorn
@@ -32,7 +33,19 @@ def _config(settings: Settings, host: str, port: int, keys: Keys | None) -> uvic
 
 def serve_api(settings: Settings, *, host: str, port: int) -> None:
     """The `api` command: serve until SIGTERM or SIGINT, draining in-flight requests."""
-    uvicorn.Server(_config(settings, host, port, None)).run()
+    run_server(_config(settings, host, port, None))
+
+
+def run_server(config: uvicorn.Config) -> None:
+    """Serve `config`'s app in this process, with what lives for good out of the GC's sight."""
+    config.load()  # the app wrapped, the server's protocol classes imported
+    # The app (routes, signature models, encoders), the settings and every imported module
+    # live as long as the process. Left to the garbage collector, each full collection walks
+    # all of them, a pause of every request in flight (`make bench`, A2's p99); frozen,
+    # a collection walks only what requests made. Collect first so no garbage is frozen.
+    gc.collect()
+    gc.freeze()
+    uvicorn.Server(config).run()
 
 
 class EmbeddedServer(uvicorn.Server):
