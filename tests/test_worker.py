@@ -14,11 +14,12 @@ from typing import Any
 
 import httpx
 import pytest
-from aiohttp import web
+from litestar import Litestar, post
 
 from service.config import Settings, load_settings
 from service.localredis import free_port
 from service.runcomfy.emulator import EmulatorConfig, start_emulator
+from service.serving import listen, serve
 from service.store.connection import connect
 from service.store.deliveries import DeliveryStore
 from service.store.jobs import HandedOver, JobStore, Outcome, StoredJob
@@ -366,17 +367,14 @@ async def test_a_hanging_receiver_does_not_delay_deliveries_to_others(gateway_fa
     hang = asyncio.Event()
     hanging: list[int] = []
 
-    async def never(request: web.Request) -> web.Response:
+    @post("/hook", status_code=200)
+    async def never() -> None:
         hanging.append(1)
         await hang.wait()
-        return web.Response(status=200)
 
-    app = web.Application()
-    app.router.add_post("/hook", never)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "localhost", port).start()
+    sock = listen("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    hanging_host = await serve(Litestar([never], openapi_config=None, logging_config=None), sock)
     try:
         gw = await gateway_factory(
             EmulatorConfig(queue_s=0, run_s=0),
@@ -404,7 +402,7 @@ async def test_a_hanging_receiver_does_not_delay_deliveries_to_others(gateway_fa
         assert len(hanging) <= PER_HOST  # never more than per_host attempts at that host at once
     finally:
         hang.set()
-        await runner.cleanup()
+        await hanging_host.stop()
 
 
 async def _async(value: Any) -> Any:
