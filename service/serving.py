@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import socket
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ from collections.abc import Iterator
 import uvicorn
 from litestar.types import ASGIApp
 
-__all__ = ["Served", "listen", "reachable_url", "serve"]
+__all__ = ["Served", "freeze_what_startup_made", "listen", "reachable_url", "serve"]
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -37,6 +38,19 @@ def reachable_url(sock: socket.socket) -> str:
     elif host == "::":
         host = "::1"
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def freeze_what_startup_made() -> None:
+    """Move every object alive now out of the garbage collector's sight, for a serving process.
+
+    The app (routes, signature models, encoders), the settings and every imported
+    module live as long as the process. Left to the collector, each full collection
+    walks all of them, a pause of every request in flight (`make bench`, A2's p99);
+    frozen, a collection walks only what requests made. Garbage is collected first,
+    so none of it is frozen.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 class _InLoopServer(uvicorn.Server):

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import gc
 from collections.abc import Iterator
 
 import uvicorn
 
 from service.api.app import create_app
 from service.config import Settings
+from service.serving import freeze_what_startup_made
 from service.store.keys import Keys
 
 
@@ -39,12 +39,7 @@ def serve_api(settings: Settings, *, host: str, port: int) -> None:
 def run_server(config: uvicorn.Config) -> None:
     """Serve `config`'s app in this process, with what lives for good out of the GC's sight."""
     config.load()  # the app wrapped, the server's protocol classes imported
-    # The app (routes, signature models, encoders), the settings and every imported module
-    # live as long as the process. Left to the garbage collector, each full collection walks
-    # all of them, a pause of every request in flight (`make bench`, A2's p99); frozen,
-    # a collection walks only what requests made. Collect first so no garbage is frozen.
-    gc.collect()
-    gc.freeze()
+    freeze_what_startup_made()
     uvicorn.Server(config).run()
 
 
