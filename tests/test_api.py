@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import msgspec
 import pytest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.api.app import create_app
 from service.batching import Coalescer
@@ -766,7 +767,9 @@ async def test_metrics_count_requests_and_accepted_jobs(api):
     await submit(api)
     await api.get("/v1/jobs/job_" + "0" * 26)
     await api.get("/no/such/route")
-    text = (await api.get("/metrics")).text
+    answer = await api.get("/metrics")
+    assert answer.headers["content-type"] == CONTENT_TYPE_LATEST  # one charset, not two
+    text = answer.text
     assert 'rcg_api_requests_total{method="GET",route="unmatched",status="404"} 1.0' in text
     assert 'rcg_jobs_accepted_total{tenant="orders"} 1.0' in text
     assert 'route="/v1/jobs",status="202"' in text

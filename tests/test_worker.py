@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 from litestar import Litestar, post
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.config import Settings, load_settings
 from service.localredis import free_port
@@ -435,7 +436,9 @@ async def test_worker_metrics_count_calls_jobs_and_deliveries(gateway_factory):
     job_id = await gw.submit()
     await wait_for(lambda: _when(gw.jobs.get(job_id), lambda s: s.webhook_state == "delivered"))
     async with httpx.AsyncClient() as http:
-        text = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
+        answer = await http.get(f"http://127.0.0.1:{port}/metrics")
+    assert answer.headers["content-type"] == CONTENT_TYPE_LATEST  # one charset, not two
+    text = answer.text
     assert 'rcg_upstream_request_duration_seconds_count{call="submit"} 1.0' in text
     assert 'rcg_jobs_finished_total{status="completed",tenant="orders"} 1.0' in text
     assert 'rcg_webhook_attempts_total{outcome="delivered"} 1.0' in text

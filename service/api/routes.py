@@ -36,7 +36,7 @@ from service.api.validation import (
 )
 from service.batching import Coalescer
 from service.config import Settings, Tenant
-from service.metrics import PROMETHEUS_CONTENT_TYPE, ApiMetrics
+from service.metrics import PROMETHEUS_MEDIA_TYPE, ApiMetrics
 from service.models import (
     DeliveryLog,
     Job,
@@ -393,7 +393,7 @@ async def metrics(services: NamedDependency[Services]) -> Response[bytes]:
         depths, pause = None, None  # the API's own counters are still worth scraping
     services.metrics.set_depths(depths)
     services.metrics.set_pause(pause.reason if pause else None)
-    return Response(services.metrics.render(), media_type=PROMETHEUS_CONTENT_TYPE)
+    return Response(services.metrics.render(), media_type=PROMETHEUS_MEDIA_TYPE)
 
 
 def route_handlers() -> list[ControllerRouterHandler]:

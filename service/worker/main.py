@@ -20,11 +20,10 @@ from dataclasses import dataclass
 
 import msgspec
 from litestar import Litestar, Response, get
-from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
 from redis.exceptions import RedisError
 
 from service.config import ConfigError, Settings
-from service.metrics import WorkerMetrics
+from service.metrics import PROMETHEUS_MEDIA_TYPE, WorkerMetrics
 from service.runcomfy.client import RunComfyClient, create_upstream_session
 from service.serving import Served, listen, serve
 from service.store.connection import connect
@@ -87,7 +86,7 @@ class HealthServer:
             depths, pause = None, None  # the process's own counters are still worth scraping
         self.metrics.set_depths(depths)
         self.metrics.set_pause(pause.reason if pause else None)
-        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+        return Response(self.metrics.render(), media_type=PROMETHEUS_MEDIA_TYPE)
 
 
 def listen_for_health(port: int) -> socket.socket:
