@@ -3,9 +3,9 @@
 With no `REDIS_URL` it starts a private redis-server on a free port; with no
 `RUNCOMFY_API_TOKEN` it starts the built-in emulator and points at it; with no
 `GATEWAY_TENANTS_FILE` it makes a demo tenant with a fresh API key and a local
-webhook receiver that verifies every signature and prints each event. Then it
-serves the API and runs the worker, prints how to submit a job, and on Ctrl-C
-stops everything it started.
+webhook receiver (a small Litestar app) that verifies every signature and prints
+each event. Then it serves the API and runs the worker, prints how to submit a
+job, and on Ctrl-C stops everything it started.
 """
 
 from __future__ import annotations
@@ -18,13 +18,16 @@ import sys
 import time
 from collections.abc import Mapping
 from contextlib import AsyncExitStack
+from typing import Any
 
 import msgspec
-from aiohttp import web
+from litestar import Litestar, Request, Response, post
+from litestar.params import RawBody
 
 from service.config import Settings, Tenant, Tenants, load_settings
-from service.localredis import LocalRedis, free_port
+from service.localredis import LocalRedis
 from service.runcomfy.emulator import EmulatorConfig, start_emulator
+from service.serving import listen, serve
 from service.webhooks.signing import sign
 from service.worker.main import install_stop_signals, run_worker
 
@@ -45,11 +48,17 @@ def verify_signature(secrets_: tuple[bytes, ...], headers: Mapping[str, str], bo
     return any(hmac.compare_digest(g, e) for g in given for e in expected)
 
 
-def _receiver(secrets_: tuple[bytes, ...]) -> web.Application:
+class Received(msgspec.Struct, frozen=True):
+    """The receiver's answer: whether the delivery's signature verified."""
+
+    ok: bool
+
+
+def _receiver(secrets_: tuple[bytes, ...]) -> Litestar:
     """A webhook receiver that verifies each delivery and prints one line for it."""
 
-    async def receive(request: web.Request) -> web.Response:
-        body = await request.read()
+    @post("/webhook")
+    async def receive(request: Request[Any, Any, Any], body: RawBody) -> Response[Received]:
         ok = verify_signature(secrets_, request.headers, body)
         event = msgspec.json.decode(body)
         data = event.get("data", {})
@@ -60,11 +69,9 @@ def _receiver(secrets_: tuple[bytes, ...]) -> web.Application:
         )
         sys.stdout.write(line + "\n")
         sys.stdout.flush()
-        return web.json_response({"ok": ok}, status=200 if ok else 400)
+        return Response(Received(ok=ok), status_code=200 if ok else 400)
 
-    app = web.Application()
-    app.router.add_post("/webhook", receive)
-    return app
+    return Litestar(route_handlers=[receive], openapi_config=None, logging_config=None, debug=False)
 
 
 def _demo_tenant() -> tuple[Tenants, str]:
@@ -124,11 +131,11 @@ async def dev_main(env: Mapping[str, str], *, host: str, port: int) -> None:
             overrides["REDIS_URL"] = local.url
             notes.append(f"Redis     {local.url} (private, removed on exit)")
         if not env.get("RUNCOMFY_API_TOKEN"):
-            runner, url = await start_emulator(EmulatorConfig.from_env(env), host="127.0.0.1")
-            stack.push_async_callback(runner.cleanup)
-            overrides["RUNCOMFY_BASE_URL"] = url
+            emulator = await start_emulator(EmulatorConfig.from_env(env), host="127.0.0.1")
+            stack.push_async_callback(emulator.stop)
+            overrides["RUNCOMFY_BASE_URL"] = emulator.url
             overrides["RUNCOMFY_API_TOKEN"] = "dev-emulator-token"  # noqa: S105 - not a secret
-            notes.append(f"RunComfy  emulator at {url}")
+            notes.append(f"RunComfy  emulator at {emulator.url}")
         overrides.setdefault("GATEWAY_POLL_INTERVAL_MIN_S", "0.5")
         overrides.setdefault("GATEWAY_POLL_INTERVAL_MAX_S", "2")
         api_key: str | None = None
@@ -161,9 +168,6 @@ async def dev_main(env: Mapping[str, str], *, host: str, port: int) -> None:
 
 async def _start_receiver(stack: AsyncExitStack, settings: Settings) -> str:
     tenant = settings.tenants.by_id[DEMO_TENANT]
-    runner = web.AppRunner(_receiver(tenant.webhook_secrets), access_log=None)
-    await runner.setup()
-    stack.push_async_callback(runner.cleanup)
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    return f"http://127.0.0.1:{port}/webhook"
+    receiver = await serve(_receiver(tenant.webhook_secrets), listen("127.0.0.1", 0))
+    stack.push_async_callback(receiver.stop)
+    return f"{receiver.url}/webhook"

@@ -7,11 +7,22 @@ a fresh `CollectorRegistry`, and `/metrics` renders that registry alone.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Final
 
-from prometheus_client import CONTENT_TYPE_LATEST as PROMETHEUS_CONTENT_TYPE
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
-__all__ = ["PROMETHEUS_CONTENT_TYPE", "ApiMetrics", "WorkerMetrics"]
+__all__ = ["PROMETHEUS_MEDIA_TYPE", "ApiMetrics", "WorkerMetrics"]
+
+PROMETHEUS_MEDIA_TYPE: Final = CONTENT_TYPE_LATEST.replace("; charset=utf-8", "")
+"""The exposition format's media type without its charset: Litestar appends
+`; charset=utf-8` to every `text/` type it answers, and a second one confuses scrapers."""
 
 # Request latency buckets (seconds): the API answers from Redis, so most answers
 # take milliseconds; the top buckets catch Redis trouble.

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from aiohttp import web
 
 from service.localredis import LocalRedis
 from service.runcomfy.emulator import EmulatorConfig, start_emulator
+from service.serving import Served
 from service.store.connection import connect
 from service.store.keys import Keys
 from tests.support import StartEmulator
@@ -40,14 +40,14 @@ async def redis(redis_server: LocalRedis) -> AsyncIterator[aioredis.Redis]:
 @pytest.fixture
 async def emulator() -> AsyncIterator[StartEmulator]:
     """Start real emulator servers on free ports (fast timings by default); stop them after."""
-    runners: list[web.AppRunner] = []
+    servers: list[Served] = []
 
     async def start(**fields: Any) -> str:
         config = EmulatorConfig(**{"queue_s": 0.2, "run_s": 0.2, "seed": 7, **fields})
-        runner, url = await start_emulator(config)
-        runners.append(runner)
-        return url
+        served = await start_emulator(config)
+        servers.append(served)
+        return served.url
 
     yield start
-    for runner in runners:
-        await runner.cleanup()
+    for served in servers:
+        await served.stop()

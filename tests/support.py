@@ -23,12 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from aiohttp import web
+from litestar import Litestar, Request, Response, post
+from litestar.params import RawBody
 from standardwebhooks.webhooks import Webhook
 
 from service.config import Tenant, Tenants
-from service.localredis import free_port
 from service.models import EventType, JobRecord, VideoInput, WebhookSpec, utcnow
+from service.serving import Served, listen, serve
 from service.store.connection import new_id
 
 StartEmulator = Callable[..., Awaitable[str]]
@@ -98,29 +99,31 @@ class Receiver:
     port: int = 0
     failure_body: bytes = b"nope"
     """What a non-2xx answer says."""
-    _runner: web.AppRunner | None = None
+    _served: Served | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/hook"
 
-    async def _handle(self, request: web.Request) -> web.Response:
-        self.received.append(Received(dict(request.headers), await request.read()))
-        status = self.statuses.pop(0) if self.statuses else 200
-        return web.Response(status=status, body=b"ok" if status < 300 else self.failure_body)
+    def answer(self, delivery: Received) -> int:
+        """Keep the delivery and choose the status it is answered with."""
+        self.received.append(delivery)
+        return self.statuses.pop(0) if self.statuses else 200
+
+    async def _receive(self, request: Request[Any, Any, Any], body: RawBody) -> Response[bytes]:
+        status = self.answer(Received(dict(request.headers), body))
+        return Response(b"ok" if status < 300 else self.failure_body, status_code=status)
 
     async def start(self) -> Receiver:
-        app = web.Application()
-        app.router.add_post("/hook", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        self.port = free_port()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        app = Litestar([post("/hook")(self._receive)], openapi_config=None, logging_config=None)
+        sock = listen("127.0.0.1", 0)
+        self.port = sock.getsockname()[1]
+        self._served = await serve(app, sock)
         return self
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
+        if self._served is not None:
+            await self._served.stop()
 
 
 @dataclass
@@ -132,29 +135,26 @@ class HangingReceiver:
     urls: list[str] = field(default_factory=list)
     arrived: int = 0  # requests received, every one of them still unanswered
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
-    _runner: web.AppRunner | None = None
+    _served: list[Served] = field(default_factory=list)
 
-    async def _handle(self, _: web.Request) -> web.Response:
+    async def _hang(self) -> str:
         self.arrived += 1
         await self._stopped.wait()
-        return web.Response(text="too late")
+        return "too late"
 
     async def start(self) -> HangingReceiver:
-        app = web.Application()
-        app.router.add_post("/hook", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
+        app = Litestar([post("/hook")(self._hang)], openapi_config=None, logging_config=None)
         for host in self.hosts:
             for _ in range(self.ports):
-                sock = socket.create_server((host, 0))
-                await web.SockSite(self._runner, sock).start()
+                sock = listen(host, 0)
+                self._served.append(await serve(app, sock))
                 self.urls.append(f"http://{host}:{sock.getsockname()[1]}/hook")
         return self
 
     async def stop(self) -> None:
         self._stopped.set()
-        if self._runner is not None:
-            await self._runner.cleanup()
+        for served in self._served:
+            await served.stop()
 
 
 async def wait_for(

@@ -12,12 +12,9 @@ from typing import Any
 import httpx
 import msgspec
 import pytest
-from litestar import Litestar
-from litestar.config.cors import CORSConfig
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.api.app import create_app
-from service.api.lane import SubmitLane
-from service.api.routes import route_handlers
 from service.batching import Coalescer
 from service.config import Settings, load_settings
 from service.localredis import free_port
@@ -825,7 +822,9 @@ async def test_metrics_count_requests_and_accepted_jobs(api):
     await submit(api)
     await api.get("/v1/jobs/job_" + "0" * 26)
     await api.get("/no/such/route")
-    text = (await api.get("/metrics")).text
+    answer = await api.get("/metrics")
+    assert answer.headers["content-type"] == CONTENT_TYPE_LATEST  # one charset, not two
+    text = answer.text
     assert 'rcg_api_requests_total{method="GET",route="unmatched",status="404"} 1.0' in text
     assert 'rcg_jobs_accepted_total{tenant="orders"} 1.0' in text
     assert 'route="/v1/jobs",status="202"' in text
@@ -970,48 +969,6 @@ async def test_closing_waits_for_every_batch_on_its_way():
     assert [call.result() for call in calls] == [0, 2, 4]
 
 
-# The submit lane (service/api/lane.py): a plain submit is answered without the framework,
-# anything else is passed on to the route. Plain JSON is the lane's; a charset parameter,
-# though just as valid, makes a submit the route's.
-
-ROUTE_JSON = {"Content-Type": "application/json; charset=utf-8"}
-
-
-def comparable(answer: httpx.Response) -> tuple[dict[str, str], dict[str, Any]]:
-    """An answer's headers and job, but for what differs from job to job."""
-    job = answer.json()
-    assert answer.headers["content-length"] == str(len(answer.content))
-    assert answer.headers["location"] == f"/v1/jobs/{job['id']}"
-    skip = {"x-request-id", "content-length", "location"}
-    headers = {name: value for name, value in answer.headers.items() if name not in skip}
-    return headers, {name: value for name, value in job.items() if name not in {"id", "created_at"}}
-
-
-async def test_the_lane_and_the_route_answer_a_submit_alike(api):
-    """A submit answered by the lane and one answered by the route get the same answer."""
-    body = with_webhook(events=["job.failed"])
-    by_lane = await api.post("/v1/jobs", json=body)
-    by_route = await api.post("/v1/jobs", content=msgspec.json.encode(body), headers=ROUTE_JSON)
-    assert (by_lane.status_code, by_route.status_code) == (202, 202)
-    assert comparable(by_lane) == comparable(by_route)
-    assert list(by_lane.headers) == list(by_route.headers)
-
-
-async def test_the_lane_and_the_route_read_an_idempotency_key_alike(api):
-    """A key used through the lane replays through the route, and the other way round."""
-    for first, then in [({}, ROUTE_JSON), (ROUTE_JSON, {})]:
-        key = {"Idempotency-Key": f"order 4716 {len(first)}"}
-        content = msgspec.json.encode(job_body())
-        created = await api.post("/v1/jobs", content=content, headers={**key, **first})
-        assert created.status_code == 202, created.text
-        replay = await api.post("/v1/jobs", content=content, headers={**key, **then})
-        assert replay.status_code == 200, replay.text
-        assert replay.json() == created.json()
-        other = msgspec.json.encode(with_input(seed=7))
-        conflict = await api.post("/v1/jobs", content=other, headers={**key, **then})
-        assert assert_problem(conflict, 409)["type"].endswith(":idempotency-conflict")
-
-
 async def asgi_post(
     app: Any, messages: list[dict[str, Any]], headers: list[tuple[bytes, bytes]]
 ) -> tuple[int, bytes]:
@@ -1117,17 +1074,3 @@ async def test_an_unexpected_error_storing_a_job_answers_500_and_is_logged(
     assert_problem(answer, 500)
     assert "secret internals" not in answer.text
     assert [r.exc_info[0] for r in caplog.records if r.exc_info] == [RuntimeError]
-
-
-async def test_the_lane_refuses_an_app_configured_with_what_it_would_skip():
-    """Middleware or hooks on the submit route would be skipped by the lane: it says so at once."""
-
-    async def before_send(message, scope):
-        return None
-
-    app = Litestar(route_handlers=route_handlers(), before_send=[before_send])
-    with pytest.raises(RuntimeError, match="before_send"):
-        SubmitLane(app.asgi_handler, app, max_body_bytes=1_000_000)
-    cors = Litestar(route_handlers=route_handlers(), cors_config=CORSConfig())
-    with pytest.raises(RuntimeError, match="CORS"):
-        SubmitLane(cors.asgi_handler, cors, max_body_bytes=1_000_000)

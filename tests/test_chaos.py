@@ -22,10 +22,9 @@ from typing import Any
 
 import httpx
 import pytest
-from aiohttp import web
 
 from service.localredis import LocalRedis, free_port
-from tests.support import Process, Receiver, new_tenant, wait_for, wait_http
+from tests.support import Process, Received, Receiver, new_tenant, wait_for, wait_http
 
 pytestmark = pytest.mark.e2e
 
@@ -37,11 +36,10 @@ FINAL = {"completed", "failed", "cancelled"}
 class FlakyReceiver(Receiver):
     """A receiver that answers 500 to a fifth of deliveries, at random."""
 
-    async def _handle(self, request: web.Request) -> web.Response:
+    def answer(self, delivery: Received) -> int:
         if random.random() < 0.2:
-            await request.read()
-            return web.Response(status=500)
-        return await super()._handle(request)
+            return 500
+        return super().answer(delivery)
 
 
 async def test_no_job_or_webhook_is_lost_under_faults_crashes_and_restarts(tmp_path):  # noqa: PLR0915 - one scenario, told in order

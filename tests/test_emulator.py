@@ -10,32 +10,33 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
+import httpx
 import pytest
 
+from service.localredis import free_port
 from service.runcomfy.emulator import MODEL, OUTPUT_BYTES, EmulatorConfig
-from tests.support import StartEmulator
+from tests.support import Process, StartEmulator, wait_http
 
 INPUT = {"prompt": "a cat surfing", "video_url": "https://example.com/in.mp4"}
 SUBMIT = f"/v1/models/{MODEL}"
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
+async def http() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient() as client:
+        yield client
 
 
 async def call(
-    http: aiohttp.ClientSession, method: str, url: str, **kwargs: Any
-) -> tuple[int, Any, aiohttp.ClientResponse]:
+    http: httpx.AsyncClient, method: str, url: str, **kwargs: Any
+) -> tuple[int, Any, httpx.Response]:
     """Make one call and return its status, decoded JSON body (or None) and the response."""
-    async with http.request(method, url, **kwargs) as response:
-        body = await response.json() if response.content_type == "application/json" else None
-        return response.status, body, response
+    response = await http.request(method, url, **kwargs)
+    is_json = response.headers.get("content-type", "").startswith("application/json")
+    return response.status_code, response.json() if is_json else None, response
 
 
-async def submit(http: aiohttp.ClientSession, url: str, **kwargs: Any) -> str:
+async def submit(http: httpx.AsyncClient, url: str, **kwargs: Any) -> str:
     status, body, _ = await call(http, "POST", url + SUBMIT, json=INPUT, **kwargs)
     assert status == 200, body
     return str(body["request_id"])
@@ -97,7 +98,7 @@ def test_config_from_env_bad_value_names_the_variable(variable: str, value: str)
 
 
 async def test_instant_mode_completes_at_once(
-    emulator: StartEmulator, http: aiohttp.ClientSession
+    emulator: StartEmulator, http: httpx.AsyncClient
 ) -> None:
     """With queue_s and run_s both 0 a request is completed on its first status call."""
     url = await emulator(queue_s=0, run_s=0)
@@ -107,7 +108,7 @@ async def test_instant_mode_completes_at_once(
 
 
 async def test_queue_position_counts_only_requests_still_queued(
-    emulator: StartEmulator, http: aiohttp.ClientSession
+    emulator: StartEmulator, http: httpx.AsyncClient
 ) -> None:
     """The queue position counts earlier requests still queued, skipping cancelled ones."""
     url = await emulator(queue_s=30)
@@ -122,7 +123,7 @@ async def test_queue_position_counts_only_requests_still_queued(
 
 
 async def test_result_of_a_completed_request_follows_the_contract(
-    emulator: StartEmulator, http: aiohttp.ClientSession
+    emulator: StartEmulator, http: httpx.AsyncClient
 ) -> None:
     """A completed result has output.video on the emulator, timestamps and a null error."""
     url = await emulator(queue_s=0, run_s=0)
@@ -132,13 +133,13 @@ async def test_result_of_a_completed_request_follows_the_contract(
     assert body["output"] == {"video": f"{url}/outputs/{request_id}.mp4"}
     assert body["error"] is None
     assert body["created_at"] <= body["finished_at"]
-    async with http.get(body["output"]["video"]) as video:
-        assert (video.status, video.content_type) == (200, "video/mp4")
-        assert await video.read() == OUTPUT_BYTES
+    video = await http.get(body["output"]["video"])
+    assert (video.status_code, video.headers["content-type"]) == (200, "video/mp4")
+    assert video.content == OUTPUT_BYTES
 
 
 async def test_output_of_an_unfinished_or_unknown_request_is_404(
-    emulator: StartEmulator, http: aiohttp.ClientSession
+    emulator: StartEmulator, http: httpx.AsyncClient
 ) -> None:
     """Outputs exist only for completed requests."""
     url = await emulator(queue_s=30)
@@ -148,7 +149,7 @@ async def test_output_of_an_unfinished_or_unknown_request_is_404(
         assert (status, body["error_code"]) == (404, 404001)
 
 
-async def test_unknown_model_is_404(emulator: StartEmulator, http: aiohttp.ClientSession) -> None:
+async def test_unknown_model_is_404(emulator: StartEmulator, http: httpx.AsyncClient) -> None:
     """Submitting to a model other than Hunyuan video-to-video answers 404 / 404001."""
     url = await emulator()
     status, body, _ = await call(http, "POST", f"{url}/v1/models/other/model", json=INPUT)
@@ -160,17 +161,17 @@ async def test_unknown_model_is_404(emulator: StartEmulator, http: aiohttp.Clien
     [b"not json", b"[1]", b'{"video_url": "https://a/b"}', b'{"prompt": "p", "video_url": 3}'],
 )
 async def test_invalid_input_is_422(
-    emulator: StartEmulator, http: aiohttp.ClientSession, payload: bytes
+    emulator: StartEmulator, http: httpx.AsyncClient, payload: bytes
 ) -> None:
     """A body that is not an object with string prompt and video_url answers 422 / 422001."""
     url = await emulator()
-    status, body, _ = await call(http, "POST", url + SUBMIT, data=payload)
+    status, body, _ = await call(http, "POST", url + SUBMIT, content=payload)
     assert (status, body["error_code"]) == (422, 422001)
 
 
 @pytest.mark.parametrize("action", ["status", "result", "cancel"])
 async def test_unknown_request_is_404(
-    emulator: StartEmulator, http: aiohttp.ClientSession, action: str
+    emulator: StartEmulator, http: httpx.AsyncClient, action: str
 ) -> None:
     """Status, result and cancel of an unknown request id answer 404 / 404001."""
     url = await emulator()
@@ -180,7 +181,7 @@ async def test_unknown_request_is_404(
 
 
 async def test_configured_token_is_required(
-    emulator: StartEmulator, http: aiohttp.ClientSession
+    emulator: StartEmulator, http: httpx.AsyncClient
 ) -> None:
     """With a token configured, /v1 calls need exactly that Bearer token (else 401 / 401001)."""
     url = await emulator(token="right")  # noqa: S106 -- a test token
@@ -191,7 +192,7 @@ async def test_configured_token_is_required(
 
 
 async def test_without_a_token_any_bearer_is_accepted(
-    emulator: StartEmulator, http: aiohttp.ClientSession
+    emulator: StartEmulator, http: httpx.AsyncClient
 ) -> None:
     """With no token configured, any Bearer token is accepted."""
     url = await emulator()
@@ -199,7 +200,7 @@ async def test_without_a_token_any_bearer_is_accepted(
 
 
 async def test_rate_limit_answers_retry_after_in_whole_seconds(
-    emulator: StartEmulator, http: aiohttp.ClientSession
+    emulator: StartEmulator, http: httpx.AsyncClient
 ) -> None:
     """A 429 carries Retry-After rounded up to whole seconds and an error_code."""
     url = await emulator(rate_429=1.0, retry_after_s=1.2)
@@ -208,7 +209,7 @@ async def test_rate_limit_answers_retry_after_in_whole_seconds(
 
 
 async def test_faults_on_submit_only_spare_the_other_calls(
-    emulator: StartEmulator, http: aiohttp.ClientSession
+    emulator: StartEmulator, http: httpx.AsyncClient
 ) -> None:
     """With faults_on_submit_only, status calls answer normally while every submit fails."""
     url = await emulator()
@@ -222,7 +223,7 @@ async def test_faults_on_submit_only_spare_the_other_calls(
     assert (status // 100, body["error_code"]) == (5, 500001)
 
 
-async def test_seeded_faults_repeat(emulator: StartEmulator, http: aiohttp.ClientSession) -> None:
+async def test_seeded_faults_repeat(emulator: StartEmulator, http: httpx.AsyncClient) -> None:
     """Two emulators with the same seed inject the same faults for the same calls."""
     sequences = []
     for _ in range(2):
@@ -235,7 +236,7 @@ async def test_seeded_faults_repeat(emulator: StartEmulator, http: aiohttp.Clien
 
 
 async def test_config_endpoint_changes_faults_at_run_time(
-    emulator: StartEmulator, http: aiohttp.ClientSession
+    emulator: StartEmulator, http: httpx.AsyncClient
 ) -> None:
     """POST /_emulator/config applies a partial change and answers the config, token masked."""
     url = await emulator(token="secret")  # noqa: S106 -- a test token
@@ -249,7 +250,7 @@ async def test_config_endpoint_changes_faults_at_run_time(
 
 @pytest.mark.parametrize("changes", [{"no_such_field": 1}, {"fail_rate": 2}, [1], "x"])
 async def test_config_endpoint_rejects_bad_changes(
-    emulator: StartEmulator, http: aiohttp.ClientSession, changes: object
+    emulator: StartEmulator, http: httpx.AsyncClient, changes: object
 ) -> None:
     """Unknown fields, out-of-range values and non-objects are refused with 422."""
     url = await emulator()
@@ -258,7 +259,7 @@ async def test_config_endpoint_rejects_bad_changes(
 
 
 async def test_requests_endpoint_lists_submits_and_reset_clears_them(
-    emulator: StartEmulator, http: aiohttp.ClientSession
+    emulator: StartEmulator, http: httpx.AsyncClient
 ) -> None:
     """/_emulator/requests lists created requests with their input; reset forgets them."""
     url = await emulator(queue_s=30)
@@ -280,7 +281,7 @@ async def test_requests_endpoint_lists_submits_and_reset_clears_them(
 
 
 async def test_rejected_submits_create_nothing(
-    emulator: StartEmulator, http: aiohttp.ClientSession
+    emulator: StartEmulator, http: httpx.AsyncClient
 ) -> None:
     """Submits answered 429, 5xx, HTTP-200 error or 402 leave no request behind."""
     for fault in (
@@ -296,9 +297,7 @@ async def test_rejected_submits_create_nothing(
         assert listed["submits"] == 0, fault
 
 
-async def test_latency_delays_v1_calls(
-    emulator: StartEmulator, http: aiohttp.ClientSession
-) -> None:
+async def test_latency_delays_v1_calls(emulator: StartEmulator, http: httpx.AsyncClient) -> None:
     """latency_ms delays every /v1 answer by at least that long."""
     url = await emulator(latency_ms=150)
     started = time.monotonic()
@@ -307,7 +306,7 @@ async def test_latency_delays_v1_calls(
 
 
 async def test_cancel_after_the_queue_is_not_cancellable(
-    emulator: StartEmulator, http: aiohttp.ClientSession
+    emulator: StartEmulator, http: httpx.AsyncClient
 ) -> None:
     """A completed request cannot be cancelled and stays completed."""
     url = await emulator(queue_s=0, run_s=0)
@@ -333,14 +332,42 @@ async def test_run_emulator_logs_its_url_and_stops_on_sigterm() -> None:
         line = await asyncio.wait_for(process.stderr.readline(), timeout=20)
         match = re.search(rb"listening on (http://\S+)", line)
         assert match, line
-        async with (
-            aiohttp.ClientSession() as http,
-            http.get(match.group(1).decode() + "/_emulator/requests") as response,
-        ):
-            assert response.status == 200
+        async with httpx.AsyncClient() as http:
+            response = await http.get(match.group(1).decode() + "/_emulator/requests")
+        assert response.status_code == 200
         process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), timeout=10) == 0
     finally:
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_a_dropped_call_reaches_the_client_as_a_cut_off_answer(
+    emulator: StartEmulator, http: httpx.AsyncClient
+) -> None:
+    """With drop_rate 1 a submit creates the request and the client gets no complete answer."""
+    url = await emulator(drop_rate=1.0)
+    with pytest.raises(httpx.RemoteProtocolError):
+        await http.post(url + SUBMIT, json=INPUT)
+    _, listed, _ = await call(http, "GET", f"{url}/_emulator/requests")
+    assert listed["submits"] == 1
+    with pytest.raises(httpx.RemoteProtocolError):
+        await http.get(f"{url}/v1/requests/{listed['items'][0]['request_id']}/status")
+
+
+def test_emulator_command_drops_calls_without_logging_a_traceback(tmp_path) -> None:
+    """`runcomfy-gateway emulator --drop-rate 1` cuts answers off, logs no traceback, exits 0."""
+    port = free_port()
+    process = Process(
+        ["emulator", "--port", str(port), "--drop-rate", "1"], {**os.environ}, tmp_path / "emu.log"
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(f"{url}/_emulator/requests")
+        with pytest.raises(httpx.RemoteProtocolError):
+            httpx.post(url + SUBMIT, json=INPUT)
+        assert httpx.get(f"{url}/_emulator/requests").json()["submits"] == 1
+    finally:
+        assert process.stop() == 0
+    assert "Traceback" not in process.output()

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import socket
+import subprocess
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import aiohttp
 import httpx
 import msgspec
 import pytest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.config import Settings, Tenant, load_settings
 from service.localredis import free_port
@@ -35,7 +38,15 @@ from service.worker.dispatcher import (
 )
 from service.worker.loop import Heartbeat
 from service.worker.main import run_worker
-from tests.support import HangingReceiver, Receiver, job_record, new_tenant, tenants_of, wait_for
+from tests.support import (
+    CLI,
+    HangingReceiver,
+    Receiver,
+    job_record,
+    new_tenant,
+    tenants_of,
+    wait_for,
+)
 
 TENANT = new_tenant("orders")
 
@@ -68,13 +79,14 @@ class Gateway:
 
     async def emulator_state(self) -> dict[str, Any]:
         url = f"{self.emulator}/_emulator/requests"
-        async with aiohttp.ClientSession() as http, http.get(url) as answer:
-            return await answer.json()  # type: ignore[no-any-return]
+        async with httpx.AsyncClient() as http:
+            return (await http.get(url)).json()  # type: ignore[no-any-return]
 
     async def configure_emulator(self, **config: Any) -> None:
         url = f"{self.emulator}/_emulator/config"
-        async with aiohttp.ClientSession() as http, http.post(url, json=config) as answer:
-            assert answer.status == 200, await answer.text()
+        async with httpx.AsyncClient() as http:
+            answer = await http.post(url, json=config)
+        assert answer.status_code == 200, answer.text
 
     async def webhooks(self, count: int) -> list[dict[str, Any]]:
         async def check() -> bool:
@@ -98,7 +110,8 @@ async def gateway_factory(redis_server, keys: Keys) -> AsyncIterator[Any]:
         others: tuple[Tenant, ...] = (),
         **limits: Any,
     ) -> Gateway:
-        runner, url = await start_emulator(emulator or EmulatorConfig(queue_s=0.2, run_s=0.2))
+        upstream = await start_emulator(emulator or EmulatorConfig(queue_s=0.2, run_s=0.2))
+        url = upstream.url
         receiver = await Receiver(statuses=list(statuses or [])).start()
         settings = load_settings(
             {
@@ -131,15 +144,15 @@ async def gateway_factory(redis_server, keys: Keys) -> AsyncIterator[Any]:
                 run_worker(settings, stop, keys=keys, metrics_port=metrics_port)
             ),
         )
-        started.append((gateway, (runner, redis)))
+        started.append((gateway, (upstream, redis)))
         return gateway
 
     yield start
-    for gateway, (runner, redis) in started:
+    for gateway, (upstream, redis) in started:
         gateway.stop.set()
         await asyncio.wait_for(gateway.task, 10)
         await gateway.receiver.stop()
-        await runner.cleanup()
+        await upstream.stop()
         await redis.aclose()
 
 
@@ -150,8 +163,8 @@ async def test_a_job_completes_with_output_and_one_verified_webhook(gateway_fact
     final = await gw.final(job_id)
     assert final.record.status == "completed"
     video = final.record.output["video"]
-    async with aiohttp.ClientSession() as http, http.get(video) as answer:
-        assert answer.status == 200
+    async with httpx.AsyncClient() as http:
+        assert (await http.get(video)).status_code == 200
     assert final.record.submitted_at
     assert final.record.started_at
     assert final.record.finished_at
@@ -492,8 +505,10 @@ async def test_worker_metrics_count_calls_jobs_and_deliveries(gateway_factory):
     gw = await gateway_factory(metrics_port=port)
     job_id = await gw.submit()
     await wait_for(lambda: _when(gw.jobs.get(job_id), lambda s: s.webhook_state == "delivered"))
-    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/metrics") as r:
-        text = await r.text()
+    async with httpx.AsyncClient() as http:
+        answer = await http.get(f"http://127.0.0.1:{port}/metrics")
+    assert answer.headers["content-type"] == CONTENT_TYPE_LATEST  # one charset, not two
+    text = answer.text
     assert 'rcg_upstream_request_duration_seconds_count{call="submit"} 1.0' in text
     assert 'rcg_jobs_finished_total{status="completed",tenant="orders"} 1.0' in text
     assert 'rcg_webhook_attempts_total{outcome="delivered"} 1.0' in text
@@ -643,3 +658,32 @@ def test_a_tenants_share_bounds_its_attempts_over_all_its_destinations():
     assert slots.take(Destination("b", "x.test", 443))
     slots.give_back(hosts[0])
     assert slots.take(hosts[1])
+
+
+def test_a_worker_whose_metrics_port_is_taken_says_so_in_one_line_and_exits_2(
+    redis_server, tmp_path
+):
+    """A worker that cannot bind its metrics port prints one line, no traceback, and exits 2."""
+    tenants = tmp_path / "tenants.toml"
+    tenants.write_text(TENANT.toml())
+    env = {
+        **os.environ,
+        "REDIS_URL": redis_server.url,
+        "RUNCOMFY_API_TOKEN": "test-token",
+        "GATEWAY_TENANTS_FILE": str(tenants),
+    }
+    # Every address, as the worker binds: a socket on 127.0.0.1 alone would conflict too.
+    with socket.create_server(("0.0.0.0", 0)) as taken:  # noqa: S104
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [*CLI, "worker", "--metrics-port", str(port)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    [line] = done.stderr.splitlines()
+    assert str(port) in line

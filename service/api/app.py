@@ -25,7 +25,6 @@ from litestar.exceptions import HTTPException
 from litestar.types import ASGIApp, HTTPScope, Message, Receive, Scope, Send
 from prometheus_client import Counter, Histogram
 
-from service.api.lane import SubmitLane
 from service.api.openapi import serve_openapi
 from service.api.problems import ProblemError, exception_handlers
 from service.api.routes import Services, create_jobs, route_handlers
@@ -43,7 +42,7 @@ from service.store.schedules import Schedules
 from service.tenants_watch import TenantsWatcher
 
 MAX_BODY_BYTES: Final = 1_000_000
-"""DESIGN §3: a request body over 1 MB answers 413 (counted as sent, not as announced)."""
+"""A request body over 1 MB answers 413 (counted as sent, not as announced)."""
 
 
 def create_app(settings: Settings, *, keys: Keys | None = None) -> Litestar:
@@ -97,10 +96,8 @@ def create_app(settings: Settings, *, keys: Keys | None = None) -> Litestar:
     )
     # Around Litestar's whole handler (as its own CORS and OpenTelemetry wrappers sit), not
     # as route middleware: that would put a second exception layer into every request, and
-    # requests that match no route are counted here too. Inside it, the submit lane answers
-    # plain `POST /v1/jobs` requests without the framework (lane.py).
-    lane = SubmitLane(app.asgi_handler, app, max_body_bytes=MAX_BODY_BYTES)
-    app.asgi_handler = RequestMetrics(lane, metrics)
+    # requests that match no route are counted here too.
+    app.asgi_handler = RequestMetrics(app.asgi_handler, metrics)
     return app
 
 

@@ -1,4 +1,4 @@
-"""The HTTP routes of DESIGN §3: thin handlers from a request to the job store and back.
+"""The HTTP API's `/v1` routes and probes: thin handlers from a request to the store and back.
 
 Every `/v1` handler gets the authenticated `Caller` and the `Services` the
 app's lifespan opened; it checks what the contract asks, calls the store, and
@@ -36,7 +36,7 @@ from service.api.validation import (
 )
 from service.batching import Coalescer
 from service.config import Settings, Tenant
-from service.metrics import PROMETHEUS_CONTENT_TYPE, ApiMetrics
+from service.metrics import PROMETHEUS_MEDIA_TYPE, ApiMetrics
 from service.models import (
     DeliveryLog,
     Job,
@@ -183,8 +183,8 @@ async def accept_job(
 ) -> tuple[Job, int]:
     """Store a valid job request: the new job and 202, or the one its key names and 200.
 
-    What `submit_job` does once the request is read and valid; `lane.SubmitLane` calls
-    it too. Raises the 409 and 429 problems (and Redis's errors) for the caller to answer.
+    What `submit_job` does once the request is read and valid. Raises the 409 and 429
+    problems (and Redis's errors) for the route to answer.
     """
     record = _new_record(job_request, caller, services.settings)
     idempotency = None
@@ -393,7 +393,7 @@ async def metrics(services: NamedDependency[Services]) -> Response[bytes]:
         depths, pause = None, None  # the API's own counters are still worth scraping
     services.metrics.set_depths(depths)
     services.metrics.set_pause(pause.reason if pause else None)
-    return Response(services.metrics.render(), media_type=PROMETHEUS_CONTENT_TYPE)
+    return Response(services.metrics.render(), media_type=PROMETHEUS_MEDIA_TYPE)
 
 
 def route_handlers() -> list[ControllerRouterHandler]:

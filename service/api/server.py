@@ -25,6 +25,7 @@ from service.api.app import create_app
 from service.api.problems import PROBLEM_JSON, TYPE_PREFIX
 from service.config import Settings
 from service.models import Problem
+from service.serving import freeze_what_startup_made
 from service.store.keys import Keys
 
 MAX_HEAD_BYTES = 32 * 1024
@@ -177,7 +178,14 @@ def _config(settings: Settings, host: str, port: int, keys: Keys | None) -> uvic
 
 def serve_api(settings: Settings, *, host: str, port: int) -> None:
     """The `api` command: serve until SIGTERM or SIGINT, draining in-flight requests."""
-    uvicorn.Server(_config(settings, host, port, None)).run()
+    run_server(_config(settings, host, port, None))
+
+
+def run_server(config: uvicorn.Config) -> None:
+    """Serve `config`'s app in this process, with what lives for good out of the GC's sight."""
+    config.load()  # the app wrapped, the server's protocol classes imported
+    freeze_what_startup_made()
+    uvicorn.Server(config).run()
 
 
 class EmbeddedServer(uvicorn.Server):

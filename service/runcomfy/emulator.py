@@ -1,4 +1,4 @@
-"""Built-in stand-in for RunComfy's Model API (DESIGN §1), with fault injection.
+"""Built-in stand-in for RunComfy's Model API, with fault injection; a Litestar app on uvicorn.
 
 Part of the product, not a test helper: ``runcomfy-gateway emulator`` and ``dev``
 serve it for local development, callers' CI and load tests. It answers like
@@ -9,7 +9,8 @@ and serves each output video itself under ``/outputs/<id>.mp4``.
 
 Faults are independent probabilities per ``/v1`` call, drawn in this order and
 the first that fires decides: ``drop_rate`` (a submit creates the request and
-then closes the connection unanswered: the unknown-outcome case), ``rate_429``,
+then the connection closes before the answer is complete: the unknown-outcome
+case, where the request was sent and no answer came), ``rate_429``,
 ``error_5xx_rate``, ``http200_error_rate`` (none of these three creates a
 request). ``fail_rate`` dooms a created request to end ``failed``;
 ``funds_exhausted`` answers every submit 402 / 10001; ``latency_ms`` delays
@@ -43,7 +44,6 @@ fields at run time, ``POST /_emulator/reset`` forgets all requests.
 """
 
 import asyncio
-import functools
 import hmac
 import logging
 import math
@@ -52,12 +52,17 @@ import random
 import signal
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Final, Literal, Self, TypeAlias
 
 import msgspec
-from aiohttp import web
+from litestar import Litestar, MediaType, Request, Response, get, post
+from litestar.params import FromPath, RawBody
+from litestar.response.base import ASGIResponse
+from litestar.types import Receive, Send
+
+from service.serving import Served, freeze_what_startup_made, listen, serve
 
 __all__ = [
     "MODEL",
@@ -79,11 +84,13 @@ OUTPUT_BYTES: Final = b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isomiso2"
 MAX_REQUESTS: Final = 100_000
 _SHUTDOWN_S: Final = 2.0
 
+# RunComfy's clients pool connections for longer than uvicorn's 5 s default keep-alive; a
+# server closing an idle connection as the client reuses it would fake a dropped answer.
+_KEEP_ALIVE_S: Final = 75
+
 _Fault: TypeAlias = Literal["drop", "429", "5xx", "http200"]
-_Handler: TypeAlias = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _RATE_FIELDS: Final = ("fail_rate", "error_5xx_rate", "rate_429", "http200_error_rate", "drop_rate")
 _DURATION_FIELDS: Final = ("queue_s", "run_s", "retry_after_s", "latency_ms")
-_ENCODER: Final = msgspec.json.Encoder()
 
 
 class EmulatorConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -140,6 +147,84 @@ class EmulatorConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         return fields
 
 
+# -- the answers, as RunComfy sends them (fields left UNSET are not sent; None is null) --------
+
+
+class SubmitAnswer(msgspec.Struct, kw_only=True):
+    """Answer to a submit: the new request and where to follow it."""
+
+    request_id: str
+    status_url: str
+    result_url: str
+    cancel_url: str
+
+
+class StatusAnswer(msgspec.Struct, kw_only=True):
+    """Answer to a status call; ``queue_position`` only while queued."""
+
+    request_id: str
+    status: str
+    queue_position: int | msgspec.UnsetType = msgspec.UNSET
+
+
+class Output(msgspec.Struct, kw_only=True):
+    """The outputs of a completed request: one video, served by the emulator itself."""
+
+    video: str
+
+
+class ErrorDetail(msgspec.Struct, kw_only=True):
+    """A failed request's error in its object form (RunComfy also sends a plain string)."""
+
+    code: str
+    message: str
+
+
+class ResultAnswer(msgspec.Struct, kw_only=True):
+    """Answer to a result call: only the status before the request is final, then all of it."""
+
+    request_id: str
+    status: str
+    output: Output | msgspec.UnsetType | None = msgspec.UNSET
+    created_at: str | msgspec.UnsetType = msgspec.UNSET
+    finished_at: str | msgspec.UnsetType = msgspec.UNSET
+    error: str | ErrorDetail | msgspec.UnsetType | None = msgspec.UNSET
+
+
+class CancelAnswer(msgspec.Struct, kw_only=True):
+    """Answer to a cancel call: ``cancelled`` or ``not_cancellable``."""
+
+    request_id: str
+    outcome: str
+
+
+class ErrorAnswer(msgspec.Struct, kw_only=True):
+    """An error answer, with RunComfy's numeric ``error_code``."""
+
+    error_code: int
+    message: str
+
+
+class RequestItem(msgspec.Struct, kw_only=True):
+    """One created request, as ``GET /_emulator/requests`` lists it."""
+
+    request_id: str
+    model: str
+    input: dict[str, Any]
+    status: str
+    submitted_at: str
+
+
+class RequestList(msgspec.Struct, kw_only=True):
+    """Every request created, and how many submits created one."""
+
+    submits: int
+    items: list[RequestItem]
+
+
+# -- what the emulator holds -----------------------------------------------------------------
+
+
 class _UpstreamRequest(msgspec.Struct, kw_only=True):
     """One request RunComfy would hold; its status follows from the clock."""
 
@@ -174,8 +259,26 @@ class _UpstreamRequest(msgspec.Struct, kw_only=True):
         return self.submitted_at + self.queue_s + self.run_s
 
 
+class Refused(Exception):  # noqa: N818 -- an answer, not a failure of the emulator
+    """Ends a call with an error answer: an HTTP status and RunComfy's error_code."""
+
+    def __init__(
+        self, status: int, error_code: int, message: str, headers: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(status, error_code, message)
+        self.answer = Response(
+            ErrorAnswer(error_code=error_code, message=message),
+            status_code=status,
+            headers=dict(headers or {}),
+        )
+
+
+class ConnectionDropped(Exception):  # noqa: N818 -- a fault injected on purpose, not a bug
+    """Ends a call with its answer cut short: the client sent it and gets no complete answer."""
+
+
 class _Emulator:
-    """State and handlers of one emulator app; single-threaded, so no locks."""
+    """State and route handlers of one emulator app; single-threaded, so no locks."""
 
     def __init__(self, config: EmulatorConfig) -> None:
         self.config = config
@@ -187,148 +290,154 @@ class _Emulator:
 
     # -- RunComfy's API ------------------------------------------------------------
 
-    async def submit(self, request: web.Request) -> web.StreamResponse:
+    async def submit(
+        self, model: FromPath[str], body: RawBody, request: Request[Any, Any, Any]
+    ) -> SubmitAnswer:
         """``POST /v1/models/{model}``: create a request."""
-        # Take the whole body before the latency, as RunComfy has it once the client
-        # is done sending: a client that gives up while waiting must still create one.
-        raw = await request.read()
+        # Litestar has read the whole body before this runs, as RunComfy has it once the
+        # client is done sending: a client that gives up during the latency still creates one.
         await self._preamble(request)
-        model = request.match_info["model"]
+        model = model.removeprefix("/")
         if model != MODEL:
-            return _error(404, 404001, f"model {model!r} not found")
+            raise Refused(404, 404001, f"model {model!r} not found")
         fault = self._draw_fault(submit=True)
         if fault is not None and fault != "drop":
-            return self._fault_answer(fault)
+            raise self._fault_answer(fault)
         if self.config.funds_exhausted:
-            return _error(402, 10001, "insufficient funds")
-        record = self._create(request, model, _read_input(raw))
+            raise Refused(402, 10001, "insufficient funds")
+        record = self._create(str(request.base_url).rstrip("/"), model, _read_input(body))
         if fault == "drop":
-            return _drop(request)
+            raise ConnectionDropped
         prefix = f"{record.base_url}/v1/requests/{record.request_id}"
-        return _json(
-            200,
-            {
-                "request_id": record.request_id,
-                "status_url": f"{prefix}/status",
-                "result_url": f"{prefix}/result",
-                "cancel_url": f"{prefix}/cancel",
-            },
+        return SubmitAnswer(
+            request_id=record.request_id,
+            status_url=f"{prefix}/status",
+            result_url=f"{prefix}/result",
+            cancel_url=f"{prefix}/cancel",
         )
 
-    async def status(self, request: web.Request) -> web.StreamResponse:
+    async def status(
+        self, request_id: FromPath[str], request: Request[Any, Any, Any]
+    ) -> StatusAnswer:
         """``GET /v1/requests/{id}/status``: the current status and queue position."""
-        record = await self._lookup(request)
+        record = await self._lookup(request_id, request)
         now = time.monotonic()
         status = record.status(now)
-        answer: dict[str, Any] = {"request_id": record.request_id, "status": status}
         if status == "in_queue":
-            answer["queue_position"] = self._queue_position(record, now)
-        return _json(200, answer)
+            position = self._queue_position(record, now)
+            return StatusAnswer(request_id=request_id, status=status, queue_position=position)
+        return StatusAnswer(request_id=request_id, status=status)
 
-    async def result(self, request: web.Request) -> web.StreamResponse:
+    async def result(
+        self, request_id: FromPath[str], request: Request[Any, Any, Any]
+    ) -> ResultAnswer:
         """``GET /v1/requests/{id}/result``: the outcome, or the status before it is final."""
-        record = await self._lookup(request)
+        record = await self._lookup(request_id, request)
         status = record.status(time.monotonic())
-        answer: dict[str, Any] = {"request_id": record.request_id, "status": status}
         if status in {"in_queue", "in_progress"}:
-            return _json(200, answer)
-        answer["output"] = None
-        answer["created_at"] = _rfc3339(record.submitted_at)
-        answer["finished_at"] = _rfc3339(record.finished_at())
-        answer["error"] = None
+            return ResultAnswer(request_id=request_id, status=status)
+        answer = ResultAnswer(
+            request_id=request_id,
+            status=status,
+            output=None,
+            created_at=_rfc3339(record.submitted_at),
+            finished_at=_rfc3339(record.finished_at()),
+            error=None,
+        )
         if status == "completed":
-            answer["output"] = {"video": f"{record.base_url}/outputs/{record.request_id}.mp4"}
+            answer.output = Output(video=f"{record.base_url}/outputs/{request_id}.mp4")
         elif status == "failed":
             # RunComfy's clients see both shapes; the emulator alternates them.
             message = "the model failed to render the video"
-            answer["error"] = (
+            answer.error = (
                 message
                 if record.error_as_string
-                else {"code": "generation_failed", "message": message}
+                else ErrorDetail(code="generation_failed", message=message)
             )
-        return _json(200, answer)
+        return answer
 
-    async def cancel(self, request: web.Request) -> web.StreamResponse:
+    async def cancel(
+        self, request_id: FromPath[str], request: Request[Any, Any, Any]
+    ) -> CancelAnswer:
         """``POST /v1/requests/{id}/cancel``: only a queued request can be cancelled."""
-        record = await self._lookup(request)
+        record = await self._lookup(request_id, request)
         if record.status(time.monotonic()) != "in_queue":
-            return _json(200, {"request_id": record.request_id, "outcome": "not_cancellable"})
+            return CancelAnswer(request_id=request_id, outcome="not_cancellable")
         record.cancelled_mono = time.monotonic()
         record.cancelled_at = time.time()
-        self._queued.pop(record.request_id, None)
-        return _json(200, {"request_id": record.request_id, "outcome": "cancelled"})
+        self._queued.pop(request_id, None)
+        return CancelAnswer(request_id=request_id, outcome="cancelled")
 
-    async def output(self, request: web.Request) -> web.StreamResponse:
+    async def output(self, name: FromPath[str]) -> Response[bytes]:
         """``GET /outputs/{id}.mp4``: the (tiny, fixed) video of a completed request."""
-        name = request.match_info["name"]
         record = self._requests.get(name.removesuffix(".mp4")) if name.endswith(".mp4") else None
         if record is None or record.status(time.monotonic()) != "completed":
-            return _error(404, 404001, "no such output")
-        return web.Response(body=OUTPUT_BYTES, content_type="video/mp4")
+            raise Refused(404, 404001, "no such output")
+        return Response(OUTPUT_BYTES, media_type="video/mp4")
 
     # -- test and ops endpoints ------------------------------------------------------
 
-    async def list_requests(self, _request: web.Request) -> web.StreamResponse:
+    async def list_requests(self) -> RequestList:
         """``GET /_emulator/requests``: every request created, and how many submits did so."""
         now = time.monotonic()
         items = [
-            {
-                "request_id": record.request_id,
-                "model": record.model,
-                "input": record.input,
-                "status": record.status(now),
-                "submitted_at": _rfc3339(record.submitted_at),
-            }
+            RequestItem(
+                request_id=record.request_id,
+                model=record.model,
+                input=record.input,
+                status=record.status(now),
+                submitted_at=_rfc3339(record.submitted_at),
+            )
             for record in self._requests.values()
         ]
-        return _json(200, {"submits": self._submits, "items": items})
+        return RequestList(submits=self._submits, items=items)
 
-    async def update_config(self, request: web.Request) -> web.StreamResponse:
+    async def update_config(self, body: RawBody) -> dict[str, Any]:
         """``POST /_emulator/config``: change some config fields; answers the new config."""
         try:
-            changes = msgspec.json.decode(await request.read(), type=dict[str, Any])
+            changes = msgspec.json.decode(body, type=dict[str, Any])
             config = msgspec.convert(
                 {**msgspec.structs.asdict(self.config), **changes}, EmulatorConfig
             )
         except ValueError as exc:  # msgspec.ValidationError and DecodeError are ValueErrors
-            return _error(422, 422001, f"expected a JSON object of config fields: {exc}")
+            raise Refused(422, 422001, f"expected a JSON object of config fields: {exc}") from None
         self.config = config
         if "seed" in changes:
             self._rng.seed(config.seed)
         logger.info("emulator config changed: %s", config.redacted())
-        return _json(200, config.redacted())
+        return config.redacted()
 
-    async def reset(self, _request: web.Request) -> web.StreamResponse:
+    async def reset(self) -> RequestList:
         """``POST /_emulator/reset``: forget every request and restart the fault sequence."""
         self._requests.clear()
         self._queued.clear()
         self._submits = 0
         self._rng.seed(self.config.seed)
-        return _json(200, {"submits": 0, "items": []})
+        return RequestList(submits=0, items=[])
 
     # -- helpers -----------------------------------------------------------------------
 
-    async def _preamble(self, request: web.Request) -> None:
+    async def _preamble(self, request: Request[Any, Any, Any]) -> None:
         """Apply the latency and the token check every ``/v1`` call shares."""
         if self.config.latency_ms > 0:
             await asyncio.sleep(self.config.latency_ms / 1000)
         if not self._authorized(request):
-            raise _Answered(_error(401, 401001, "invalid or missing API token"))
+            raise Refused(401, 401001, "invalid or missing API token")
 
-    async def _lookup(self, request: web.Request) -> _UpstreamRequest:
+    async def _lookup(self, request_id: str, request: Request[Any, Any, Any]) -> _UpstreamRequest:
         """Run the shared preamble and faults, then find the request named in the path."""
         await self._preamble(request)
         if (fault := self._draw_fault(submit=False)) is not None:
-            raise _Answered(_drop(request) if fault == "drop" else self._fault_answer(fault))
-        record = self._requests.get(request.match_info["request_id"])
+            raise ConnectionDropped if fault == "drop" else self._fault_answer(fault)
+        record = self._requests.get(request_id)
         if record is None:
-            raise _Answered(_error(404, 404001, "request not found"))
+            raise Refused(404, 404001, "request not found")
         return record
 
-    def _authorized(self, request: web.Request) -> bool:
+    def _authorized(self, request: Request[Any, Any, Any]) -> bool:
         token = self.config.token
         if token is None:
-            return True
+            return True  # without reading the headers: load tests poll thousands a second
         scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
         return scheme.lower() == "bearer" and hmac.compare_digest(
             presented.strip().encode(), token.encode()
@@ -352,23 +461,23 @@ class _Emulator:
             return "http200"
         return None
 
-    def _fault_answer(self, fault: _Fault) -> web.StreamResponse:
+    def _fault_answer(self, fault: _Fault) -> Refused:
         if fault == "429":
             # RFC 9110 delay-seconds are whole seconds: round up, never shorten the wait.
             retry_after = str(math.ceil(self.config.retry_after_s))
-            return _error(429, 429001, "rate limited", headers={"Retry-After": retry_after})
+            return Refused(429, 429001, "rate limited", headers={"Retry-After": retry_after})
         if fault == "5xx":
-            return _error(self._rng.choice((500, 502, 503)), 500001, "internal server error")
-        return _error(200, 500001, "internal server error (answered with HTTP 200)")
+            return Refused(self._rng.choice((500, 502, 503)), 500001, "internal server error")
+        return Refused(200, 500001, "internal server error (answered with HTTP 200)")
 
-    def _create(self, request: web.Request, model: str, body: dict[str, Any]) -> _UpstreamRequest:
+    def _create(self, base_url: str, model: str, body: dict[str, Any]) -> _UpstreamRequest:
         config = self.config
         # Timing is fixed at submit time, so a config change affects only new requests.
         record = _UpstreamRequest(
             request_id=str(uuid.uuid4()),
             model=model,
             input=body,
-            base_url=f"{request.scheme}://{request.host}",
+            base_url=base_url,
             submitted_mono=time.monotonic(),
             submitted_at=time.time(),
             queue_s=config.queue_s,
@@ -402,27 +511,6 @@ class _Emulator:
         return position
 
 
-class _Answered(Exception):  # noqa: N818 -- not an error: the answer is already decided
-    """Raised by a helper that has settled the answer (an error, a fault, a drop)."""
-
-    def __init__(self, response: web.StreamResponse) -> None:
-        super().__init__(response.status)
-        self.response = response
-
-
-def _answering(handler: _Handler) -> _Handler:
-    """Wrap a handler so helpers deep inside it can settle the answer by raising."""
-
-    @functools.wraps(handler)
-    async def wrapper(request: web.Request) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except _Answered as answered:
-            return answered.response
-
-    return wrapper
-
-
 def _read_input(raw: bytes) -> dict[str, Any]:
     """Decode a submit body with RunComfy's minimal checks: prompt and video_url strings."""
     try:
@@ -430,87 +518,100 @@ def _read_input(raw: bytes) -> dict[str, Any]:
     except msgspec.DecodeError:
         body = None
     if not isinstance(body, dict):
-        raise _Answered(_error(422, 422001, "body must be a JSON object"))
+        raise Refused(422, 422001, "body must be a JSON object")
     for name in ("prompt", "video_url"):
         if not isinstance(body.get(name), str):
-            raise _Answered(_error(422, 422001, f"{name} is required and must be a string"))
+            raise Refused(422, 422001, f"{name} is required and must be a string")
     return body
-
-
-def _json(status: int, body: object, headers: Mapping[str, str] | None = None) -> web.Response:
-    return web.Response(
-        body=_ENCODER.encode(body), status=status, content_type="application/json", headers=headers
-    )
-
-
-def _error(
-    status: int, error_code: int, message: str, headers: Mapping[str, str] | None = None
-) -> web.Response:
-    return _json(status, {"error_code": error_code, "message": message}, headers)
-
-
-def _drop(request: web.Request) -> web.StreamResponse:
-    """Close the connection without answering; aiohttp then skips writing the response."""
-    if (transport := request.transport) is not None:
-        transport.abort()
-    return web.Response(status=204)
 
 
 def _rfc3339(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds")
 
 
-EMULATOR_KEY: Final = web.AppKey("emulator", _Emulator)
+# -- a dropped connection ----------------------------------------------------------------------
+#
+# An ASGI server answers 500 for an app that fails before it starts its answer, and closes
+# the connection for one that fails after: so a drop starts an answer whose headers promise
+# a body, then fails. The client has sent its request and gets an answer cut short, which
+# every HTTP client reports as a transport error (httpx: RemoteProtocolError).
 
 
-def create_emulator_app(config: EmulatorConfig) -> web.Application:
-    """Build the emulator's aiohttp application for ``config``."""
+class _CutShort(Response[bytes]):
+    """The answer to a dropped call: its status line and headers, then nothing."""
+
+    def to_asgi_response(
+        self,
+        app: Litestar | None,  # noqa: ARG002 -- Litestar's signature
+        request: Request[Any, Any, Any],  # noqa: ARG002
+        **_: object,
+    ) -> ASGIResponse:
+        """Headers that promise a small JSON body, which never comes."""
+        return _StartThenFail(body=b"{}", status_code=200, media_type=MediaType.JSON)
+
+
+class _StartThenFail(ASGIResponse):
+    async def send_body(self, send: Send, receive: Receive) -> None:  # noqa: ARG002
+        """Send no body: fail, after the status line and headers went out."""
+        raise ConnectionDropped
+
+
+def _cut_short(_: Request[Any, Any, Any], __: ConnectionDropped) -> Response[bytes]:
+    return _CutShort(b"")
+
+
+def _refused(_: Request[Any, Any, Any], refused: Refused) -> Response[ErrorAnswer]:
+    return refused.answer
+
+
+class _DropsAreNotErrors(logging.Filter):
+    """Keeps uvicorn from logging an injected drop as a failure of the app, with a traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        while exc is not None:
+            if isinstance(exc, ConnectionDropped):
+                return False
+            exc = exc.__cause__ or exc.__context__
+        return True
+
+
+_DROPS_ARE_NOT_ERRORS: Final = _DropsAreNotErrors()
+
+
+# -- the app and serving it --------------------------------------------------------------------
+
+
+def create_emulator_app(config: EmulatorConfig) -> Litestar:
+    """Build the emulator's Litestar application for ``config``."""
     emulator = _Emulator(config)
-    app = web.Application()
-    app[EMULATOR_KEY] = emulator
-    app.add_routes(
-        [
-            web.post("/v1/models/{model:.+}", _answering(emulator.submit)),
-            web.get("/v1/requests/{request_id}/status", _answering(emulator.status)),
-            web.get("/v1/requests/{request_id}/result", _answering(emulator.result)),
-            web.post("/v1/requests/{request_id}/cancel", _answering(emulator.cancel)),
-            web.get("/outputs/{name}", emulator.output),
-            web.get("/_emulator/requests", emulator.list_requests),
-            web.post("/_emulator/config", emulator.update_config),
-            web.post("/_emulator/reset", emulator.reset),
-        ]
+    return Litestar(
+        route_handlers=[
+            post("/v1/models/{model:path}", status_code=200)(emulator.submit),
+            get("/v1/requests/{request_id:str}/status")(emulator.status),
+            get("/v1/requests/{request_id:str}/result")(emulator.result),
+            post("/v1/requests/{request_id:str}/cancel", status_code=200)(emulator.cancel),
+            get("/outputs/{name:str}")(emulator.output),
+            get("/_emulator/requests")(emulator.list_requests),
+            post("/_emulator/config", status_code=200)(emulator.update_config),
+            post("/_emulator/reset", status_code=200)(emulator.reset),
+        ],
+        exception_handlers={Refused: _refused, ConnectionDropped: _cut_short},
+        openapi_config=None,
+        logging_config=None,  # the process configures logging
+        debug=False,
     )
-    return app
 
 
-async def start_emulator(
-    config: EmulatorConfig, host: str = "127.0.0.1", port: int = 0
-) -> tuple[web.AppRunner, str]:
-    """Serve the emulator in the running loop; returns the runner and base URL (port 0: any)."""
-    # Access logs would cost more than the answers at benchmark rates.
-    runner = web.AppRunner(
+async def start_emulator(config: EmulatorConfig, host: str = "127.0.0.1", port: int = 0) -> Served:
+    """Serve the emulator in the running loop until ``stop()`` (port 0: any free one)."""
+    logging.getLogger("uvicorn.error").addFilter(_DROPS_ARE_NOT_ERRORS)
+    return await serve(
         create_emulator_app(config),
-        access_log=None,
-        handle_signals=False,
-        shutdown_timeout=_SHUTDOWN_S,
+        listen(host, port),
+        keep_alive_s=_KEEP_ALIVE_S,
+        shutdown_s=_SHUTDOWN_S,
     )
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, host, port).start()
-    except BaseException:
-        await runner.cleanup()
-        raise
-    bound_port = runner.addresses[0][1]
-    return runner, f"http://{_reachable_host(host)}:{bound_port}"
-
-
-def _reachable_host(host: str) -> str:
-    """Turn a listen address into one a local client can connect to."""
-    if host in {"", "0.0.0.0"}:  # noqa: S104 -- recognising, not binding, the wildcard
-        return "127.0.0.1"
-    if host == "::":
-        return "[::1]"
-    return f"[{host}]" if ":" in host else host
 
 
 def run_emulator(config: EmulatorConfig, host: str, port: int) -> None:
@@ -520,18 +621,19 @@ def run_emulator(config: EmulatorConfig, host: str, port: int) -> None:
 
 
 async def _serve_until_signalled(config: EmulatorConfig, host: str, port: int) -> None:
-    app_runner, url = await start_emulator(config, host, port)
+    served = await start_emulator(config, host, port)
+    freeze_what_startup_made()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    logger.info("RunComfy emulator listening on %s (config %s)", url, config.redacted())
+    logger.info("RunComfy emulator listening on %s (config %s)", served.url, config.redacted())
     try:
         await stop.wait()
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
-        await app_runner.cleanup()
+        await served.stop()
         logger.info("RunComfy emulator stopped")
 
 

@@ -4,6 +4,8 @@ SIGTERM or SIGINT stops claiming; each loop finishes what it holds within
 `GATEWAY_SHUTDOWN_S` and releases the rest (due at once, for another replica),
 then the process exits 0. `/healthz` on the worker's own port answers 200 while
 every loop has completed a turn recently, so a wedged loop gets the pod restarted.
+That port is a small Litestar app on uvicorn, bound before anything else starts:
+a port already taken is a configuration error (one line, exit 2), not a crash.
 """
 
 from __future__ import annotations
@@ -11,16 +13,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import socket
 from dataclasses import dataclass
 
-from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
+import msgspec
+from litestar import Litestar, Response, get
 from redis.exceptions import RedisError
 
-from service.config import Settings
-from service.metrics import WorkerMetrics
+from service.config import ConfigError, Settings
+from service.metrics import PROMETHEUS_MEDIA_TYPE, WorkerMetrics
 from service.runcomfy.client import RunComfyClient, create_upstream_client
+from service.serving import Served, listen, serve
 from service.store.connection import connect
 from service.store.deliveries import DeliveryStore
 from service.store.jobs import JobStore
@@ -40,6 +45,13 @@ log = logging.getLogger(__name__)
 HEARTBEAT_MAX_AGE_S = 30.0
 
 
+class Health(msgspec.Struct, frozen=True):
+    """`/healthz`'s answer: `ok` with the loops that beat, or `stalled` with those that stopped."""
+
+    status: str
+    loops: list[str]
+
+
 @dataclass
 class HealthServer:
     """The worker's small HTTP port: `/healthz` (loop heartbeat) and `/metrics`."""
@@ -49,21 +61,23 @@ class HealthServer:
     limits: Limits
     metrics: WorkerMetrics
 
-    def app(self) -> web.Application:
-        """The aiohttp app serving the two routes."""
-        app = web.Application()
-        app.router.add_get("/healthz", self.healthz)
-        app.router.add_get("/metrics", self.render_metrics)
-        return app
+    def app(self) -> Litestar:
+        """The Litestar app serving the two routes."""
+        return Litestar(
+            route_handlers=[get("/healthz")(self.healthz), get("/metrics")(self.render_metrics)],
+            openapi_config=None,
+            logging_config=None,  # the process configures logging
+            debug=False,
+        )
 
-    async def healthz(self, _: web.Request) -> web.Response:
+    async def healthz(self) -> Response[Health]:
         """200 while every loop beats, 503 naming the ones that stopped."""
         stale = self.heartbeat.stale(HEARTBEAT_MAX_AGE_S)
         if stale or not self.heartbeat.beats:
-            return web.json_response({"status": "stalled", "loops": stale}, status=503)
-        return web.json_response({"status": "ok", "loops": sorted(self.heartbeat.beats)})
+            return Response(Health(status="stalled", loops=stale), status_code=503)
+        return Response(Health(status="ok", loops=sorted(self.heartbeat.beats)))
 
-    async def render_metrics(self, _: web.Request) -> web.Response:
+    async def render_metrics(self) -> Response[bytes]:
         """The worker's metrics in Prometheus text format, depths and pause read now."""
         try:
             depths = await asyncio.wait_for(self.schedules.depths(), 1.0)
@@ -72,7 +86,19 @@ class HealthServer:
             depths, pause = None, None  # the process's own counters are still worth scraping
         self.metrics.set_depths(depths)
         self.metrics.set_pause(pause.reason if pause else None)
-        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+        return Response(self.metrics.render(), media_type=PROMETHEUS_MEDIA_TYPE)
+
+
+def listen_for_health(port: int) -> socket.socket:
+    """The health and metrics port, bound on every address; ConfigError when it is taken."""
+    try:
+        return listen("0.0.0.0", port)  # noqa: S104 - a pod port, probed from outside the pod
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise ConfigError(
+            f"cannot serve /healthz and /metrics on port {port}: {reason} "
+            "(choose another with --metrics-port or GATEWAY_WORKER_METRICS_PORT)"
+        ) from None
 
 
 async def run_worker(
@@ -83,6 +109,7 @@ async def run_worker(
     metrics_port: int | None = None,
 ) -> None:
     """Run the submitter, poller and dispatcher until `stop` is set, then drain and close."""
+    health_socket = listen_for_health(metrics_port) if metrics_port is not None else None
     keys = keys or Keys()
     metrics = WorkerMetrics()
     redis = connect(settings.redis_url)
@@ -139,19 +166,19 @@ async def run_worker(
         )
         watcher.install_sighup()
         tasks.append(watcher.run(stop))
-    runner: web.AppRunner | None = None
+    health: Served | None = None
     try:
-        if metrics_port is not None:
-            health = HealthServer(heartbeat, schedules, limits, metrics)
-            runner = web.AppRunner(health.app(), access_log=None)
-            await runner.setup()
-            await web.TCPSite(runner, "0.0.0.0", metrics_port).start()  # noqa: S104 - a pod port
+        if health_socket is not None:
+            app = HealthServer(heartbeat, schedules, limits, metrics).app()
+            health = await serve(app, health_socket)
             log.info("worker: health and metrics on :%d", metrics_port)
         log.info("worker: started (%s)", ", ".join(loop.name for loop in loops))
         await asyncio.gather(*tasks)
     finally:
-        if runner is not None:
-            await runner.cleanup()
+        if health is not None:
+            await health.stop()
+        elif health_socket is not None:
+            health_socket.close()
         await upstream.aclose()
         await hooks.aclose()
         await redis.aclose()

@@ -9,10 +9,9 @@ It is served exactly as `runcomfy-gateway api` serves the gateway: the same
 
 import argparse
 
-import uvicorn
 from litestar import Litestar, post
 
-from service.api.server import _config
+from service.api.server import _config, run_server
 from service.config import Settings, Tenants
 from service.models import JobRequest
 
@@ -38,7 +37,7 @@ def main() -> None:
     )
     config = _config(settings, "127.0.0.1", args.port, None)
     config.app = bare_app()  # same server options as the gateway's, another app
-    uvicorn.Server(config).run()
+    run_server(config)
 
 
 if __name__ == "__main__":

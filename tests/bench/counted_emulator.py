@@ -8,16 +8,15 @@ counts only submits). It runs on uvloop, as `runcomfy-gateway emulator` does.
 
 import argparse
 import asyncio
+import json
 import signal
 from collections import Counter
-from collections.abc import Awaitable, Callable
 
 import uvloop
-from aiohttp import web
+from litestar.types import ASGIApp, Receive, Scope, Send
 
 from service.runcomfy.emulator import EmulatorConfig, create_emulator_app
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+from service.serving import listen, serve
 
 
 def kind_of(path: str) -> str:
@@ -29,29 +28,28 @@ def kind_of(path: str) -> str:
     return "other"
 
 
-def counted_app(config: EmulatorConfig) -> web.Application:
-    """The emulator's app with a counting middleware and the `/_bench/counts` route."""
+def counted_app(config: EmulatorConfig) -> ASGIApp:
+    """The emulator's app, counting the calls it answers, and answering `/_bench/counts`."""
     counts: Counter[str] = Counter()
-
-    @web.middleware
-    async def count(request: web.Request, handler: Handler) -> web.StreamResponse:
-        answer = await handler(request)
-        counts[kind_of(request.path)] += 1
-        return answer
-
-    async def report(_: web.Request) -> web.Response:
-        return web.json_response(dict(counts))
-
     app = create_emulator_app(config)
-    app.middlewares.append(count)
-    app.router.add_get("/_bench/counts", report)
-    return app
+
+    async def counted(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+        elif scope["path"] == "/_bench/counts":
+            body = json.dumps(counts).encode()
+            headers = [(b"content-type", b"application/json")]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+        else:
+            await app(scope, receive, send)
+            counts[kind_of(scope["path"])] += 1
+
+    return counted
 
 
-async def serve(config: EmulatorConfig, port: int) -> None:
-    runner = web.AppRunner(counted_app(config), access_log=None, handle_signals=False)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+async def run(config: EmulatorConfig, port: int) -> None:
+    served = await serve(counted_app(config), listen("127.0.0.1", port), keep_alive_s=75)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -59,7 +57,7 @@ async def serve(config: EmulatorConfig, port: int) -> None:
     try:
         await stop.wait()
     finally:
-        await runner.cleanup()
+        await served.stop()
 
 
 def main() -> None:
@@ -68,7 +66,7 @@ def main() -> None:
     parser.add_argument("--queue-s", type=float, default=0.0)
     parser.add_argument("--run-s", type=float, default=0.0)
     args = parser.parse_args()
-    uvloop.run(serve(EmulatorConfig(queue_s=args.queue_s, run_s=args.run_s), args.port))
+    uvloop.run(run(EmulatorConfig(queue_s=args.queue_s, run_s=args.run_s), args.port))
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ async def load(args: argparse.Namespace) -> dict[str, object]:
                 if counting:
                     latencies.append(time.perf_counter() - sent)
                     statuses[answer.status] += 1
+                    latencies.append(time.perf_counter() - sent)
 
         warm_until = time.monotonic() + args.warmup
         await asyncio.gather(*(worker(warm_until) for _ in range(args.concurrency)))
@@ -67,6 +68,12 @@ async def load(args: argparse.Namespace) -> dict[str, object]:
         "p99_ms": 1000 * _nearest_rank(latencies, 99),
         "cpu_percent": 100 * cpu / seconds,
         "statuses": {str(k): v for k, v in statuses.items()},
+        **{
+            f"p{p}_ms": 1000 * latencies[min(len(latencies) - 1, int(p / 100 * len(latencies)))]
+            for p in (50, 99)
+            if latencies
+        },
+        "max_ms": 1000 * latencies[-1] if latencies else None,
     }
 
 
