@@ -1,4 +1,4 @@
-"""Shapes of RunComfy Model API answers, decoded tolerantly (DESIGN §1).
+"""Shapes of RunComfy Model API answers, decoded tolerantly (docs/runcomfy.md).
 
 RunComfy's answers vary between what its page documents and what its own
 clients see, so every field is optional, unknown fields are ignored and the
