@@ -238,7 +238,12 @@ def wait_http(url: str, timeout: float = 20) -> None:
 
 
 def gateway_env(
-    redis_url: str, emulator_url: str, tenants_file: Path, **settings: str
+    redis_url: str,
+    emulator_url: str,
+    tenants_file: Path,
+    *,
+    token: str = "test-token",  # noqa: S107 - the emulator takes any token
+    **settings: str,
 ) -> dict[str, str]:
     """The environment of a gateway process: fast polls and retries, then `settings`.
 
@@ -248,7 +253,7 @@ def gateway_env(
         **os.environ,
         "REDIS_URL": redis_url,
         "RUNCOMFY_BASE_URL": emulator_url,
-        "RUNCOMFY_API_TOKEN": "test-token",
+        "RUNCOMFY_API_TOKEN": token,
         "GATEWAY_TENANTS_FILE": str(tenants_file),
         "GATEWAY_POLL_INTERVAL_MIN_S": "0.1",
         "GATEWAY_POLL_INTERVAL_MAX_S": "0.3",

@@ -12,7 +12,6 @@ saying so. The figures are printed (run with `-s` to see them).
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import signal
 import time
@@ -24,7 +23,7 @@ import httpx
 import pytest
 
 from service.localredis import LocalRedis, free_port
-from tests.support import Process, Received, Receiver, new_tenant, wait_for, wait_http
+from tests.support import Process, Received, Receiver, gateway_env, new_tenant, wait_for, wait_http
 
 pytestmark = pytest.mark.e2e
 
@@ -133,24 +132,21 @@ def _start(env: dict[str, str], ports: dict[str, int], tmp: Path) -> dict[str, P
 
 
 def _env(redis_url: str, emulator_port: int, tenants: Path) -> dict[str, str]:
-    return {
-        **os.environ,
-        "REDIS_URL": redis_url,
-        "RUNCOMFY_BASE_URL": f"http://127.0.0.1:{emulator_port}",
-        "RUNCOMFY_API_TOKEN": "chaos-token",
-        "GATEWAY_TENANTS_FILE": str(tenants),
-        "GATEWAY_POLL_INTERVAL_MIN_S": "0.1",
-        "GATEWAY_POLL_INTERVAL_MAX_S": "0.5",
-        "GATEWAY_WEBHOOK_RETRY_SCHEDULE": "0.2,0.5,1,1,1,1,1,1",
-        "GATEWAY_LEASE_S": "3",
-        "GATEWAY_UPSTREAM_TIMEOUT_S": "1",
-        "GATEWAY_WEBHOOK_TIMEOUT_S": "1",
-        "GATEWAY_SHUTDOWN_S": "2",
-        "GATEWAY_UPSTREAM_MAX_IN_FLIGHT": "30",
-        "GATEWAY_UPSTREAM_RATE_PER_S": "200",
-        "GATEWAY_UPSTREAM_BURST": "50",
-        "GATEWAY_FUNDS_PAUSE_S": "1",
-    }
+    return gateway_env(
+        redis_url,
+        f"http://127.0.0.1:{emulator_port}",
+        tenants,
+        token="chaos-token",  # noqa: S106 - a test token
+        POLL_INTERVAL_MAX_S="0.5",
+        WEBHOOK_RETRY_SCHEDULE="0.2,0.5,1,1,1,1,1,1",
+        LEASE_S="3",
+        UPSTREAM_TIMEOUT_S="1",
+        WEBHOOK_TIMEOUT_S="1",
+        UPSTREAM_MAX_IN_FLIGHT="30",
+        UPSTREAM_RATE_PER_S="200",
+        UPSTREAM_BURST="50",
+        FUNDS_PAUSE_S="1",
+    )
 
 
 def _body(receiver: Receiver, n: int) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from service.localredis import LocalRedis, free_port
-from tests.support import CLI, Process, Receiver, new_tenant, wait_for, wait_http
+from tests.support import CLI, Process, Receiver, gateway_env, new_tenant, wait_for, wait_http
 
 pytestmark = pytest.mark.e2e
 
@@ -33,17 +33,8 @@ def stack(tmp_path_factory) -> Iterator[dict[str, Any]]:
     tenants.write_text(TENANT.toml() + "\n" + OTHER.toml())
     redis = LocalRedis().start()
     ports = {name: free_port() for name in ("emulator", "api", "worker")}
-    env = {
-        **os.environ,
-        "REDIS_URL": redis.url,
-        "RUNCOMFY_BASE_URL": f"http://127.0.0.1:{ports['emulator']}",
-        "RUNCOMFY_API_TOKEN": "e2e-token",
-        "GATEWAY_TENANTS_FILE": str(tenants),
-        "GATEWAY_POLL_INTERVAL_MIN_S": "0.1",
-        "GATEWAY_POLL_INTERVAL_MAX_S": "0.3",
-        "GATEWAY_WEBHOOK_RETRY_SCHEDULE": "0.1,0.1,0.1",
-        "GATEWAY_SHUTDOWN_S": "5",
-    }
+    emulator_url = f"http://127.0.0.1:{ports['emulator']}"
+    env = gateway_env(redis.url, emulator_url, tenants, token="e2e-token", SHUTDOWN_S="5")  # noqa: S106
     procs = {
         "emulator": Process(
             [

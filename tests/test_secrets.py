@@ -27,7 +27,7 @@ import httpx
 import pytest
 
 from service.localredis import LocalRedis, free_port
-from tests.support import CLI, Process, Receiver, wait_for, wait_http
+from tests.support import CLI, Process, Receiver, gateway_env, wait_for, wait_http
 
 pytestmark = pytest.mark.e2e
 
@@ -119,18 +119,17 @@ async def run(tmp_path_factory) -> Run:
     tenants.write_text(ORDERS.toml() + "\n" + BILLING.toml())
     redis = LocalRedis().start()
     ports = {name: free_port() for name in ("emulator", "api", "worker")}
-    env = {
-        **os.environ,
-        "REDIS_URL": redis.url,
-        "RUNCOMFY_BASE_URL": f"http://127.0.0.1:{ports['emulator']}",
-        "RUNCOMFY_API_TOKEN": TOKEN,
-        "GATEWAY_TENANTS_FILE": str(tenants),
-        "GATEWAY_LOG_LEVEL": "DEBUG",
-        "GATEWAY_POLL_INTERVAL_MIN_S": "0.1",
-        "GATEWAY_POLL_INTERVAL_MAX_S": "0.2",
-        "GATEWAY_WEBHOOK_RETRY_SCHEDULE": "0.1,0.1",
-        "GATEWAY_SHUTDOWN_S": "3",
-    }
+    emulator_url = f"http://127.0.0.1:{ports['emulator']}"
+    env = gateway_env(
+        redis.url,
+        emulator_url,
+        tenants,
+        token=TOKEN,
+        LOG_LEVEL="DEBUG",
+        POLL_INTERVAL_MAX_S="0.2",
+        WEBHOOK_RETRY_SCHEDULE="0.1,0.1",
+        SHUTDOWN_S="3",
+    )
     emulator_args = ["--port", str(ports["emulator"]), "--token", TOKEN, "--seed", "7"]
     emulator_args += ["--queue-s", "0.2", "--run-s", "0.2"]
     procs = {
