@@ -144,8 +144,12 @@ class Job(Struct):
     """Submits that may have created a paid run: accepted, or sent with no answer known."""
 
 
-class JobRecord(Struct, kw_only=True):
-    """A job as stored in Redis: the caller-visible job plus what the gateway needs to run it."""
+class JobRecord(Struct, kw_only=True, omit_defaults=True):
+    """A job as stored in Redis: the caller-visible job plus what the gateway needs to run it.
+
+    Stored without the fields still at their defaults (nulls, no retries): less
+    to keep in Redis for every finished job, and it decodes the same.
+    """
 
     id: str
     tenant: str
