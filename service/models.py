@@ -144,8 +144,12 @@ class Job(Struct):
     """Submits that may have created a paid run: accepted, or sent with no answer known."""
 
 
-class JobRecord(Struct, kw_only=True):
-    """A job as stored in Redis: the caller-visible job plus what the gateway needs to run it."""
+class JobRecord(Struct, kw_only=True, omit_defaults=True):
+    """A job as stored in Redis: the caller-visible job plus what the gateway needs to run it.
+
+    Stored without the fields still at their defaults (nulls, no retries): less
+    to keep in Redis for every finished job, and it decodes the same.
+    """
 
     id: str
     tenant: str
@@ -249,16 +253,20 @@ def response_excerpt(answer: bytes | str) -> str:
     return text[:fits]
 
 
-class DeliveryAttempt(Struct):
-    """One webhook delivery attempt, as kept in the attempt log."""
+class DeliveryAttempt(Struct, kw_only=True):
+    """One webhook delivery attempt, as kept in the attempt log.
+
+    Stored as a JSON object a line. Every field but the first two has a default,
+    and so must any field added later: entries stored before it still decode.
+    """
 
     attempt: int
     at: datetime
-    status_code: int | None
-    latency_ms: int
-    error: str | None
-    response_excerpt: str
-    next_attempt_at: datetime | None
+    status_code: int | None = None
+    latency_ms: int = 0
+    error: str | None = None
+    response_excerpt: str = ""
+    next_attempt_at: datetime | None = None
 
 
 class DeliveryLog(Struct):

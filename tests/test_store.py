@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import timedelta
 
+import msgspec
 import pytest
 
 from service.config import load_settings
@@ -18,7 +20,7 @@ from service.models import (
     utcnow,
 )
 from service.store.connection import new_id
-from service.store.deliveries import DeliveryStore, Resend
+from service.store.deliveries import MAX_LOG_ENTRIES, DeliveryStore, Resend
 from service.store.jobs import (
     HandedOver,
     JobStore,
@@ -26,7 +28,6 @@ from service.store.jobs import (
     Outcome,
     body_hash,
     delivery_id,
-    stored_job,
 )
 from service.store.limits import Limits
 from service.store.schedules import Schedules
@@ -316,13 +317,13 @@ async def test_claims_carry_the_claimed_jobs_as_stored(jobs, schedules):
     record = make_record()
     await jobs.create(record)
     [claim] = await schedules.claim_submits(1, global_cap=5, tenant_caps={})
-    assert stored_job(claim.job) == await jobs.get(record.id)
-    _, stored = await jobs.record_submit(stored_job(claim.job), claim.lease)
+    assert claim.job == await jobs.get(record.id)
+    _, stored = await jobs.record_submit(claim.job, claim.lease)
     await jobs.submitted(stored, claim.lease, "req-1", poll_in_s=0)
     claimed = await schedules.claim_due("poll", 5, read_jobs=True)
     [poll] = claimed.claims
-    assert stored_job(poll.job) == await jobs.get(record.id)
-    assert stored_job(poll.job).record.status == "in_queue"
+    assert poll.job == await jobs.get(record.id)
+    assert poll.job.record.status == "in_queue"
 
 
 class _Taker:
@@ -508,9 +509,67 @@ async def test_a_non_final_event_is_delivered_and_logged_apart_from_the_final_on
         started, claims[started].lease, ok, state="delivered", retry_in_s=None
     )
     assert await deliveries.log(started) == [ok]
+    assert await deliveries.get(started) is None  # sent: its body is gone, only its log stays
     assert await deliveries.log(completed) == []
     assert await deliveries.final_delivery_id(record.id) == completed
     assert (await jobs.get(record.id)).webhook_state == "pending"
+
+
+async def test_a_job_read_with_plain_hgetall_shows_its_status_record_and_attempts(
+    redis, keys, jobs, schedules, deliveries
+):
+    """`HGETALL` of a finished job's key shows its status, record JSON and attempt log as text."""
+    record = make_record()
+    await jobs.create(record)
+    await run_to_completion(jobs, schedules, record, deliveries=deliveries)
+    fields = {k.decode(): v for k, v in (await redis.hgetall(keys.job(record.id))).items()}
+    assert fields["status"].decode() == "completed"
+    stored = json.loads(fields["record"].decode())
+    assert (stored["id"], stored["status"], stored["output"]) == (
+        record.id,
+        "completed",
+        {"video": "https://x"},
+    )
+    [entry] = [json.loads(line) for line in fields["attempt_log"].decode().splitlines()]
+    assert (entry["attempt"], entry["status_code"]) == (1, 200)
+    assert entry["response_excerpt"] == '{"ok": true}\nline two'
+    assert fields["webhook_state"].decode() == "delivered"
+    assert fields["webhook_attempts"].decode() == "1"
+
+
+async def test_an_attempt_stored_before_a_field_existed_still_reads(
+    redis, keys, jobs, schedules, deliveries
+):
+    """A log entry lacking fields added since (all but `attempt` and `at`) reads with defaults."""
+    record = make_record()
+    await jobs.create(record)
+    await run_to_completion(jobs, schedules, record, deliveries=deliveries)
+    final = await deliveries.final_delivery_id(record.id)
+    older = b'{"attempt":2,"at":"2025-01-01T00:00:00.123Z","status_code":503}'
+    log = await redis.hget(keys.job(record.id), "attempt_log")
+    await redis.hset(keys.job(record.id), "attempt_log", log + older + b"\n")
+    first, second = await deliveries.log(final)
+    assert first == msgspec.structs.replace(attempt(1), at=first.at)
+    assert (second.attempt, second.status_code, second.error) == (2, 503, None)
+    assert (second.latency_ms, second.response_excerpt, second.next_attempt_at) == (0, "", None)
+
+
+async def test_the_attempt_log_keeps_the_latest_attempts_and_counts_them_all(
+    jobs, schedules, deliveries
+):
+    """Past `MAX_LOG_ENTRIES` attempts the oldest leave the log; the count goes on."""
+    record = make_record()
+    await jobs.create(record)
+    await jobs.finish(await jobs.get(record.id), "failed", lease=None)
+    total = MAX_LOG_ENTRIES + 3
+    for number in range(1, total + 1):
+        [claim] = await schedules.claim("deliver", 1)
+        await deliveries.record_attempt(
+            claim.member, claim.lease, attempt(number, 503), state="pending", retry_in_s=0
+        )
+    log = await deliveries.log(claim.member)
+    assert [a.attempt for a in log] == list(range(4, total + 1))
+    assert (await jobs.get(record.id)).webhook_attempts == total
 
 
 async def _expired_job(jobs: JobStore, redis, keys, tenant: str = "orders") -> JobRecord:

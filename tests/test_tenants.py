@@ -7,7 +7,7 @@ import hashlib
 import time
 
 from service.config import load_settings
-from service.store.jobs import JobStore, describe
+from service.store.jobs import JobStore
 from tests.support import new_tenant
 from tests.test_api import HOSTS, job_body, serve
 
@@ -75,7 +75,7 @@ async def test_each_job_records_its_tenant_and_key_id_never_the_key(
     assert stored.record.tenant == "quiet"
     digest = hashlib.sha256(QUIET.api_key.encode()).hexdigest()
     assert stored.record.key_id == "key_" + digest[:12]
-    stored_text = describe(await redis.get(keys.job(job_id)))
+    stored_text = str(await redis.hgetall(keys.job(job_id)))
     assert stored.record.key_id in stored_text
     assert QUIET.api_key not in stored_text
 

@@ -246,6 +246,11 @@ def _state_validation_rules(schemas: dict[str, Any]) -> None:
         "description": "An http(s) URL without user:password, on a host in the tenant's "
         "`callback_hosts`.",
     }
+    # The defaults are for log entries stored before a field existed: an answer has them all.
+    attempt = schemas["DeliveryAttempt"]
+    attempt["required"] = sorted(attempt["properties"])
+    for field in attempt["properties"].values():
+        field.pop("default", None)
     schemas["JobRequest"]["properties"]["metadata"]["description"] = (
         f"Any JSON object, kept and answered as sent: at most {MAX_METADATA_BYTES} bytes as "
         f"JSON, nested at most {MAX_METADATA_DEPTH} levels, no NUL (U+0000) in any string."

@@ -11,84 +11,75 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Literal, cast
+from typing import Final, Literal
 
 import msgspec
 import redis.asyncio as aioredis
 
 from service.models import FINAL_STATUSES, DeliveryAttempt, response_excerpt
-from service.store.jobs import Lease, job_of_delivery, unpack
-from service.store.keys import LUA_PRELUDE, LUA_VALUES, Keys, parse_delivery, parse_job
+from service.store.connection import text
+from service.store.jobs import Lease, decode_record, event_body, job_of_delivery
+from service.store.keys import LUA_NOW, Keys
 
-# A log entry is an attempt's fields as a JSON array, in DeliveryAttempt's order:
-# a line of a job's value, half the size of the object with its names.
-_entry_decoder: msgspec.json.Decoder[tuple[Any, ...]] = msgspec.json.Decoder(
-    tuple[tuple(f.type for f in msgspec.structs.fields(DeliveryAttempt))]  # type: ignore[misc]
-)
+# A log entry is an attempt as a JSON object, one a line: a field added to DeliveryAttempt
+# (with a default) never breaks the entries already stored.
+_entry_decoder = msgspec.json.Decoder(DeliveryAttempt)
 _encoder = msgspec.json.Encoder()
 
 MAX_LOG_ENTRIES = 50
 """The attempt log keeps the latest attempts; the job's `webhook.attempts` counts them all."""
 
-# ARGV[8] is the job of a final event's delivery (kept in the job), '' for another's.
+# KEYS: the hash holding the delivery (its job for a final event, else its own), the
+# deliver lease, the deliver schedule. ARGV: delivery id, token, log entry, state,
+# delay_ms (-1: done), retention_s, log size, '1' for a final event's delivery.
 _RECORD_ATTEMPT = (
-    LUA_PRELUDE
-    + LUA_VALUES
+    LUA_NOW
     + """
+local holder, lease, deliver = KEYS[1], KEYS[2], KEYS[3]
 local id, token, entry, state = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local delay_ms, retention, max_log = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
-local job_id = ARGV[8]
-if redis.call('HGET', k_lease('deliver'), id) ~= token then return -1 end
-redis.call('HDEL', k_lease('deliver'), id)
-local attempts
-if job_id ~= '' then
-  local jk = k_job(job_id)
-  local job = job_get(jk)
-  if job and job.wh_id == id then
-    job.wh_attempts, job.wh_state = job.wh_attempts + 1, state
-    job.log = log_append(job.log, entry, max_log)
-    job_set(jk, job, nil)
-    attempts = job.wh_attempts
-  end
-else
-  local dk = k_delivery(id)
-  local d = dlv_get(dk)
-  if d then
-    d.attempts, d.state = d.attempts + 1, state
-    d.log = log_append(d.log, entry, max_log)
-    -- Only a final event can be sent again: another's body goes once it is done.
-    if state ~= 'pending' then d.body = '' end
-    dlv_set(dk, d, retention)
-    attempts = d.attempts
-  end
-end
-if not attempts then
-  redis.call('ZREM', k_schedule('deliver'), id)
+if redis.call('HGET', lease, id) ~= token then return -1 end
+redis.call('HDEL', lease, id)
+if redis.call('HGET', holder, 'webhook_id') ~= id then
+  redis.call('ZREM', deliver, id)
   return -2
 end
+local attempts = redis.call('HINCRBY', holder, 'webhook_attempts', 1)
+-- The log with `entry` appended, its oldest entries dropped beyond `max_log`.
+local log = (redis.call('HGET', holder, 'attempt_log') or '') .. entry .. '\\n'
+local _, lines = string.gsub(log, '\\n', '')
+while lines > max_log do
+  log = string.sub(log, string.find(log, '\\n', 1, true) + 1)
+  lines = lines - 1
+end
+redis.call('HSET', holder, 'webhook_state', state, 'attempt_log', log)
+if ARGV[8] ~= '1' then
+  -- Only a final event can be sent again: another's body goes once it is done.
+  if state ~= 'pending' then redis.call('HDEL', holder, 'event_zlib') end
+  redis.call('EXPIRE', holder, retention)
+end
 if delay_ms >= 0 then
-  redis.call('ZADD', k_schedule('deliver'), now_ms() + delay_ms, id)
+  redis.call('ZADD', deliver, now_ms() + delay_ms, id)
 else
-  redis.call('ZREM', k_schedule('deliver'), id)
+  redis.call('ZREM', deliver, id)
 end
 return attempts
 """
 )
 
+# KEYS: the job, the deliver schedule. ARGV: none.
 _RESEND = (
-    LUA_PRELUDE
-    + LUA_VALUES
+    LUA_NOW
     + """
-local jk = k_job(ARGV[1])
-local job = job_get(jk)
-if not job then return -2 end
-local s = job.status
+local job, deliver = KEYS[1], KEYS[2]
+local row = redis.call('HMGET', job, 'status', 'webhook_id', 'webhook_attempts')
+local s = row[1]
+if not s then return -2 end
 if s ~= 'completed' and s ~= 'failed' and s ~= 'cancelled' then return 0 end
-if job.wh_id == '-' then return -1 end
+if not row[2] then return -1 end
 -- The retry schedule starts over from this attempt; the count and the log go on.
-job.wh_state, job.wh_base = 'pending', job.wh_attempts
-job_set(jk, job, nil)
-redis.call('ZADD', k_schedule('deliver'), now_ms(), job.wh_id)
+redis.call('HSET', job, 'webhook_state', 'pending', 'webhook_base', row[3] or 0)
+redis.call('ZADD', deliver, now_ms(), row[2])
 return 1
 """
 )
@@ -127,37 +118,36 @@ def _is_final(event: str) -> bool:
     return event.removeprefix("job.") in FINAL_STATUSES
 
 
-def _delivery(delivery_id: str, own: bytes | None, job_raw: bytes | None) -> Delivery | None:
-    """A delivery from its job's value and, for a non-final event, its own value."""
-    if job_raw is None:
+_DELIVERY_FIELDS: Final = (
+    "webhook_id",
+    "webhook_attempts",
+    "webhook_base",
+    "webhook_created_ms",
+    "event_zlib",
+)
+
+
+def _delivery(
+    delivery_id: str, fields: list[bytes | None], record_json: bytes | None
+) -> Delivery | None:
+    """A delivery from its `_DELIVERY_FIELDS` and its job's record."""
+    stored_id, attempts, base, created_ms, body = fields
+    if record_json is None or body is None or stored_id != delivery_id.encode():
+        return None
+    record = decode_record(record_json)
+    if record.webhook is None:
         return None
     job_id, event = job_of_delivery(delivery_id)
-    if _is_final(event):
-        job = parse_job(job_raw)
-        if job.wh_id != delivery_id:
-            return None
-        record, body = unpack(job)
-        state = (job.wh_attempts, job.wh_base, job.wh_created_ms)
-    else:
-        if own is None:
-            return None
-        delivery = parse_delivery(own)
-        record, _ = unpack(parse_job(job_raw))
-        body = delivery.body
-        state = (delivery.attempts, delivery.base, delivery.created_ms)
-    if record.webhook is None or not body:
-        return None
-    attempts, base, created_ms = state
     return Delivery(
         id=delivery_id,
         job_id=job_id,
         tenant=record.tenant,
         event_type=event,
         url=record.webhook.url,
-        body=body,
-        attempts=attempts,
-        base=base,
-        created_ms=created_ms,
+        body=event_body(body),
+        attempts=int(attempts or 0),
+        base=int(base or 0),
+        created_ms=int(created_ms or 0),
     )
 
 
@@ -180,20 +170,21 @@ class DeliveryStore:
         """Several deliveries in one round trip, None where one expired."""
         if not delivery_ids:
             return []
-        # A final event's delivery lives in its job; another's is its own key, read with the job.
-        names: list[str] = []
-        for delivery_id in delivery_ids:
-            job_id, event = job_of_delivery(delivery_id)
-            if not _is_final(event):
-                names.append(self._keys.delivery(delivery_id))
-            names.append(self._keys.job(job_id))
-        # The pool does not decode replies (`connection.connect`): values are bytes.
-        raws = iter(cast("list[bytes | None]", await self._redis.mget(names)))
-        found: list[Delivery | None] = []
-        for delivery_id in delivery_ids:
-            own = None if _is_final(job_of_delivery(delivery_id)[1]) else next(raws)
-            found.append(_delivery(delivery_id, own, next(raws)))
-        return found
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for delivery_id in delivery_ids:
+                job_id, _ = job_of_delivery(delivery_id)
+                pipe.hmget(self._holder(delivery_id), _DELIVERY_FIELDS)
+                pipe.hget(self._keys.job(job_id), "record")
+            rows = await pipe.execute()
+        return [
+            _delivery(delivery_id, rows[2 * i], rows[2 * i + 1])
+            for i, delivery_id in enumerate(delivery_ids)
+        ]
+
+    def _holder(self, delivery_id: str) -> str:
+        """The hash a delivery lives in: its job's for a final event, else its own."""
+        job_id, event = job_of_delivery(delivery_id)
+        return self._keys.job(job_id) if _is_final(event) else self._keys.delivery(delivery_id)
 
     async def record_attempt(
         self,
@@ -212,41 +203,43 @@ class DeliveryStore:
         False when the claim was lost and nothing was written.
         """
         delay_ms = -1 if retry_in_s is None else max(0, round(retry_in_s * 1000))
-        job_id, event = job_of_delivery(delivery_id)
         # Bounded here, whatever the caller read: a receiver never grows a job past its cap.
         attempt = msgspec.structs.replace(
             attempt, response_excerpt=response_excerpt(attempt.response_excerpt)
         )
+        names = [
+            self._holder(delivery_id),
+            self._keys.lease("deliver"),
+            self._keys.schedule("deliver"),
+        ]
         args: list[str | bytes | int] = [
             delivery_id,
             lease.token,
-            _encoder.encode(msgspec.structs.astuple(attempt)),
+            _encoder.encode(attempt),
             state,
             delay_ms,
             self._retention_s,
             MAX_LOG_ENTRIES,
-            job_id if _is_final(event) else "",
+            int(_is_final(job_of_delivery(delivery_id)[1])),
         ]
-        answer = await self._record(keys=[self._keys.prefix], args=args)
+        answer = await self._record(keys=names, args=args)
         return int(answer) > 0
 
     async def resend(self, job_id: str) -> Resend:
         """Queue the job's final event again, with the same `webhook-id`."""
-        return Resend(int(await self._resend(keys=[self._keys.prefix], args=[job_id])))
+        names = [self._keys.job(job_id), self._keys.schedule("deliver")]
+        return Resend(int(await self._resend(keys=names)))
 
     async def log(self, delivery_id: str) -> list[DeliveryAttempt]:
         """Every attempt of the delivery, oldest first."""
-        job_id, event = job_of_delivery(delivery_id)
-        if _is_final(event):
-            raw = await self._redis.get(self._keys.job(job_id))
-            job = parse_job(raw) if raw is not None else None
-            lines = job.log if job is not None and job.wh_id == delivery_id else b""
-        else:
-            raw = await self._redis.get(self._keys.delivery(delivery_id))
-            lines = parse_delivery(raw).log if raw is not None else b""
-        return [DeliveryAttempt(*_entry_decoder.decode(line)) for line in lines.splitlines()]
+        stored_id, lines = await self._redis.hmget(
+            self._holder(delivery_id), ["webhook_id", "attempt_log"]
+        )
+        if stored_id != delivery_id.encode() or not lines:
+            return []
+        return [_entry_decoder.decode(line) for line in lines.splitlines()]
 
     async def final_delivery_id(self, job_id: str) -> str | None:
         """The id of the job's final-event delivery, once it exists."""
-        raw = await self._redis.get(self._keys.job(job_id))
-        return parse_job(raw).wh_id if raw is not None else None
+        stored_id = await self._redis.hget(self._keys.job(job_id), "webhook_id")
+        return None if stored_id is None else text(stored_id)

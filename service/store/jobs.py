@@ -6,7 +6,7 @@ checks the job's version (optimistic concurrency) and, when given, the fencing
 token of the caller's claim; then writes the job, moves it between indexes and
 schedules, frees its upstream slot, and creates its webhook delivery (the
 outbox) in the same script. So there is no final state without its webhook and
-no webhook for a state that did not happen.
+no webhook for a state that did not happen. A job is a hash (see `keys.py`).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import hashlib
 import typing
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Literal, Protocol, cast
+from typing import Any, Literal, Protocol
 
 import msgspec
 import redis.asyncio as aioredis
@@ -35,81 +35,56 @@ from service.models import (
     utcnow,
 )
 from service.store.connection import text
-from service.store.keys import LUA_PRELUDE, LUA_VALUES, JobValue, Keys, parse_job
+from service.store.keys import LUA_NOW, Keys
 from service.store.limits import LUA_GCRA, Take
 
 _record_decoder = msgspec.json.Decoder(JobRecord)
 _encoder = msgspec.json.Encoder()
-# A job's blob is raw deflate with this preset dictionary: a typical final event
-# and record, so even a job's first copy of every field name and common value
-# costs a back-reference (a finished job's ~1.8 KB of JSON packs to ~260 B, not
-# ~580 B, in ~10 µs; memLevel 4 sets up in a fraction of the default's time).
-# Stored blobs need exactly these bytes to unpack: never edit it; a new one
-# needs a new layout version in keys.py, with this one kept for reading.
-_ZDICT = (
-    b'"error":{"code":"upstream_failed","message":""},"job.started","in_queue","in_progres'
-    b's","pending","outcome":"sent","rejected","unreachable","unknown","queue_position":1,'
-    b'"videos":["https://{"type":"job.completed","timestamp":"2025-01-01T00:00:00.123000Z"'
-    b',"data":{"id":"job_01J0000000000000000000000","status":"completed","model":"tencent/'
-    b'hunyuan/video-to-video","input":{"prompt":"a","video_url":"https://","pro_mode":fals'
-    b'e,"resolution":"720p","aspect_ratio":"16:9","num_frames":129,"strength":0.85},"outpu'
-    b't":{"video":"https://"},"error":null,"upstream":{"request_id":"00000000-0000-0000-00'
-    b'00-000000000000","queue_position":null},"webhook":{"url":"https://","events":["job.c'
-    b'ompleted","job.failed","job.cancelled"],"state":"pending","attempts":0},"metadata":n'
-    b'ull,"created_at":"2025-01-01T00:00:00.123000Z","submitted_at":"2025-01-01T00:00:00.1'
-    b'23000Z","started_at":"2025-01-01T00:00:00.123000Z","finished_at":"2025-01-01T00:00:0'
-    b'0.123000Z","upstream_submits":1}}{"id":"job_01J0000000000000000000000","tenant":"ten'
-    b'ant","key_id":"key_000000000000","status":"completed","input":{"prompt":"a","video_u'
-    b'rl":"https://","pro_mode":false,"resolution":"720p","aspect_ratio":"16:9","num_frame'
-    b's":129,"strength":0.85},"webhook":{"url":"https://","events":["job.completed","job.f'
-    b'ailed","job.cancelled"]},"metadata":null,"output":{"video":"https://"},"error":null,'
-    b'"upstream":{"request_id":"00000000-0000-0000-0000-000000000000","queue_position":nul'
-    b'l},"created_at":"2025-01-01T00:00:00.123000Z","submitted_at":"2025-01-01T00:00:00.12'
-    b'3000Z","started_at":"2025-01-01T00:00:00.123000Z","finished_at":"2025-01-01T00:00:00'
-    b'.123000Z","deadline_at":"2025-01-01T00:00:00.123000Z","submits":[{"at":"2025-01-01T0'
-    b'0:00:00.123000Z","outcome":"accepted","request_id":"00000000-0000-0000-0000-00000000'
-    b'0000"}],"submit_retries":0,"cancel_requested_at":null}'
-)
 
-# A batch of creates, each as a create alone would do it, in order. ARGV: retention_s, and
-# the jobs in one string, each a line of nine words then its blob (`_create_entry`): one
-# argument rather than nine per job, which redis-py would encode one by one. The answer
-# is one line per job: `C` created, `I <job id> <body hash>` its Idempotency-Key was used
-# already (nothing stored), or `R <ms>` its submission limit refused it for that long
-# (nothing taken, nothing stored).
+# A batch of creates, each as a create alone would do it, in order. KEYS: submit-tenants,
+# the backlog, then each job's own in order: its hash, its tenant's pending index and
+# submit schedule, its Idempotency-Key's record (when it has a key) and its submission
+# limit (when it has one). ARGV: retention_s, and the jobs in one string, each a line of
+# eight words then its record JSON (`_create_entry`): one argument rather than eight per
+# job, which redis-py would encode one by one. The answer is one line per job: `C`
+# created, `I <job id> <body hash>` its Idempotency-Key was used already (nothing
+# stored), or `R <ms>` its submission limit refused it for that long (nothing taken,
+# nothing stored).
 _CREATE = (
-    LUA_PRELUDE
-    + LUA_VALUES
+    LUA_NOW
     + LUA_GCRA
     + """
 local retention, batch = tonumber(ARGV[1]), ARGV[2]
+local submit_tenants, backlog = KEYS[1], KEYS[2]
 local now = now_ms()
-local answers, at = {}, 1
+local answers, at, k = {}, 1, 3
 while at <= #batch do
   local eol = string.find(batch, '\\n', at, true)
-  local id, tenant, idem, body_hash, limit, interval_ms, burst, cost, size = string.match(
-    string.sub(batch, at, eol - 1), '^(%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%d+)$')
-  local blob = string.sub(batch, eol + 1, eol + tonumber(size))
+  local id, tenant, idem, body_hash, interval_ms, burst, cost, size = string.match(
+    string.sub(batch, at, eol - 1), '^(%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%d+)$')
+  local record = string.sub(batch, eol + 1, eol + tonumber(size))
   at = eol + tonumber(size) + 1
+  local job, pending, submit = KEYS[k], KEYS[k + 1], KEYS[k + 2]
+  k = k + 3
+  local idem_key, limit
+  if idem ~= '-' then idem_key, k = KEYS[k], k + 1 end
+  if interval_ms ~= '-' then limit, k = KEYS[k], k + 1 end
   local wait, existing = 0, false
-  if limit ~= '-' then
+  if limit then
     wait = gcra_take(limit, tonumber(interval_ms), tonumber(burst), tonumber(cost), now)
   end
-  if wait == 0 and idem ~= '-' then existing = redis.call('GET', k_idem(tenant, idem)) end
+  if wait == 0 and idem_key then existing = redis.call('GET', idem_key) end
   if wait > 0 then
     answers[#answers + 1] = 'R ' .. wait
   elseif existing then
     answers[#answers + 1] = 'I ' .. existing
   else
-    if idem ~= '-' then
-      redis.call('SET', k_idem(tenant, idem), id .. ' ' .. body_hash, 'EX', retention)
-    end
-    job_set(k_job(id), {status = 'pending', ver = 1, wh_state = 'pending', wh_attempts = 0,
-      wh_base = 0, wh_created = 0, wh_id = '-', body_len = 0, blob = blob, log = ''}, nil)
-    redis.call('ZADD', k_submit_tenants(), 'NX', 0, tenant)
-    redis.call('ZADD', k_jobs_status(tenant, 'pending'), 0, id)
-    redis.call('ZADD', k_submit(tenant), now, id)
-    redis.call('ZADD', k_backlog(), now, id)
+    if idem_key then redis.call('SET', idem_key, id .. ' ' .. body_hash, 'EX', retention) end
+    redis.call('HSET', job, 'status', 'pending', 'ver', 1, 'record', record)
+    redis.call('ZADD', submit_tenants, 'NX', 0, tenant)
+    redis.call('ZADD', pending, 0, id)
+    redis.call('ZADD', submit, now, id)
+    redis.call('ZADD', backlog, now, id)
     answers[#answers + 1] = 'C'
   end
 end
@@ -117,74 +92,75 @@ return table.concat(answers, '\\n')
 """
 )
 
-# ARGV[2] is the job's new blob, ARGV[3] the body of a non-final event's delivery.
+# KEYS: see `_transition_keys`. ARGV: the change (`_Op`, JSON), the new record JSON, and
+# the new event's body, zlib-compressed ('' when there is none).
 _TRANSITION = (
-    LUA_PRELUDE
-    + LUA_VALUES
+    LUA_NOW
     + """
+local job, old_index, new_index, backlog, submit, submit_tenants, inflight, tenant_inflight,
+  poll, deliver, fence = unpack(KEYS, 1, 11)
+local leases = {submit = KEYS[12], poll = KEYS[13], deliver = KEYS[14]}
+local delivery = KEYS[15]
 local op = cjson.decode(ARGV[1])
-local jk = k_job(op.id)
-local job = job_get(jk)
-if not job then return -2 end
-if job.ver ~= op.ver then return 0 end
+local current = redis.call('HMGET', job, 'ver', 'status')
+if not current[1] then return -2 end
+-- The indexes in KEYS are those of the status read with this version.
+if tonumber(current[1]) ~= op.ver or current[2] ~= op.old_status then return 0 end
 if op.lease_schedule then
-  if redis.call('HGET', k_lease(op.lease_schedule), op.id) ~= op.lease_token then return -1 end
+  if redis.call('HGET', leases[op.lease_schedule], op.id) ~= op.lease_token then return -1 end
 end
 local now
 local function clock()
   now = now or now_ms()
   return now
 end
-local old = job.status
 local claimed
-job.status, job.ver, job.blob, job.body_len = op.status, op.ver + 1, ARGV[2], op.body_len or 0
-if old ~= op.status then
-  redis.call('ZREM', k_jobs_status(op.tenant, old), op.id)
-  redis.call('ZADD', k_jobs_status(op.tenant, op.status), 0, op.id)
-  if old == 'pending' then redis.call('ZREM', k_backlog(), op.id) end
+redis.call('HSET', job, 'status', op.status, 'ver', op.ver + 1, 'record', ARGV[2])
+if op.old_status ~= op.status then
+  redis.call('ZREM', old_index, op.id)
+  redis.call('ZADD', new_index, 0, op.id)
+  if op.old_status == 'pending' then redis.call('ZREM', backlog, op.id) end
 end
 if op.leave_submit then
-  redis.call('ZREM', k_submit(op.tenant), op.id)
-  redis.call('HDEL', k_lease('submit'), op.id)
+  redis.call('ZREM', submit, op.id)
+  redis.call('HDEL', leases.submit, op.id)
 end
 if op.leave_poll then
-  redis.call('ZREM', k_schedule('poll'), op.id)
-  redis.call('HDEL', k_lease('poll'), op.id)
+  redis.call('ZREM', poll, op.id)
+  redis.call('HDEL', leases.poll, op.id)
 end
 if op.submit_in_ms then
-  redis.call('ZADD', k_submit(op.tenant), clock() + op.submit_in_ms, op.id)
-  redis.call('ZADD', k_submit_tenants(), 'NX', 0, op.tenant)
-  redis.call('HDEL', k_lease('submit'), op.id)
+  redis.call('ZADD', submit, clock() + op.submit_in_ms, op.id)
+  redis.call('ZADD', submit_tenants, 'NX', 0, op.tenant)
+  redis.call('HDEL', leases.submit, op.id)
 end
 if op.poll_in_ms then
-  redis.call('ZADD', k_schedule('poll'), clock() + op.poll_in_ms, op.id)
-  redis.call('HDEL', k_lease('poll'), op.id)
+  redis.call('ZADD', poll, clock() + op.poll_in_ms, op.id)
+  redis.call('HDEL', leases.poll, op.id)
 end
 if op.release_slot then
-  redis.call('SREM', k_inflight(), op.id)
-  redis.call('SREM', k_inflight_t(op.tenant), op.id)
+  redis.call('SREM', inflight, op.id)
+  redis.call('SREM', tenant_inflight, op.id)
 end
 if op.event_id then
-  if op.final then
-    -- The final event's delivery lives in the job, its body at the head of the blob.
-    job.wh_id, job.wh_state, job.wh_attempts, job.wh_base = op.event_id, 'pending', 0, 0
-    job.wh_created = clock()
-  else
-    dlv_set(k_delivery(op.event_id), {state = 'pending', attempts = 0, base = 0,
-      created = clock(), body = ARGV[3], log = ''}, op.retention_s)
-  end
+  -- The final event's delivery lives in the job; another's is a hash of its own.
+  local holder = op.final and job or delivery
+  redis.call('HSET', holder, 'webhook_id', op.event_id, 'webhook_state', 'pending',
+    'webhook_attempts', 0, 'webhook_created_ms', clock(), 'event_zlib', ARGV[3])
+  redis.call('HDEL', holder, 'webhook_base')
+  if not op.final then redis.call('EXPIRE', delivery, op.retention_s) end
   if op.claim_lease_ms then
     -- Claimed at once for the process making the change, which sends it itself.
-    local token = redis.call('INCR', k_fence())
-    redis.call('ZADD', k_schedule('deliver'), clock() + op.claim_lease_ms, op.event_id)
-    redis.call('HSET', k_lease('deliver'), op.event_id, token)
+    local token = redis.call('INCR', fence)
+    redis.call('ZADD', deliver, clock() + op.claim_lease_ms, op.event_id)
+    redis.call('HSET', leases.deliver, op.event_id, token)
     claimed = token
   else
-    redis.call('ZADD', k_schedule('deliver'), clock(), op.event_id)
+    redis.call('ZADD', deliver, clock(), op.event_id)
   end
 end
-if op.wh_state then job.wh_state = op.wh_state end
-job_set(jk, job, op.final and op.retention_s or nil)
+if op.webhook_state then redis.call('HSET', job, 'webhook_state', op.webhook_state) end
+if op.final then redis.call('EXPIRE', job, op.retention_s) end
 if claimed then return {1, claimed} end
 return 1
 """
@@ -207,8 +183,8 @@ class _Op(msgspec.Struct, omit_defaults=True):
     tenant: str
     ver: int
     status: str
+    old_status: str
     retention_s: int
-    body_len: int = 0
     lease_schedule: str | None = None
     lease_token: str | None = None
     leave_submit: bool = False
@@ -219,7 +195,7 @@ class _Op(msgspec.Struct, omit_defaults=True):
     final: bool = False
     event_id: str | None = None
     claim_lease_ms: int | None = None
-    wh_state: str | None = None
+    webhook_state: str | None = None
 
 
 @dataclass(frozen=True)
@@ -230,8 +206,6 @@ class StoredJob:
     ver: int
     webhook_state: WebhookState
     webhook_attempts: int
-    final_body: bytes = field(default=b"", repr=False, compare=False)
-    """The final event's body as stored: a later change of a final job keeps it."""
 
     def view_json(self) -> bytes:
         """The job as its tenant sees it, encoded."""
@@ -308,47 +282,43 @@ def job_of_delivery(delivery: str) -> tuple[str, EventType]:
     return f"job_{ulid}", f"job.{event}"  # type: ignore[return-value]
 
 
-def pack(body: bytes, doc: bytes) -> bytes:
-    """A job's blob: its final event body (or nothing) then its record, compressed together."""
-    packer = zlib.compressobj(6, zlib.DEFLATED, -15, 4, zdict=_ZDICT)
-    return packer.compress(body + doc) + packer.flush()
+def decode_record(stored: bytes) -> JobRecord:
+    """A job's record from its `record` field."""
+    return _record_decoder.decode(stored)
 
 
-def inflate(blob: bytes) -> bytes:
-    """What a job's blob holds: its final event body (if any) then its record, as JSON."""
-    return zlib.decompressobj(-15, zdict=_ZDICT).decompress(blob)
+def event_body(stored: bytes) -> bytes:
+    """An event's body as every attempt sends it, from its `event_zlib` field."""
+    return zlib.decompress(stored)
 
 
-def unpack(value: JobValue) -> tuple[JobRecord, bytes]:
-    """The record and the final event body (empty before the job ended) of a job's value."""
-    data = inflate(value.blob)
-    return _record_decoder.decode(data[value.body_len :]), data[: value.body_len]
+_JOB_FIELDS: typing.Final = ("ver", "record", "webhook_state", "webhook_attempts")
 
 
-def stored_job(raw: bytes) -> StoredJob:
-    """A job as stored (`GET` of its key, or what a claim read) ready to change."""
-    value = parse_job(raw)
-    record, body = unpack(value)
+def _stored_job(fields: list[bytes | None]) -> StoredJob | None:
+    """A job from its `_JOB_FIELDS`, or None when it is gone."""
+    ver, record, state, attempts = fields
+    if ver is None or record is None:
+        return None
     return StoredJob(
-        record=record,
-        ver=value.ver,
-        webhook_state=value.wh_state,  # type: ignore[arg-type]
-        webhook_attempts=value.wh_attempts,
-        final_body=body,
+        record=decode_record(record),
+        ver=int(ver),
+        webhook_state=text(state or b"pending"),  # type: ignore[arg-type]
+        webhook_attempts=int(attempts or 0),
     )
 
 
-def describe(raw: bytes) -> str:
-    """A job's stored value as text: its header, final event body, record and attempt log.
-
-    For debugging: `redis-cli --raw GET '{rcg}:job:<id>' | python -c "import sys;
-    from service.store.jobs import describe; print(describe(sys.stdin.buffer.read()))"`.
-    """
-    head = raw.partition(b"\n")[0].decode()
-    value = parse_job(raw)
-    data = inflate(value.blob)
-    parts = [head, data[: value.body_len].decode(), data[value.body_len :].decode()]
-    return "\n".join([*parts, *value.log.decode().splitlines()])
+async def stored_jobs(
+    redis: aioredis.Redis, keys: Keys, job_ids: Sequence[str]
+) -> list[StoredJob | None]:
+    """Several jobs in one round trip, None where a job is gone."""
+    if not job_ids:
+        return []
+    async with redis.pipeline(transaction=False) as pipe:
+        for job_id in job_ids:
+            pipe.hmget(keys.job(job_id), _JOB_FIELDS)
+        rows = await pipe.execute()
+    return [_stored_job(row) for row in rows]
 
 
 def body_hash(body: bytes) -> str:
@@ -356,29 +326,49 @@ def body_hash(body: bytes) -> str:
     return hashlib.sha256(body).hexdigest()
 
 
-def _pack_pending(doc: bytes) -> bytes:
-    """A new job's blob: its record in deflate's stored (uncompressed) blocks.
-
-    `inflate` reads it as any other blob. Compressing costs the API 8-15 us a
-    submit, for a blob that lives only until the worker's first change of the
-    job packs it again with `pack`; a pending job costs ~480 bytes more meanwhile.
-    """
-    packer = zlib.compressobj(0, zlib.DEFLATED, -15, 1)
-    return packer.compress(doc) + packer.flush()
-
-
 def _create_entry(
     record: JobRecord, idempotency: tuple[str, str] | None, limit: Take | None, keys: Keys
-) -> bytes:
-    """One job of `_CREATE`'s batch: id, tenant, key hash, body hash, limit, blob size; blob.
+) -> tuple[bytes, list[str]]:
+    """One job of `_CREATE`'s batch: its line and record JSON, and the keys it adds to KEYS.
 
-    Every word is free of whitespace: ids, tenant ids (`config`), hex digests, key names.
+    The line's words (id, tenant, key hash, body hash, limit, record size) are free of
+    whitespace: ids, tenant ids (`config`), hex digests, numbers.
     """
     key_hash, digest = idempotency or ("-", "-")
-    limit_words = " ".join(map(str, limit.script_args(keys))) if limit else "- 0 0 0"
-    blob = _pack_pending(_encoder.encode(record))
-    head = f"{record.id} {record.tenant} {key_hash} {digest} {limit_words} {len(blob)}\n"
-    return head.encode() + blob
+    limit_words = " ".join(map(str, limit.script_args())) if limit else "- 0 0"
+    doc = _encoder.encode(record)
+    head = f"{record.id} {record.tenant} {key_hash} {digest} {limit_words} {len(doc)}\n"
+    names = [keys.job(record.id), keys.jobs(record.tenant, "pending"), keys.submit(record.tenant)]
+    if idempotency:
+        names.append(keys.idempotency(record.tenant, key_hash))
+    if limit:
+        names.append(keys.rate(limit.name))
+    return head.encode() + doc, names
+
+
+def _transition_keys(
+    keys: Keys, old_status: str, new: JobRecord, event_id: str | None
+) -> list[str]:
+    """`_TRANSITION`'s KEYS, in the order the script names them."""
+    names = [
+        keys.job(new.id),
+        keys.jobs(new.tenant, old_status),
+        keys.jobs(new.tenant, new.status),
+        keys.backlog(),
+        keys.submit(new.tenant),
+        keys.submit_tenants(),
+        keys.inflight(),
+        keys.inflight(new.tenant),
+        keys.schedule("poll"),
+        keys.schedule("deliver"),
+        keys.fence(),
+        keys.lease("submit"),
+        keys.lease("poll"),
+        keys.lease("deliver"),
+    ]
+    if event_id is not None and new.status not in FINAL_STATUSES:
+        names.append(keys.delivery(event_id))
+    return names
 
 
 class JobStore:
@@ -435,11 +425,14 @@ class JobStore:
         """
         if not items:
             return []
-        batch = b"".join(
-            _create_entry(record, idempotency, limits[i] if i < len(limits) else None, self._keys)
-            for i, (record, idempotency) in enumerate(items)
-        )
-        answer = await self._create(keys=[self._keys.prefix], args=[self._retention_s, batch])
+        names = [self._keys.submit_tenants(), self._keys.backlog()]
+        entries = []
+        for i, (record, idempotency) in enumerate(items):
+            limit = limits[i] if i < len(limits) else None
+            entry, entry_keys = _create_entry(record, idempotency, limit, self._keys)
+            entries.append(entry)
+            names += entry_keys
+        answer = await self._create(keys=names, args=[self._retention_s, b"".join(entries)])
         results = []
         for (record, idempotency), line in zip(items, answer.split(b"\n"), strict=True):
             kind, _, value = line.decode().partition(" ")
@@ -463,12 +456,7 @@ class JobStore:
 
     async def get_many(self, job_ids: list[str]) -> list[StoredJob | None]:
         """Several jobs in one round trip, None where a job is gone."""
-        if not job_ids:
-            return []
-        names = [self._keys.job(i) for i in job_ids]
-        # The pool does not decode replies (`connection.connect`): values are bytes.
-        raws = cast("list[bytes | None]", await self._redis.mget(names))
-        return [None if raw is None else stored_job(raw) for raw in raws]
+        return await stored_jobs(self._redis, self._keys, job_ids)
 
     async def page(
         self, tenant: str, *, status: JobStatus | None, limit: int, cursor: str | None
@@ -555,13 +543,13 @@ class JobStore:
     ) -> Outcome:
         """Write `new` over `stored` if nothing changed it meanwhile, with `change` and `event`."""
         final = new.status in FINAL_STATUSES
-        body = stored.final_body if final else b""
-        event_body = b""
+        body = b""
         op = _Op(
             id=new.id,
             tenant=new.tenant,
             ver=stored.ver,
             status=new.status,
+            old_status=stored.record.status,
             retention_s=self._retention_s,
             lease_schedule=lease.schedule if lease else None,
             lease_token=lease.token if lease else None,
@@ -573,25 +561,23 @@ class JobStore:
             final=final,
         )
         if event is not None and new.webhook is not None and event in new.webhook.events:
-            event_body = _encoder.encode(
+            body = _encoder.encode(
                 WebhookEvent(type=event, timestamp=utcnow(), data=new.view("pending", 0))
             )
             op.event_id = delivery_id(new.id, event)
             if self._taker is not None:
                 op.claim_lease_ms = self._taker.lease_ms_if_free()
-            if final:
-                body, event_body = event_body, b""
         elif final and new.webhook is not None and stored.record.status not in FINAL_STATUSES:
-            op.wh_state = "skipped"
-        op.body_len = len(body)
-        args = [_encoder.encode(op), pack(body, _encoder.encode(new)), event_body]
-        answer = await self._transition(keys=[self._keys.prefix], args=args)
+            op.webhook_state = "skipped"
+        args = [_encoder.encode(op), _encoder.encode(new), zlib.compress(body) if body else b""]
+        names = _transition_keys(self._keys, stored.record.status, new, op.event_id)
+        answer = await self._transition(keys=names, args=args)
         outcome = Outcome(int(answer[0] if isinstance(answer, list) else answer))
         if outcome is Outcome.DONE:
             if final and stored.record.status not in FINAL_STATUSES and self._on_finish:
                 self._on_finish(new.status, new.tenant)
             token = text(answer[1]) if isinstance(answer, list) else None
-            self._scheduled(op, new, token, body or event_body)
+            self._scheduled(op, new, token, body)
         return outcome
 
     def _scheduled(self, op: _Op, new: JobRecord, token: str | None, body: bytes) -> None:
@@ -622,7 +608,7 @@ class JobStore:
         )
         outcome = await self._apply(stored, new, _Change(), lease=lease, event=None)
         return outcome, StoredJob(
-            new, stored.ver + 1, stored.webhook_state, stored.webhook_attempts, stored.final_body
+            new, stored.ver + 1, stored.webhook_state, stored.webhook_attempts
         )
 
     async def submitted(

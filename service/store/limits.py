@@ -16,7 +16,7 @@ from typing import Final
 import redis.asyncio as aioredis
 
 from service.store.connection import text
-from service.store.keys import LUA_PRELUDE, Keys
+from service.store.keys import LUA_NOW, Keys
 
 LUA_GCRA: Final = """
 -- Take `cost` from the GCRA limit at `key` at time `now` (ms): 0 when granted, else the ms
@@ -33,26 +33,28 @@ end
 """
 """The rate limiter itself, for every script that takes from a limit (`jobs.create_many` too)."""
 
-# Several limits taken at once (ARGV: key, interval_ms, burst, cost, then the next four),
+# Several limits taken at once (KEYS: the limits; ARGV: interval_ms, burst, cost of each),
 # one after the other, exactly as that many single calls in a row would take them.
 _GCRA = (
-    LUA_PRELUDE
+    LUA_NOW
     + LUA_GCRA
     + """
 local now = now_ms()
 local waits = {}
-for i = 1, #ARGV, 4 do
-  waits[#waits + 1] = gcra_take(ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2]),
-    tonumber(ARGV[i + 3]), now)
+for i, key in ipairs(KEYS) do
+  local at = 3 * i - 2
+  waits[i] = gcra_take(key, tonumber(ARGV[at]), tonumber(ARGV[at + 1]), tonumber(ARGV[at + 2]),
+    now)
 end
 return waits
 """
 )
 
+# KEYS: the pause. ARGV: reason, ms.
 _PAUSE = (
-    LUA_PRELUDE
+    LUA_NOW
     + """
-local key, reason, ms = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local key, reason, ms = KEYS[1], ARGV[1], tonumber(ARGV[2])
 local now = now_ms()
 local until_ms = tonumber(redis.call('HGET', key, 'until') or 0)
 if now + ms > until_ms then
@@ -63,10 +65,11 @@ return redis.call('HINCRBY', key, 'count', 1)
 """
 )
 
+# KEYS: the pause.
 _CURRENT = (
-    LUA_PRELUDE
+    LUA_NOW
     + """
-local row = redis.call('HMGET', ARGV[1], 'reason', 'until')
+local row = redis.call('HMGET', KEYS[1], 'reason', 'until')
 if not row[1] then return false end
 return {row[1], tonumber(row[2]) - now_ms()}
 """
@@ -82,9 +85,9 @@ class Take:
     burst: int
     cost: int = 1
 
-    def script_args(self, keys: Keys) -> tuple[str, float, int, int]:
-        """What `gcra_take` (`LUA_GCRA`) takes but the time: key, interval_ms, burst, cost."""
-        return keys.rate(self.name), 1000.0 / self.rate_per_s, max(1, self.burst), self.cost
+    def script_args(self) -> tuple[float, int, int]:
+        """What `gcra_take` (`LUA_GCRA`) takes but the key and the time: interval, burst, cost."""
+        return 1000.0 / self.rate_per_s, max(1, self.burst), self.cost
 
 
 @dataclass(frozen=True)
@@ -111,10 +114,10 @@ class Limits:
 
     async def acquire_many(self, takes: list[Take]) -> list[float]:
         """`acquire` for each of `takes` in one round trip, in order; the waits in that order."""
-        args: list[str | float | int] = []
+        args: list[float | int] = []
         for take in takes:
-            args += take.script_args(self._keys)
-        waits_ms = await self._gcra(keys=[self._keys.prefix], args=args)
+            args += take.script_args()
+        waits_ms = await self._gcra(keys=[self._keys.rate(t.name) for t in takes], args=args)
         return [float(wait_ms) / 1000.0 for wait_ms in waits_ms]
 
     async def pause_upstream(self, reason: str, seconds: float) -> int:
@@ -125,14 +128,13 @@ class Limits:
         """
         return int(
             await self._pause(
-                keys=[self._keys.prefix],
-                args=[self._keys.pause(), reason, max(1, round(seconds * 1000))],
+                keys=[self._keys.pause()], args=[reason, max(1, round(seconds * 1000))]
             )
         )
 
     async def upstream_pause(self) -> Pause | None:
         """The pause in force, if any."""
-        row = await self._current(keys=[self._keys.prefix], args=[self._keys.pause()])
+        row = await self._current(keys=[self._keys.pause()])
         if not row:
             return None
         remaining_ms = int(row[1])

@@ -22,8 +22,8 @@ from typing import Literal, cast
 import redis.asyncio as aioredis
 
 from service.store.connection import text
-from service.store.jobs import Lease
-from service.store.keys import LUA_NOW, LUA_PRELUDE, Keys
+from service.store.jobs import Lease, StoredJob, stored_jobs
+from service.store.keys import LUA_NOW, Keys
 
 # KEYS: the schedule, its lease hash, the fencing counter. ARGV: lease_ms, max. The answer:
 # how long until the schedule's next member falls due (ms; -1 when it is empty), then the
@@ -49,6 +49,22 @@ return {next_due, claims}
 """
 )
 
+# The tenants a submit script was given, each {name, submit, inflight}, and their caps.
+# After `argc` arguments of its own come the number of tenants, their names, then tenant,
+# cap pairs; after `keyc` keys of its own, each tenant's submit schedule and in-flight set.
+_LUA_TENANTS = """
+local function read_tenants(argc, keyc)
+  local n = tonumber(ARGV[argc + 1])
+  local tenants, caps = {}, {}
+  for i = 1, n do
+    tenants[i] = {name = ARGV[argc + 1 + i], submit = KEYS[keyc + 2 * i - 1],
+      inflight = KEYS[keyc + 2 * i]}
+  end
+  for i = argc + n + 2, #ARGV, 2 do caps[ARGV[i]] = tonumber(ARGV[i + 1]) end
+  return tenants, caps
+end
+"""
+
 # Fair claiming: tenants with due work are served round robin (least recently
 # served first), one job per turn, while the global and the tenant's cap on jobs
 # inside RunComfy allow. A claimed job takes its upstream slot at once, so two
@@ -60,57 +76,76 @@ return {next_due, claims}
 # jobs of a tenant removed from the tenants file, when the caller names every
 # tenant it knows (its `tenant_caps` then has every tenant): the submitter fails
 # them unsent.
+#
+# KEYS: the fencing counter, the submit lease, the global in-flight set, submit-tenants,
+# the round-robin counter, then each tenant's submit schedule and in-flight set. ARGV:
+# lease_ms, max, global_cap, '1' when the caps name every tenant, the number of tenants,
+# the tenants (in KEYS' order), then tenant, cap pairs. The tenants are those of
+# submit-tenants when the caller read it: one that has left it since (no pending work) is
+# skipped, one that has joined is served on the next call. The answer: tenant, job id,
+# fencing token of each claim.
 _CLAIM_SUBMITS = (
-    LUA_PRELUDE
+    LUA_NOW
+    + _LUA_TENANTS
     + """
+local fence, lease, inflight_all, submit_tenants, rr = unpack(KEYS, 1, 5)
 local lease_ms, max, global_cap = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local known = ARGV[4] == '1'
-local caps = {}
-for i = 5, #ARGV, 2 do caps[ARGV[i]] = tonumber(ARGV[i + 1]) end
+local given, caps = read_tenants(4, 5)
+local tenants = {}
+for _, t in ipairs(given) do
+  local turn = redis.call('ZSCORE', submit_tenants, t.name)
+  if turn then
+    t.turn = tonumber(turn)
+    tenants[#tenants + 1] = t
+  end
+end
+-- Least recently served first, ties by name: the order of ZRANGE.
+table.sort(tenants, function(a, b)
+  return a.turn < b.turn or (a.turn == b.turn and a.name < b.name)
+end)
 local now = now_ms()
-local inflight = redis.call('SCARD', k_inflight())
-local tenants = redis.call('ZRANGE', k_submit_tenants(), 0, -1)
+local inflight = redis.call('SCARD', inflight_all)
 local out = {}
 local function claim(t, id)
-  local token = redis.call('INCR', k_fence())
-  redis.call('ZADD', k_submit(t), now + lease_ms, id)
-  redis.call('HSET', k_lease('submit'), id, token)
-  if redis.call('SADD', k_inflight(), id) == 1 then inflight = inflight + 1 end
-  redis.call('SADD', k_inflight_t(t), id)
-  redis.call('ZADD', k_submit_tenants(), redis.call('INCR', k_rr()), t)
-  out[#out + 1] = t
+  local token = redis.call('INCR', fence)
+  redis.call('ZADD', t.submit, now + lease_ms, id)
+  redis.call('HSET', lease, id, token)
+  if redis.call('SADD', inflight_all, id) == 1 then inflight = inflight + 1 end
+  redis.call('SADD', t.inflight, id)
+  redis.call('ZADD', submit_tenants, redis.call('INCR', rr), t.name)
+  out[#out + 1] = t.name
   out[#out + 1] = id
   out[#out + 1] = token
-  out[#out + 1] = redis.call('GET', k_job(id)) or ''
 end
 for _, t in ipairs(tenants) do
-  for _, id in ipairs(redis.call('SMEMBERS', k_inflight_t(t))) do
-    if #out >= max * 4 then break end
-    local due = redis.call('ZSCORE', k_submit(t), id)
+  for _, id in ipairs(redis.call('SMEMBERS', t.inflight)) do
+    if #out >= max * 3 then break end
+    local due = redis.call('ZSCORE', t.submit, id)
     if due and tonumber(due) <= now then claim(t, id) end
   end
   -- A tenant no longer in the tenants file: its jobs are claimed at once, to be failed unpaid.
-  if known and not caps[t] and #out < max * 4 then
-    local left = max - #out / 4
-    for _, id in ipairs(redis.call('ZRANGEBYSCORE', k_submit(t), '-inf', now, 'LIMIT', 0, left)) do
+  if known and not caps[t.name] and #out < max * 3 then
+    local left = max - #out / 3
+    for _, id in ipairs(redis.call('ZRANGEBYSCORE', t.submit, '-inf', now, 'LIMIT', 0, left)) do
       claim(t, id)
     end
   end
 end
 local progress = true
-while progress and #out < max * 4 and inflight < global_cap do
+while progress and #out < max * 3 and inflight < global_cap do
   progress = false
   for _, t in ipairs(tenants) do
-    if #out >= max * 4 or inflight >= global_cap then break end
-    local cap = caps[t] or global_cap
-    if redis.call('SCARD', k_inflight_t(t)) < cap then
-      local due = redis.call('ZRANGEBYSCORE', k_submit(t), '-inf', now, 'LIMIT', 0, 1)
+    if #out >= max * 3 or inflight >= global_cap then break end
+    local cap = caps[t.name] or global_cap
+    if redis.call('SCARD', t.inflight) < cap then
+      local due = redis.call('ZRANGEBYSCORE', t.submit, '-inf', now, 'LIMIT', 0, 1)
       local id = due[1]
       if id then
         claim(t, id)
         progress = true
-      elseif redis.call('ZCARD', k_submit(t)) == 0 then
-        redis.call('ZREM', k_submit_tenants(), t)
+      elseif redis.call('ZCARD', t.submit) == 0 then
+        redis.call('ZREM', submit_tenants, t.name)
       end
     end
   end
@@ -122,24 +157,29 @@ return out
 # How long the oldest claimable submit has been due (ms), 0 when none: a job that
 # holds a slot already, or whose tenant has room under both caps. Claims move a job's
 # due time past now, so a claimable job stays due only while no worker claims it. An
-# upstream pause (402, 429) holds submits on purpose: nothing is stalled then.
+# upstream pause (402, 429) holds submits on purpose: nothing is stalled then. Read only.
+#
+# KEYS: the upstream pause, the global in-flight set, then each tenant's submit schedule
+# and in-flight set. ARGV: global_cap, the number of tenants, the tenants, then tenant,
+# cap pairs (as `_CLAIM_SUBMITS`).
 _SUBMIT_STALL = (
-    LUA_PRELUDE
+    LUA_NOW
+    + _LUA_TENANTS
     + """
+local pause, inflight_all = KEYS[1], KEYS[2]
 local global_cap = tonumber(ARGV[1])
-local caps = {}
-for i = 2, #ARGV, 2 do caps[ARGV[i]] = tonumber(ARGV[i + 1]) end
-if redis.call('EXISTS', k_pause()) == 1 then return 0 end
+local tenants, caps = read_tenants(1, 2)
+if redis.call('EXISTS', pause) == 1 then return 0 end
 local now = now_ms()
 local oldest = now
-local room = redis.call('SCARD', k_inflight()) < global_cap
-for _, t in ipairs(redis.call('ZRANGE', k_submit_tenants(), 0, -1)) do
-  for _, id in ipairs(redis.call('SMEMBERS', k_inflight_t(t))) do
-    local due = tonumber(redis.call('ZSCORE', k_submit(t), id))
+local room = redis.call('SCARD', inflight_all) < global_cap
+for _, t in ipairs(tenants) do
+  for _, id in ipairs(redis.call('SMEMBERS', t.inflight)) do
+    local due = tonumber(redis.call('ZSCORE', t.submit, id))
     if due and due < oldest then oldest = due end
   end
-  if room and redis.call('SCARD', k_inflight_t(t)) < (caps[t] or global_cap) then
-    local first = redis.call('ZRANGE', k_submit(t), 0, 0, 'WITHSCORES')
+  if room and redis.call('SCARD', t.inflight) < (caps[t.name] or global_cap) then
+    local first = redis.call('ZRANGE', t.submit, 0, 0, 'WITHSCORES')
     if first[2] and tonumber(first[2]) < oldest then oldest = tonumber(first[2]) end
   end
 end
@@ -173,6 +213,14 @@ return 1
 )
 
 
+def _tenant_args(tenants: list[str], caps: Mapping[str, int]) -> list[str | int]:
+    """The submit scripts' tenant arguments: how many, the tenants, then tenant, cap pairs."""
+    args: list[str | int] = [len(tenants), *tenants]
+    for tenant, cap in caps.items():
+        args += [tenant, cap]
+    return args
+
+
 @dataclass(frozen=True)
 class Claim:
     """A claimed member of a schedule; `tenant` is set for submit claims.
@@ -185,8 +233,8 @@ class Claim:
     lease: Lease
     tenant: str = ""
     due_ms: int = 0
-    job: bytes | None = field(default=None, repr=False, compare=False)
-    """The job's stored value as the claim read it (submit claims, and poll claims asked to)."""
+    job: StoredJob | None = field(default=None, repr=False, compare=False)
+    """The job as read once claimed (submit claims, and poll claims asked to); None if gone."""
 
 
 @dataclass(frozen=True)
@@ -222,18 +270,15 @@ class Schedules:
     ) -> Claimed:
         """`claim`, also saying when the schedule's next member falls due.
 
-        With `read_jobs` (members are job ids) each claim carries its job's
-        value, read with one MGET once claimed.
+        With `read_jobs` (members are job ids) each claim carries its job,
+        read in one round trip once claimed.
         """
         keys = [self._keys.schedule(name), self._keys.lease(name), self._keys.fence()]
         next_due_ms, found = await self._claim_due(keys=keys, args=[self._lease_ms, max_items])
         members = [text(member) for member, _, _ in found]
-        jobs: list[bytes | None] = [None] * len(members)
+        jobs: list[StoredJob | None] = [None] * len(members)
         if read_jobs and members:
-            # The pool does not decode replies (`connection.connect`): values are bytes.
-            jobs = cast(
-                "list[bytes | None]", await self._redis.mget([self._keys.job(m) for m in members])
-            )
+            jobs = await stored_jobs(self._redis, self._keys, members)
         claims = [
             Claim(member=member, lease=Lease(name, text(token)), due_ms=int(due_ms), job=job)
             for member, (_, token, due_ms), job in zip(members, found, jobs, strict=True)
@@ -252,31 +297,53 @@ class Schedules:
 
         With `every_tenant`, `tenant_caps` names every tenant there is, and the
         due jobs of any other tenant (one removed) are claimed whatever the caps.
-        Each claim carries its job's stored value (`Claim.job`).
+        Each claim carries its job (`Claim.job`), read once claimed.
         """
+        tenants = await self._submit_tenants()
+        if not tenants:
+            return []
+        keys = [
+            self._keys.fence(),
+            self._keys.lease("submit"),
+            self._keys.inflight(),
+            self._keys.submit_tenants(),
+            self._keys.round_robin(),
+            *self._tenant_keys(tenants),
+        ]
         args: list[str | int] = [self._lease_ms, max_items, global_cap, int(every_tenant)]
-        for tenant, cap in tenant_caps.items():
-            args += [tenant, cap]
-        flat = await self._claim_submits(keys=[self._keys.prefix], args=args)
+        flat = await self._claim_submits(keys=keys, args=args + _tenant_args(tenants, tenant_caps))
+        members = [text(flat[i + 1]) for i in range(0, len(flat), 3)]
+        jobs = await stored_jobs(self._redis, self._keys, members)
         return [
             Claim(
-                tenant=text(flat[i]),
-                member=text(flat[i + 1]),
-                lease=Lease("submit", text(flat[i + 2])),
-                job=flat[i + 3] or None,
+                tenant=text(flat[3 * n]),
+                member=member,
+                lease=Lease("submit", text(flat[3 * n + 2])),
+                job=job,
             )
-            for i in range(0, len(flat), 4)
+            for n, (member, job) in enumerate(zip(members, jobs, strict=True))
         ]
+
+    async def _submit_tenants(self) -> list[str]:
+        """The tenants with pending work, as the submit scripts are then given them."""
+        tenants = await self._redis.zrange(self._keys.submit_tenants(), 0, -1)
+        return [text(t) for t in cast("list[bytes]", tenants)]
+
+    def _tenant_keys(self, tenants: list[str]) -> list[str]:
+        """Each tenant's submit schedule and in-flight set, as the submit scripts take them."""
+        return [name for t in tenants for name in (self._keys.submit(t), self._keys.inflight(t))]
 
     async def submit_stall_s(self, *, global_cap: int, tenant_caps: Mapping[str, int]) -> float:
         """How long the oldest job a submit claim could take has gone unclaimed (0: none).
 
         Well past a lease, no worker is claiming submits: the worker's health says so.
         """
-        args: list[str | int] = [global_cap]
-        for tenant, cap in tenant_caps.items():
-            args += [tenant, cap]
-        return int(await self._submit_stall(keys=[self._keys.prefix], args=args)) / 1000
+        tenants = await self._submit_tenants()
+        if not tenants:
+            return 0.0
+        keys = [self._keys.pause(), self._keys.inflight(), *self._tenant_keys(tenants)]
+        args = [global_cap, *_tenant_args(tenants, tenant_caps)]
+        return int(await self._submit_stall(keys=keys, args=args)) / 1000
 
     async def release(
         self,

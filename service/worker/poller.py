@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from service.config import Settings
 from service.models import UPSTREAM_STATUSES, JobErrorInfo
 from service.runcomfy.client import RunComfyClient, UpstreamError
-from service.store.jobs import JobStore, Outcome, StoredJob, stored_job
+from service.store.jobs import JobStore, Outcome, StoredJob
 from service.store.schedules import Claim, Schedules
 from service.worker.loop import ClaimLoop, Heartbeat, backoff_s
 
@@ -79,7 +79,7 @@ class Poller(ClaimLoop):
         if claimed.next_due_s is not None:
             self.due_in(claimed.next_due_s)
         for claim in claimed.claims:
-            self._read[claim.member] = stored_job(claim.job) if claim.job is not None else None
+            self._read[claim.member] = claim.job
         return claimed.claims
 
     async def release_on_stop(self, claim: Claim) -> None:

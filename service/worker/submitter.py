@@ -45,7 +45,7 @@ from service.runcomfy.client import (
     UpstreamRejected,
     UpstreamUnreachable,
 )
-from service.store.jobs import JobStore, Outcome, StoredJob, stored_job
+from service.store.jobs import JobStore, Outcome, StoredJob
 from service.store.limits import Limits
 from service.store.schedules import Claim, Schedules
 from service.worker.loop import ClaimLoop, Heartbeat, backoff_s
@@ -165,8 +165,7 @@ class Submitter(ClaimLoop):
             wait_s = -1.0
         granted = wanted if wait_s == 0 else 0
         for i, claim in enumerate(claims):
-            job = stored_job(claim.job) if claim.job is not None else None
-            self._read[claim.lease.token] = _Read(job, rate_granted=i < granted)
+            self._read[claim.lease.token] = _Read(claim.job, rate_granted=i < granted)
 
     async def release_on_stop(self, claim: Claim) -> None:
         """Give a job back at shutdown; its slot too, unless a submit may be upstream."""
