@@ -163,10 +163,7 @@ class _Recorder(ClaimLoop):
         self.worked: list[str] = []
 
     async def claim(self, max_items: int) -> list[Claim]:
-        claimed = await self.schedules.claim_due("poll", max_items)
-        if claimed.next_due_s is not None:
-            self.due_in(claimed.next_due_s)
-        return claimed.claims
+        return await self.schedules.claim("poll", max_items)
 
     async def work(self, claim: Claim) -> None:
         await asyncio.sleep(0)
@@ -181,31 +178,14 @@ async def _worked(loop: _Recorder, members: list[str]) -> None:
     await wait_for(all_worked, timeout=10)
 
 
-async def test_an_idle_loop_claims_an_item_when_it_falls_due_not_at_its_next_tick(
-    redis, keys, schedules
-):
-    """The claim says when the next item falls due, and the loop wakes then."""
-    await redis.zadd(keys.schedule("poll"), {"job_later": await redis_ms(redis) + 300})
-    loop = _Recorder(schedules, concurrency=4, idle_s=60)
-    stop = asyncio.Event()
-    running = asyncio.create_task(loop.run(stop))
-    await _worked(loop, ["job_later"])  # long before the 60 s tick
-    stop.set()
-    await running
-
-
-async def test_an_idle_loop_woken_by_this_process_claims_at_once(redis, keys, schedules):
-    """`wake` (this process just scheduled an item) brings the next claim forward."""
-    loop = _Recorder(schedules, concurrency=4, idle_s=60)
+async def test_an_idle_loop_claims_an_item_soon_after_it_falls_due(redis, keys, schedules):
+    """An item due in 0.3 s is worked at its next look after that, `idle_s` apart."""
+    loop = _Recorder(schedules, concurrency=4, idle_s=0.05)
     stop = asyncio.Event()
     running = asyncio.create_task(loop.run(stop))
     await wait_for(lambda: _async(bool(loop.heartbeat.beats)))  # its first, empty, claim
-    await redis.zadd(keys.schedule("poll"), {"job_now": 0})
-    loop.wake()
-    await _worked(loop, ["job_now"])
-    await redis.zadd(keys.schedule("poll"), {"job_soon": await redis_ms(redis) + 200})
-    loop.due_in(0.2)
-    await _worked(loop, ["job_now", "job_soon"])
+    await redis.zadd(keys.schedule("poll"), {"job_later": await redis_ms(redis) + 300})
+    await _worked(loop, ["job_later"])
     stop.set()
     await running
 
@@ -217,10 +197,10 @@ async def _async(value: Any) -> Any:
 async def test_a_loop_that_claims_in_batches_still_works_every_due_item_once(
     redis, keys, schedules
 ):
-    """With `refill_at`, items beyond the free slots are worked as slots free up, each once."""
+    """Items beyond the free slots are worked as slots free up, each once."""
     members = {f"job_{i:02}": 0 for i in range(23)}
     await redis.zadd(keys.schedule("poll"), members)
-    loop = _Recorder(schedules, concurrency=4, batch=4, refill_at=3, idle_s=0.05)
+    loop = _Recorder(schedules, concurrency=4, batch=4, idle_s=0.05)
     stop = asyncio.Event()
     running = asyncio.create_task(loop.run(stop))
 

@@ -22,7 +22,6 @@ from service.models import (
 from service.store.connection import new_id
 from service.store.deliveries import MAX_LOG_ENTRIES, DeliveryStore, Resend
 from service.store.jobs import (
-    HandedOver,
     JobStore,
     Lease,
     Outcome,
@@ -290,28 +289,6 @@ async def test_scripts_survive_a_script_cache_flush(redis, jobs, schedules):
     assert (await jobs.record_submit(stored, claim.lease))[0] is Outcome.DONE
 
 
-async def test_a_change_that_schedules_a_poll_or_a_webhook_says_when_it_falls_due(
-    redis, keys, schedules
-):
-    """The worker's loops hear of the items its own changes schedule (`on_due`)."""
-    heard: list[tuple[str, float]] = []
-    jobs = JobStore(
-        redis,
-        keys,
-        retention_s=RETENTION,
-        on_due=lambda schedule, seconds: heard.append((schedule, seconds)),
-    )
-    record = make_record()
-    await jobs.create(record)
-    [claim] = await schedules.claim_submits(1, global_cap=5, tenant_caps={})
-    _, stored = await jobs.record_submit(await jobs.get(record.id), claim.lease)
-    assert heard == []
-    await jobs.submitted(stored, claim.lease, "req-1", poll_in_s=2.5)
-    assert heard == [("poll", 2.5)]
-    await jobs.finish(await jobs.get(record.id), "completed", lease=None, output={})
-    assert heard == [("poll", 2.5), ("deliver", 0.0)]
-
-
 async def test_claims_carry_the_claimed_jobs_as_stored(jobs, schedules):
     """A submit claim, and a poll claim asked to, hand over each job as a read would."""
     record = make_record()
@@ -320,67 +297,18 @@ async def test_claims_carry_the_claimed_jobs_as_stored(jobs, schedules):
     assert claim.job == await jobs.get(record.id)
     _, stored = await jobs.record_submit(claim.job, claim.lease)
     await jobs.submitted(stored, claim.lease, "req-1", poll_in_s=0)
-    claimed = await schedules.claim_due("poll", 5, read_jobs=True)
-    [poll] = claimed.claims
+    [poll] = await schedules.claim("poll", 5, read_jobs=True)
     assert poll.job == await jobs.get(record.id)
     assert poll.job.record.status == "in_queue"
 
 
-class _Taker:
-    """A dispatcher stand-in: room for `free` more deliveries, claimed for 30 s."""
-
-    def __init__(self, free: int) -> None:
-        self.free = free
-        self.taken: list[HandedOver] = []
-
-    def lease_ms_if_free(self) -> int | None:
-        return 30_000 if len(self.taken) < self.free else None
-
-    def take(self, delivery: HandedOver) -> None:
-        self.taken.append(delivery)
-
-
-async def test_a_job_ended_here_hands_its_webhook_over_claimed(redis, keys, schedules, deliveries):
-    """The delivery a change creates is claimed for the worker making it: no one else sends it."""
-    taker = _Taker(free=1)
-    jobs = JobStore(redis, keys, retention_s=RETENTION, taker=taker)
-    record = make_record()
-    await jobs.create(record)
-    await jobs.finish(await jobs.get(record.id), "completed", lease=None, output={"video": "v"})
-    [handed] = taker.taken
-    stored = await deliveries.get(handed.id)
-    assert (handed.job_id, handed.tenant, handed.event_type) == (
-        record.id,
-        "orders",
-        "job.completed",
-    )
-    assert (handed.url, handed.body) == (stored.url, stored.body)
-    assert await schedules.claim("deliver", 10) == []  # leased to the worker that ended the job
-    assert await deliveries.record_attempt(
-        handed.id, handed.lease, attempt(1), state="delivered", retry_in_s=None
-    )
-    assert (await jobs.get(record.id)).webhook_state == "delivered"
-
-
-async def test_without_room_a_new_webhook_is_left_due_for_any_dispatcher(
-    redis, keys, schedules, deliveries
+async def test_a_change_leaves_its_new_webhook_due_at_once_for_any_dispatcher(
+    jobs, schedules, deliveries
 ):
-    """A taker with no free slot gets nothing: the delivery is due at once, for anyone to claim."""
-    heard: list[tuple[str, float]] = []
-    taker = _Taker(free=0)
-    jobs = JobStore(
-        redis,
-        keys,
-        retention_s=RETENTION,
-        taker=taker,
-        on_due=lambda schedule, seconds: heard.append((schedule, seconds)),
-    )
+    """The delivery a final change creates is due at once, for whichever dispatcher claims it."""
     record = make_record()
     await jobs.create(record)
-    await jobs.cancel_requested(await jobs.get(record.id))
     await jobs.finish(await jobs.get(record.id), "cancelled", lease=None)
-    assert taker.taken == []
-    assert ("deliver", 0.0) in heard
     [claim] = await schedules.claim("deliver", 10)
     assert (await deliveries.get(claim.member)).event_type == "job.cancelled"
 

@@ -23,20 +23,17 @@ from service.localredis import free_port
 from service.runcomfy.emulator import EmulatorConfig, start_emulator
 from service.store.connection import connect
 from service.store.deliveries import DeliveryStore, Resend
-from service.store.jobs import HandedOver, JobStore, Outcome, StoredJob
+from service.store.jobs import JobStore, Outcome, StoredJob
 from service.store.keys import Keys
 from service.store.limits import Limits
 from service.store.schedules import Schedules
-from service.webhooks.delivery import create_webhook_client
 from service.worker.dispatcher import (
     CONCURRENCY,
     PER_DESTINATION,
     PER_TENANT,
     AttemptSlots,
     Destination,
-    Dispatcher,
 )
-from service.worker.loop import Heartbeat
 from service.worker.main import run_worker
 from tests.support import (
     CLI,
@@ -528,44 +525,6 @@ async def test_a_410_stops_retrying_at_once(gateway_factory):
     log = await gw.deliveries.log(await gw.deliveries.final_delivery_id(job_id))
     assert [(a.status_code, a.next_attempt_at) for a in log] == [(410, None)]
     assert len(gw.receiver.received) == 1
-
-
-async def test_a_webhook_handed_to_a_stopping_dispatcher_is_given_back_due_at_once(
-    redis_server, keys
-):
-    """A job that ends as its worker stops leaves its webhook due at once for another worker."""
-    settings = load_settings(
-        {"REDIS_URL": redis_server.url, "RUNCOMFY_API_TOKEN": "test-token"},
-        tenants=tenants_of(TENANT.tenant()),
-    )
-    redis = connect(redis_server.url)
-    schedules = Schedules(redis, keys, lease_s=30)
-    deliveries = DeliveryStore(redis, keys, retention_s=3600)
-    hooks = create_webhook_client()
-    stopped = Dispatcher(settings, deliveries, schedules, hooks, Heartbeat())  # never run
-    claimed_for_it: list[HandedOver] = []
-
-    class Claiming:
-        def lease_ms_if_free(self) -> int:
-            return 30_000
-
-        def take(self, delivery: HandedOver) -> None:
-            claimed_for_it.append(delivery)
-
-    jobs = JobStore(redis, keys, retention_s=3600, taker=Claiming())
-    record = job_record(TENANT.id, webhook_url="http://127.0.0.1:9/hook")
-    await jobs.create(record)
-    await jobs.finish(await jobs.get(record.id), "cancelled", lease=None)
-    [handed] = claimed_for_it
-    stopped.take(handed)
-
-    async def claimable() -> list[Any]:
-        return await schedules.claim("deliver", 10)
-
-    [claim] = await wait_for(claimable)
-    assert claim.member == handed.id
-    await hooks.aclose()
-    await redis.aclose()
 
 
 async def test_a_worker_whose_submits_stall_turns_its_health_red(gateway_factory, monkeypatch):

@@ -17,7 +17,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import msgspec
 import redis.asyncio as aioredis
@@ -114,7 +114,6 @@ local function clock()
   now = now or now_ms()
   return now
 end
-local claimed
 redis.call('HSET', job, 'status', op.status, 'ver', op.ver + 1, 'record', ARGV[2])
 if op.old_status ~= op.status then
   redis.call('ZREM', old_index, op.id)
@@ -149,19 +148,10 @@ if op.event_id then
     'webhook_attempts', 0, 'webhook_created_ms', clock(), 'event_zlib', ARGV[3])
   redis.call('HDEL', holder, 'webhook_base')
   if not op.final then redis.call('EXPIRE', delivery, op.retention_s) end
-  if op.claim_lease_ms then
-    -- Claimed at once for the process making the change, which sends it itself.
-    local token = redis.call('INCR', fence)
-    redis.call('ZADD', deliver, clock() + op.claim_lease_ms, op.event_id)
-    redis.call('HSET', leases.deliver, op.event_id, token)
-    claimed = token
-  else
-    redis.call('ZADD', deliver, clock(), op.event_id)
-  end
+  redis.call('ZADD', deliver, clock(), op.event_id)
 end
 if op.webhook_state then redis.call('HSET', job, 'webhook_state', op.webhook_state) end
 if op.final then redis.call('EXPIRE', job, op.retention_s) end
-if claimed then return {1, claimed} end
 return 1
 """
 )
@@ -194,7 +184,6 @@ class _Op(msgspec.Struct, omit_defaults=True):
     release_slot: bool = False
     final: bool = False
     event_id: str | None = None
-    claim_lease_ms: int | None = None
     webhook_state: str | None = None
 
 
@@ -218,33 +207,6 @@ class Lease:
 
     schedule: Literal["submit", "poll", "deliver"]
     token: str
-
-
-@dataclass(frozen=True)
-class HandedOver:
-    """A delivery a change created and claimed in the same script, for this process to send."""
-
-    id: str
-    lease: Lease
-    job_id: str
-    tenant: str
-    event_type: EventType
-    url: str
-    body: bytes
-
-
-class DeliveryTaker(Protocol):
-    """Where a change's new webhook delivery goes when the process making it sends it itself.
-
-    Saves the claim and the read another dispatcher would make; a worker that
-    dies with it lets the lease run out, and the delivery is claimed again.
-    """
-
-    def lease_ms_if_free(self) -> int | None:
-        """The lease (ms) to claim one more delivery for, or None to leave it to the schedule."""
-
-    def take(self, delivery: HandedOver) -> None:
-        """Send `delivery`, claimed for this process (as if claimed from the schedule)."""
 
 
 @dataclass(frozen=True)
@@ -381,17 +343,8 @@ class JobStore:
         *,
         retention_s: int,
         on_finish: Callable[[str, str], None] | None = None,
-        on_due: Callable[[Literal["poll", "deliver"], float], None] | None = None,
-        taker: DeliveryTaker | None = None,
     ) -> None:
-        """`on_due(schedule, seconds)` hears of each poll or delivery a change schedules.
-
-        `taker` is handed the deliveries changes create, claimed, while it has
-        room (the worker's).
-        """
         self._redis = redis
-        self._on_due = on_due
-        self._taker = taker
         self._keys = keys
         self._retention_s = retention_s
         self._on_finish = on_finish  # (status, tenant), once per job reaching a final state
@@ -565,39 +518,16 @@ class JobStore:
                 WebhookEvent(type=event, timestamp=utcnow(), data=new.view("pending", 0))
             )
             op.event_id = delivery_id(new.id, event)
-            if self._taker is not None:
-                op.claim_lease_ms = self._taker.lease_ms_if_free()
         elif final and new.webhook is not None and stored.record.status not in FINAL_STATUSES:
             op.webhook_state = "skipped"
         args = [_encoder.encode(op), _encoder.encode(new), zlib.compress(body) if body else b""]
         names = _transition_keys(self._keys, stored.record.status, new, op.event_id)
         answer = await self._transition(keys=names, args=args)
-        outcome = Outcome(int(answer[0] if isinstance(answer, list) else answer))
-        if outcome is Outcome.DONE:
-            if final and stored.record.status not in FINAL_STATUSES and self._on_finish:
-                self._on_finish(new.status, new.tenant)
-            token = text(answer[1]) if isinstance(answer, list) else None
-            self._scheduled(op, new, token, body)
+        outcome = Outcome(int(answer))
+        ends_now = final and stored.record.status not in FINAL_STATUSES
+        if outcome is Outcome.DONE and ends_now and self._on_finish is not None:
+            self._on_finish(new.status, new.tenant)
         return outcome
-
-    def _scheduled(self, op: _Op, new: JobRecord, token: str | None, body: bytes) -> None:
-        """Tell the worker of the poll and the delivery a change scheduled (or claimed for it)."""
-        if token is not None and op.event_id is not None and self._taker is not None:
-            self._taker.take(
-                HandedOver(
-                    id=op.event_id,
-                    lease=Lease("deliver", token),
-                    job_id=new.id,
-                    tenant=new.tenant,
-                    event_type=job_of_delivery(op.event_id)[1],
-                    url=new.webhook.url if new.webhook else "",
-                    body=body,
-                )
-            )
-        elif op.event_id is not None and self._on_due is not None:
-            self._on_due("deliver", 0.0)
-        if op.poll_in_ms is not None and self._on_due is not None:
-            self._on_due("poll", op.poll_in_ms / 1000)
 
     # The state machine. Each method names one edge; all go through `_apply`.
 

@@ -26,8 +26,7 @@ from service.store.jobs import Lease, StoredJob, stored_jobs
 from service.store.keys import LUA_NOW, Keys
 
 # KEYS: the schedule, its lease hash, the fencing counter. ARGV: lease_ms, max. The answer:
-# how long until the schedule's next member falls due (ms; -1 when it is empty), then the
-# claims, each {member, fencing token, due (ms)}.
+# the claims, each {member, fencing token, due (ms)}.
 _CLAIM_DUE = (
     LUA_NOW
     + """
@@ -43,9 +42,7 @@ for i = 1, #due, 2 do
   redis.call('HSET', lease, member, token)
   claims[#claims + 1] = {member, token, tonumber(due[i + 1])}
 end
-local first = redis.call('ZRANGE', sched, 0, 0, 'WITHSCORES')
-local next_due = first[2] and math.max(0, tonumber(first[2]) - now) or -1
-return {next_due, claims}
+return claims
 """
 )
 
@@ -237,18 +234,6 @@ class Claim:
     """The job as read once claimed (submit claims, and poll claims asked to); None if gone."""
 
 
-@dataclass(frozen=True)
-class Claimed:
-    """The answer of `Schedules.claim_due`: the claims, and when the next member falls due.
-
-    `next_due_s` is the time until the schedule's earliest member (claimed or
-    not) falls due, by Redis's clock; None when the schedule is empty.
-    """
-
-    claims: list[Claim]
-    next_due_s: float | None
-
-
 class Schedules:
     """The `submit`, `poll` and `deliver` schedules: claim due members, release them."""
 
@@ -261,29 +246,24 @@ class Schedules:
         self._release = redis.register_script(_RELEASE)
         self._submit_stall = redis.register_script(_SUBMIT_STALL)
 
-    async def claim(self, name: Literal["poll", "deliver"], max_items: int) -> list[Claim]:
-        """Claim up to `max_items` due members of the poll or deliver schedule."""
-        return (await self.claim_due(name, max_items)).claims
-
-    async def claim_due(
+    async def claim(
         self, name: Literal["poll", "deliver"], max_items: int, *, read_jobs: bool = False
-    ) -> Claimed:
-        """`claim`, also saying when the schedule's next member falls due.
+    ) -> list[Claim]:
+        """Claim up to `max_items` due members of the poll or deliver schedule.
 
         With `read_jobs` (members are job ids) each claim carries its job,
         read in one round trip once claimed.
         """
         keys = [self._keys.schedule(name), self._keys.lease(name), self._keys.fence()]
-        next_due_ms, found = await self._claim_due(keys=keys, args=[self._lease_ms, max_items])
+        found = await self._claim_due(keys=keys, args=[self._lease_ms, max_items])
         members = [text(member) for member, _, _ in found]
         jobs: list[StoredJob | None] = [None] * len(members)
         if read_jobs and members:
             jobs = await stored_jobs(self._redis, self._keys, members)
-        claims = [
+        return [
             Claim(member=member, lease=Lease(name, text(token)), due_ms=int(due_ms), job=job)
             for member, (_, token, due_ms), job in zip(members, found, jobs, strict=True)
         ]
-        return Claimed(claims, None if next_due_ms < 0 else next_due_ms / 1000)
 
     async def claim_submits(
         self,

@@ -16,7 +16,6 @@ Every limit is per worker process.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
 import time
@@ -33,7 +32,6 @@ from service.logs import job_id_var, tenant_var
 from service.metrics import WorkerMetrics
 from service.models import DeliveryAttempt, utcnow
 from service.store.deliveries import Delivery, DeliveryStore
-from service.store.jobs import HandedOver
 from service.store.schedules import Claim, Schedules
 from service.webhooks.delivery import AttemptResult, deliver_once, next_delay, outcome
 from service.webhooks.guard import callback_url_problem
@@ -153,41 +151,10 @@ class Dispatcher(ClaimLoop):
         self.metrics = metrics
         # The deliveries of claimed items, read together when claimed and taken by `work`.
         self._read: dict[str, Delivery | None] = {}  # by the claim's fencing token
-        self._lease_ms = round(settings.lease_s * 1000)
-        self._releasing: set[asyncio.Task[bool]] = set()  # held so they are not collected
-
-    def lease_ms_if_free(self) -> int | None:
-        """A change may claim its new delivery for this dispatcher while it has a free slot."""
-        if not self.accepting or len(self._in_hand) >= self.concurrency:
-            return None
-        return self._lease_ms
-
-    def take(self, delivery: HandedOver) -> None:
-        """Send a delivery a change of this process created and claimed for it."""
-        claim = Claim(member=delivery.id, lease=delivery.lease)
-        self._read[claim.lease.token] = Delivery(
-            id=delivery.id,
-            job_id=delivery.job_id,
-            tenant=delivery.tenant,
-            event_type=delivery.event_type,
-            url=delivery.url,
-            body=delivery.body,
-            attempts=0,
-            base=0,
-            created_ms=round(time.time() * 1000),
-        )
-        if not self.adopt(claim):  # stopping since the change began: due again at once
-            self._read.pop(claim.lease.token, None)
-            release = asyncio.create_task(self.schedules.release(claim, delay_s=0))
-            self._releasing.add(release)
-            release.add_done_callback(self._releasing.discard)
 
     async def claim(self, max_items: int) -> list[Claim]:
         """Claim deliveries whose next attempt is due, and read them all in one round trip."""
-        claimed = await self.schedules.claim_due("deliver", max_items)
-        if claimed.next_due_s is not None:
-            self.due_in(claimed.next_due_s)
-        claims = claimed.claims
+        claims = await self.schedules.claim("deliver", max_items)
         if claims:
             try:
                 found = await self.deliveries.get_many([c.member for c in claims])

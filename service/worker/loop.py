@@ -18,7 +18,7 @@ import logging
 import random
 import time
 from abc import ABC, abstractmethod
-from typing import Final
+from typing import Any, Final
 
 from redis.exceptions import RedisError
 
@@ -113,10 +113,7 @@ class ClaimLoop(ABC):
         idle_s: float = 0.1,
         drain_s: float = 20.0,
         rng: random.Random | None = None,
-        refill_at: int | None = None,
-        min_gap_s: float = 0.0,
     ) -> None:
-        """`refill_at` and `min_gap_s` trade latency for fewer, larger claims (see `run`)."""
         self.schedules = schedules
         self.heartbeat = heartbeat
         self.concurrency = concurrency
@@ -125,54 +122,7 @@ class ClaimLoop(ABC):
         self.drain_s = drain_s
         self.rng = rng or random.Random()  # noqa: S311 - jitter, not secrets
         self._in_hand: dict[asyncio.Task[None], Claim] = {}
-        self._wake = asyncio.Event()
-        self._refill_at = 1 if refill_at is None else max(1, min(refill_at, concurrency))
-        # When nothing is due, a finished item wakes the loop only in the default mode.
-        self._idle_wake_at = 1 if refill_at is None else concurrency + 1
-        self._wake_at = 1  # free slots that make a finished item wake the loop
-        self.min_gap_s = min_gap_s
-        self._claimed_at = 0.0  # loop time of the last claim
-        self._due_timer: asyncio.TimerHandle | None = None
-        self._due_at = float("inf")  # loop time the timer fires
-        self._woken = False  # woken by wake() or due_in() since the last claim began
-        self.accepting = False  # while run() claims: items may be adopted
-
-    def wake(self) -> None:
-        """An item fell due now (this process scheduled it): claim at once, not at the next tick."""
-        self._woken = True
-        self._wake.set()
-
-    def due_in(self, seconds: float) -> None:
-        """An item falls due in `seconds`: claim then, or `min_gap_s` after the last claim.
-
-        Only ever brings the next claim forward: the loop never sleeps longer
-        than `idle_s` whatever it is told.
-        """
-        loop = asyncio.get_running_loop()
-        at = max(loop.time() + seconds, self._claimed_at + self.min_gap_s)
-        if at >= self._due_at:
-            return
-        if self._due_timer is not None:
-            self._due_timer.cancel()
-        self._due_at = at
-        self._due_timer = loop.call_at(at, self._fall_due)
-
-    def _fall_due(self) -> None:
-        self._due_timer, self._due_at = None, float("inf")
-        # Fewer free slots than a refill: the loop claims once they free up anyway.
-        if self.concurrency - len(self._in_hand) >= self._refill_at:
-            self.wake()
-
-    def adopt(self, claim: Claim) -> bool:
-        """Work an item this process claimed another way (as if this loop had claimed it).
-
-        False, and nothing done, when the loop is not running or is stopping:
-        the caller gives the item back.
-        """
-        if not self.accepting:
-            return False
-        self._start(claim)
-        return True
+        self._slot_freed = asyncio.Event()
 
     def _start(self, claim: Claim) -> None:
         task = asyncio.create_task(self._guarded(claim))
@@ -198,23 +148,18 @@ class ClaimLoop(ABC):
     async def run(self, stop: asyncio.Event) -> None:
         """Claim and work items until `stop` is set, then drain.
 
-        By default every finished item wakes the loop to claim what is due. With
-        `refill_at`, the loop claims again once that many slots are free, and
-        while nothing is due it looks again only every `idle_s`: for a schedule
-        whose items may start that late (the poller keeps its cadence anyway).
-        Either way `wake` and `due_in` bring the next claim forward, to when this
-        process or a claim's answer says an item falls due.
+        The loop claims as many due items as it has free slots (at most `batch`
+        at a time). When it got all it asked for and has room, more may be due:
+        it claims again at once. Otherwise it looks again when an item in hand
+        is done or after `idle_s`, whichever comes first.
         """
         failures = 0
         stopping = asyncio.create_task(stop.wait())
-        self.accepting = True
         try:
             while not stop.is_set():
                 asked = min(self.concurrency - len(self._in_hand), self.batch)
                 claims: list[Claim] = []
                 if asked > 0:
-                    self._claimed_at = asyncio.get_running_loop().time()
-                    self._woken = False  # this claim answers every wake-up so far
                     try:
                         claims = await self.claim(asked)
                         failures = 0
@@ -228,24 +173,16 @@ class ClaimLoop(ABC):
                 for claim in claims:
                     self._start(claim)
                 self.heartbeat.beat(self.name)
-                more_due = asked > 0 and len(claims) == asked
-                free = self.concurrency - len(self._in_hand)
-                if asked > 0 and self._woken:
-                    continue  # woken while claiming: the claim may have missed that item
-                if not (more_due and free >= self._refill_at):
-                    # Wait for free slots, or (when nothing more is due) for the next tick.
-                    self._wake_at = (
-                        self._refill_at if asked <= 0 or more_due else self._idle_wake_at
-                    )
-                    self._wake.clear()
-                    await _wait_any(
-                        stopping, asyncio.ensure_future(self._wake.wait()), seconds=self.idle_s
-                    )
+                more_due = asked <= 0 or len(claims) == asked
+                if more_due and len(self._in_hand) < self.concurrency:
+                    continue
+                # Full, or nothing more due now: look again when an item in hand is done (its
+                # change may have made more due) or after `idle_s`, whichever comes first.
+                self._slot_freed.clear()
+                freed = asyncio.ensure_future(self._slot_freed.wait())
+                await _wait_any(stopping, freed, seconds=self.idle_s)
         finally:
-            self.accepting = False
             stopping.cancel()
-            if self._due_timer is not None:
-                self._due_timer.cancel()
             await self._drain()
 
     def redis_failed(self, exc: Exception, doing: str) -> None:
@@ -258,8 +195,7 @@ class ClaimLoop(ABC):
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._in_hand.pop(task, None)
-        if self.concurrency - len(self._in_hand) >= self._wake_at:
-            self._wake.set()
+        self._slot_freed.set()
 
     async def _guarded(self, claim: Claim) -> None:
         """Work one item; what fails is logged and retried later, never lost."""
@@ -303,7 +239,7 @@ class ClaimLoop(ABC):
 
 
 async def _wait_any(
-    stopping: asyncio.Task[bool], *others: asyncio.Future[bool], seconds: float
+    stopping: asyncio.Future[Any], *others: asyncio.Future[Any], seconds: float
 ) -> None:
     """Wait until stop is set, one of `others` is done, or `seconds` pass."""
     await asyncio.wait({stopping, *others}, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)

@@ -121,20 +121,8 @@ async def run_worker(
     deliveries = DeliveryStore(redis, keys, retention_s=settings.job_retention_s)
     dispatcher = Dispatcher(settings, deliveries, schedules, hooks, heartbeat, metrics=metrics)
 
-    woken: dict[str, ClaimLoop] = {"deliver": dispatcher}  # and "poll", once it exists
-
-    def item_due(schedule: str, seconds: float) -> None:
-        # A poll or webhook this process scheduled: its loop claims it then, not at a tick.
-        if (loop := woken.get(schedule)) is not None:
-            loop.due_in(seconds)
-
     jobs = JobStore(
-        redis,
-        keys,
-        retention_s=settings.job_retention_s,
-        on_finish=metrics.job_finished,
-        on_due=item_due,
-        taker=dispatcher,
+        redis, keys, retention_s=settings.job_retention_s, on_finish=metrics.job_finished
     )
     client = RunComfyClient(
         upstream,
@@ -144,7 +132,6 @@ async def run_worker(
         on_call=metrics.upstream_call,
     )
     poller = Poller(settings, jobs, schedules, client, heartbeat)
-    woken["poll"] = poller
     loops: list[ClaimLoop] = [
         Submitter(
             settings,

@@ -51,18 +51,8 @@ class Poller(ClaimLoop):
         *,
         concurrency: int = 256,
     ) -> None:
-        # Claims come in batches of at least an eighth of the slots, or when the
-        # next poll falls due but at most every min_gap_s: a poll may start up to
-        # that late without drifting, as the next one is due an interval after this
-        # one was due.
         super().__init__(
-            schedules,
-            heartbeat,
-            concurrency=concurrency,
-            batch=200,
-            drain_s=settings.shutdown_s,
-            refill_at=max(1, concurrency // 8),
-            min_gap_s=0.02,
+            schedules, heartbeat, concurrency=concurrency, batch=200, drain_s=settings.shutdown_s
         )
         self.settings = settings
         self.jobs = jobs
@@ -75,12 +65,10 @@ class Poller(ClaimLoop):
 
     async def claim(self, max_items: int) -> list[Claim]:
         """Claim jobs whose next poll is due; the claim reads them too."""
-        claimed = await self.schedules.claim_due("poll", max_items, read_jobs=True)
-        if claimed.next_due_s is not None:
-            self.due_in(claimed.next_due_s)
-        for claim in claimed.claims:
+        claims = await self.schedules.claim("poll", max_items, read_jobs=True)
+        for claim in claims:
             self._read[claim.member] = claim.job
-        return claimed.claims
+        return claims
 
     async def release_on_stop(self, claim: Claim) -> None:
         """Give an unfinished poll back at shutdown, due at once."""
