@@ -1,4 +1,4 @@
-"""The webhook client's transport: httpx on an httpcore pool that dials through the guard.
+"""The webhook and input clients' transport: httpx on an httpcore pool that dials through the guard.
 
 httpx 0.28's `AsyncHTTPTransport` takes no network backend (encode/httpx#3749 is still
 open), so this is the same thin adapter built from public APIs only: an httpx request
@@ -18,7 +18,7 @@ from typing import Final
 import httpcore
 import httpx
 
-from service.webhooks.guard import GuardedNetworkBackend, Resolver
+from service.webhooks.guard import AddressPolicy, GuardedNetworkBackend, Resolver
 
 __all__ = ["GuardedTransport"]
 
@@ -73,7 +73,7 @@ class _ResponseBody(httpx.AsyncByteStream):
 
 
 class GuardedTransport(httpx.AsyncBaseTransport):
-    """An httpx transport whose connections are dialled by `GuardedNetworkBackend`."""
+    """An httpx transport whose connections are dialled by `GuardedNetworkBackend` (`policy`)."""
 
     def __init__(
         self,
@@ -81,13 +81,14 @@ class GuardedTransport(httpx.AsyncBaseTransport):
         limits: httpx.Limits,
         resolver: Resolver | None = None,
         verify: ssl.SSLContext | bool = True,
+        policy: AddressPolicy | None = None,
     ) -> None:
         self._pool = httpcore.AsyncConnectionPool(
             ssl_context=httpx.create_ssl_context(verify=verify, trust_env=False),
             max_connections=limits.max_connections,
             max_keepalive_connections=limits.max_keepalive_connections,
             keepalive_expiry=limits.keepalive_expiry,
-            network_backend=GuardedNetworkBackend(resolver),
+            network_backend=GuardedNetworkBackend(resolver, policy=policy),
         )
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
