@@ -290,7 +290,7 @@ def test_a_valid_body_repeating_a_member_is_still_malformed():
     ["http://127.0.0.1:8000/in.mp4", "http://bench.internal/in.mp4", "http://localhost/in.mp4"],
 )
 def test_a_video_url_on_an_allowed_host_may_be_private(url):
-    """`GATEWAY_PREFLIGHT_ALLOW_HOSTS` lets exactly its hosts serve inputs from private addresses."""
+    """The allow list lets exactly its hosts serve inputs from private addresses."""
     allowed = ("127.0.0.1", "*.internal", "localhost")
     raw = json.dumps(body(input={"prompt": "p", "video_url": url})).encode()
     assert parse_job_request(raw, callback_hosts=HOSTS, input_hosts=allowed).input.video_url == url
