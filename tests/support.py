@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 from litestar import Litestar, Request, Response, post
@@ -235,6 +236,14 @@ def wait_http(url: str, timeout: float = 20) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"{url} did not come up within {timeout}s")
         time.sleep(0.05)
+
+
+def redirects_to(target: str, inputs: str, hops: int) -> str:
+    """A URL of the emulator's input files (`inputs`) that redirects `hops` times to `target`."""
+    url = target
+    for hop in range(hops):
+        url = f"{inputs}/hop{hop}?redirect={quote(url, safe='')}"
+    return url
 
 
 def gateway_env(

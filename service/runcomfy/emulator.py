@@ -442,7 +442,9 @@ class _Emulator:
         name = urllib.parse.unquote(bytes(raw_path).decode("latin-1")).rsplit("/", 1)[-1]
         self._input_requests[name] += 1
         method = scope.get("method", "GET")
-        query = dict(urllib.parse.parse_qsl(scope.get("query_string", b"").decode()))
+        query = dict(
+            urllib.parse.parse_qsl(scope.get("query_string", b"").decode(), keep_blank_values=True)
+        )
         try:
             answer = _InputAnswer.from_query(query)
         except ValueError as exc:

@@ -18,9 +18,10 @@ from typing import Final
 import httpcore
 import httpx
 
+from service.outbound import USER_AGENT, cookieless_jar
 from service.webhooks.guard import AddressPolicy, GuardedNetworkBackend, Resolver
 
-__all__ = ["GuardedTransport"]
+__all__ = ["GuardedTransport", "create_guarded_client"]
 
 # Subclasses before their bases: the first match is the most specific.
 _EXCEPTIONS: Final[tuple[tuple[type[Exception], type[httpx.TransportError]], ...]] = (
@@ -121,3 +122,32 @@ class GuardedTransport(httpx.AsyncBaseTransport):
     async def aclose(self) -> None:
         """Close every pooled connection."""
         await self._pool.aclose()
+
+
+def create_guarded_client(
+    *,
+    max_connections: int,
+    policy: AddressPolicy | None = None,
+    resolver: Resolver | None = None,
+    verify: ssl.SSLContext | bool = True,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> httpx.AsyncClient:
+    """An httpx client on `GuardedTransport` that dials only what `policy` allows.
+
+    Environment proxies are ignored, cookies never kept, redirects never followed by httpx
+    (a caller that follows them checks each hop itself), and answers are not decompressed.
+    """
+    limits = httpx.Limits(
+        max_connections=max_connections,
+        max_keepalive_connections=max_connections,
+        keepalive_expiry=30.0,
+    )
+    return httpx.AsyncClient(
+        transport=transport
+        or GuardedTransport(limits=limits, resolver=resolver, verify=verify, policy=policy),
+        trust_env=False,
+        cookies=cookieless_jar(),
+        follow_redirects=False,
+        # Without decompression, ask for plain bytes so what is read stays readable.
+        headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
+    )
