@@ -178,6 +178,7 @@ def job_record(
     webhook_url: str | None = None,
     timeout_s: float = 7200,
     events: list[EventType] | None = None,
+    video_url: str = "https://example.com/v.mp4",
 ) -> JobRecord:
     """A pending job as the API would store it."""
     now = utcnow()
@@ -190,7 +191,7 @@ def job_record(
         id=new_id("job_"),
         tenant=tenant,
         key_id="key_test",
-        input=VideoInput(prompt="a cat on a skateboard", video_url="https://example.com/v.mp4"),
+        input=VideoInput(prompt="a cat on a skateboard", video_url=video_url),
         webhook=webhook,
         created_at=now,
         deadline_at=now + timedelta(seconds=timeout_s),
@@ -198,6 +199,9 @@ def job_record(
 
 
 CLI = [sys.executable, "-m", "service"]
+
+NO_PREFLIGHT = {"GATEWAY_PREFLIGHT": "off"}
+"""For gateways whose tests are not about the input pre-flight: their inputs are never served."""
 
 
 class Process:
@@ -251,7 +255,9 @@ def gateway_env(
 ) -> dict[str, str]:
     """The environment of a gateway process: fast polls and retries, then `settings`.
 
-    `settings` are GATEWAY_* variables without their prefix, e.g. `LEASE_S="3"`.
+    `settings` are GATEWAY_* variables without their prefix, e.g. `LEASE_S="3"`. The input
+    pre-flight is off (inputs like https://example.com/v.mp4 are never fetched) unless a
+    test turns it on with `PREFLIGHT="on"`.
     """
     return {
         **os.environ,
@@ -263,6 +269,7 @@ def gateway_env(
         "GATEWAY_POLL_INTERVAL_MAX_S": "0.3",
         "GATEWAY_WEBHOOK_RETRY_SCHEDULE": "0.1,0.1,0.1",
         "GATEWAY_SHUTDOWN_S": "2",
+        **NO_PREFLIGHT,
         **{f"GATEWAY_{name}": value for name, value in settings.items()},
     }
 

@@ -24,7 +24,7 @@ import httpx
 import pytest
 
 from service.localredis import LocalRedis, free_port
-from tests.support import Process, Received, Receiver, new_tenant, wait_for, wait_http
+from tests.support import NO_PREFLIGHT, Process, Received, Receiver, new_tenant, wait_for, wait_http
 
 pytestmark = pytest.mark.e2e
 
@@ -147,6 +147,7 @@ def _env(redis_url: str, emulator_port: int, tenants: Path) -> dict[str, str]:
         "GATEWAY_WEBHOOK_TIMEOUT_S": "1",
         "GATEWAY_SHUTDOWN_S": "2",
         "GATEWAY_UPSTREAM_MAX_IN_FLIGHT": "30",
+        **NO_PREFLIGHT,
         "GATEWAY_UPSTREAM_RATE_PER_S": "200",
         "GATEWAY_UPSTREAM_BURST": "50",
         "GATEWAY_FUNDS_PAUSE_S": "1",

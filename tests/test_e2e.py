@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from service.localredis import LocalRedis, free_port
-from tests.support import CLI, Process, Receiver, new_tenant, wait_for, wait_http
+from tests.support import CLI, NO_PREFLIGHT, Process, Receiver, new_tenant, wait_for, wait_http
 
 pytestmark = pytest.mark.e2e
 
@@ -43,6 +43,7 @@ def stack(tmp_path_factory) -> Iterator[dict[str, Any]]:
         "GATEWAY_POLL_INTERVAL_MAX_S": "0.3",
         "GATEWAY_WEBHOOK_RETRY_SCHEDULE": "0.1,0.1,0.1",
         "GATEWAY_SHUTDOWN_S": "5",
+        **NO_PREFLIGHT,
     }
     procs = {
         "emulator": Process(

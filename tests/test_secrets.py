@@ -27,7 +27,7 @@ import httpx
 import pytest
 
 from service.localredis import LocalRedis, free_port
-from tests.support import CLI, Process, Receiver, wait_for, wait_http
+from tests.support import CLI, NO_PREFLIGHT, Process, Receiver, wait_for, wait_http
 
 pytestmark = pytest.mark.e2e
 
@@ -130,6 +130,7 @@ async def run(tmp_path_factory) -> Run:
         "GATEWAY_POLL_INTERVAL_MAX_S": "0.2",
         "GATEWAY_WEBHOOK_RETRY_SCHEDULE": "0.1,0.1",
         "GATEWAY_SHUTDOWN_S": "3",
+        **NO_PREFLIGHT,
     }
     emulator_args = ["--port", str(ports["emulator"]), "--token", TOKEN, "--seed", "7"]
     emulator_args += ["--queue-s", "0.2", "--run-s", "0.2"]

@@ -40,6 +40,7 @@ from service.worker.loop import Heartbeat
 from service.worker.main import run_worker
 from tests.support import (
     CLI,
+    NO_PREFLIGHT,
     HangingReceiver,
     Receiver,
     job_record,
@@ -49,6 +50,7 @@ from tests.support import (
 )
 
 TENANT = new_tenant("orders")
+PREFLIGHT_ON = {"GATEWAY_PREFLIGHT": "on", "GATEWAY_PREFLIGHT_ALLOW_HOSTS": "127.0.0.1"}
 
 
 @dataclass
@@ -125,6 +127,7 @@ async def gateway_factory(redis_server, keys: Keys) -> AsyncIterator[Any]:
                 "GATEWAY_UPSTREAM_TIMEOUT_S": "1",
                 "GATEWAY_WEBHOOK_TIMEOUT_S": "2",
                 "GATEWAY_SHUTDOWN_S": "3",
+                **NO_PREFLIGHT,
                 **(env or {}),
             },
             tenants=tenants_of(TENANT.tenant(hosts=hosts, **limits), *others),
@@ -177,6 +180,29 @@ async def test_a_job_completes_with_output_and_one_verified_webhook(gateway_fact
         lambda: _when(gw.jobs.get(job_id), lambda s: s.webhook_state == "delivered")
     )
     assert stored.webhook_attempts == 1
+
+
+async def test_a_job_whose_input_is_not_a_video_fails_unpaid_with_a_webhook(gateway_factory):
+    """With pre-flight on, an HTML input fails the job as input_not_video; nothing is submitted."""
+    gw = await gateway_factory(env=PREFLIGHT_ON)
+    job_id = await gw.submit(video_url=f"{gw.emulator}/_emulator/inputs/page.html?type=text/html")
+    final = await gw.final(job_id)
+    assert final.record.status == "failed"
+    assert final.record.error is not None
+    assert final.record.error.code == "input_not_video"
+    assert final.record.submits == []
+    [event] = await gw.webhooks(1)
+    assert (event["type"], event["data"]["error"]["code"]) == ("job.failed", "input_not_video")
+    assert (await gw.emulator_state())["submits"] == 0
+
+
+async def test_with_preflight_off_the_input_is_not_checked(gateway_factory):
+    """GATEWAY_PREFLIGHT=off sends a job upstream without asking its input anything."""
+    gw = await gateway_factory(env={**PREFLIGHT_ON, "GATEWAY_PREFLIGHT": "off"})
+    job_id = await gw.submit(video_url=f"{gw.emulator}/_emulator/inputs/gone.mp4?status=404")
+    assert (await gw.final(job_id)).record.status == "completed"
+    state = await gw.emulator_state()
+    assert (state["submits"], state["input_requests"]) == (1, {})
 
 
 async def test_a_failed_upstream_job_ends_failed_with_its_error(gateway_factory):
