@@ -247,7 +247,10 @@ def test_sigterm_drains_the_worker_and_exits_0(stack):
 
 
 def test_dev_runs_everything_from_one_command(tmp_path):
-    """`dev` runs Redis, emulator, API and worker; its curl leads to a verified webhook."""
+    """`dev` runs everything; its curl, on the sample input it serves, gets a verified webhook.
+
+    Pre-flight is on (the default): the sample passes it.
+    """
     port = free_port()
     env = {
         k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "GATEWAY_", "RUNCOMFY_"))
@@ -259,6 +262,8 @@ def test_dev_runs_everything_from_one_command(tmp_path):
         banner = wait_sync(lambda: "Ctrl-C" in proc.output() and proc.output())
         key = re.search(r"Authorization: Bearer (\S+?)'", banner).group(1)
         body = re.search(r"-d '(\{.*\})'", banner).group(1)
+        sample = json.loads(body)["input"]["video_url"]
+        assert httpx.head(sample).headers["content-type"] == "video/mp4"
         answer = httpx.post(
             f"http://127.0.0.1:{port}/v1/jobs",
             content=body,
