@@ -105,9 +105,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     upstream_burst: int = 20
     funds_pause_s: float = 60.0
     preflight: bool = True
+    """`GATEWAY_PREFLIGHT`: check each job's video_url before its paid submit."""
     preflight_allow_hosts: tuple[str, ...] = ()
+    """`GATEWAY_PREFLIGHT_ALLOW_HOSTS`: hosts whose private addresses inputs may come from."""
     preflight_timeout_s: float = 5.0
+    """`GATEWAY_PREFLIGHT_TIMEOUT_S`: one check's deadline; it and the submit share a lease."""
     input_max_bytes: int = DEFAULT_INPUT_MAX_BYTES
+    """`GATEWAY_INPUT_MAX_BYTES`: the largest input accepted, when it states its size."""
 
     def __repr__(self) -> str:
         tenants = list(self.tenants.by_id)
