@@ -70,6 +70,12 @@ class TestTenant:
         )
 
 
+def api_client(base_url: str, tenant: TestTenant) -> httpx.AsyncClient:
+    """A client of the gateway's API at `base_url`, authenticated as `tenant`."""
+    headers = {"Authorization": f"Bearer {tenant.api_key}"}
+    return httpx.AsyncClient(base_url=base_url, headers=headers, timeout=10)
+
+
 def new_tenant(tenant_id: str = "orders") -> TestTenant:
     return TestTenant(
         id=tenant_id, api_key="key_" + secrets.token_hex(8), secret=secrets.token_bytes(24)

@@ -17,7 +17,15 @@ import httpx
 import pytest
 
 from service.localredis import LocalRedis, free_port
-from tests.support import CLI, NO_PREFLIGHT, Process, Receiver, new_tenant, wait_for, wait_http
+from tests.support import (
+    CLI,
+    NO_PREFLIGHT,
+    Process,
+    api_client,
+    new_tenant,
+    wait_for,
+    wait_http,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -87,16 +95,8 @@ def stack(tmp_path_factory) -> Iterator[dict[str, Any]]:
 
 
 @pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    r = await Receiver().start()
-    yield r
-    await r.stop()
-
-
-@pytest.fixture
 async def api(stack) -> AsyncIterator[httpx.AsyncClient]:
-    headers = {"Authorization": f"Bearer {TENANT.api_key}"}
-    async with httpx.AsyncClient(base_url=stack["api"], headers=headers, timeout=10) as client:
+    async with api_client(stack["api"], TENANT) as client:
         yield client
 
 

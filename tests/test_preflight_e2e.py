@@ -18,6 +18,7 @@ from service.localredis import LocalRedis, free_port
 from tests.support import (
     Process,
     Receiver,
+    api_client,
     gateway_env,
     new_tenant,
     redirects_to,
@@ -70,16 +71,8 @@ def stack(tmp_path_factory) -> Iterator[dict[str, str]]:
 
 
 @pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    r = await Receiver().start()
-    yield r
-    await r.stop()
-
-
-@pytest.fixture
 async def api(stack) -> AsyncIterator[httpx.AsyncClient]:
-    headers = {"Authorization": f"Bearer {TENANT.api_key}"}
-    async with httpx.AsyncClient(base_url=stack["api"], headers=headers, timeout=10) as client:
+    async with api_client(stack["api"], TENANT) as client:
         yield client
 
 
@@ -116,6 +109,19 @@ async def paid_submits(stack: dict[str, str], prompt: str) -> int:
     return sum(item["input"]["prompt"] == prompt for item in items)
 
 
+async def assert_failed_unpaid(
+    stack: dict[str, str], ran: tuple[dict[str, Any], dict[str, Any], str], code: str, says: str
+) -> None:
+    """The job and its webhook say failed with `code` (message saying `says`); nothing paid."""
+    job, event, prompt = ran
+    assert job["status"] == "failed"
+    assert job["error"]["code"] == code
+    assert says in job["error"]["message"]
+    assert event["type"] == "job.failed"
+    assert event["data"]["error"] == job["error"]
+    assert await paid_submits(stack, prompt) == 0
+
+
 async def test_a_valid_input_runs_to_completed(stack, api, receiver):
     """A video input within the limit is checked once, then submitted and completed."""
     name = f"ok-{uuid.uuid4().hex}.mp4"
@@ -140,15 +146,8 @@ async def test_an_unusable_input_fails_its_job_unpaid(stack, api, receiver, case
     """A 404, an HTML page or a too large input fails the job with its code; nothing is paid."""
     query, code, says = case
     name = f"bad-{uuid.uuid4().hex}"
-    job, event, prompt = await run_job(
-        api, receiver, f"{stack['emulator']}/_emulator/inputs/{name}?{query}"
-    )
-    assert job["status"] == "failed"
-    assert job["error"]["code"] == code
-    assert says in job["error"]["message"]
-    assert event["type"] == "job.failed"
-    assert event["data"]["error"] == job["error"]
-    assert await paid_submits(stack, prompt) == 0
+    ran = await run_job(api, receiver, f"{stack['emulator']}/_emulator/inputs/{name}?{query}")
+    await assert_failed_unpaid(stack, ran, code, says)
     assert (await emulator_state(stack))["input_requests"][name] == 1  # refused: not asked again
 
 
@@ -162,12 +161,8 @@ async def test_a_redirect_to_the_metadata_address_fails_unpaid_without_a_connect
     """
     inputs = f"{stack['emulator']}/_emulator/inputs"
     url = redirects_to("http://169.254.169.254/latest/meta-data/", inputs, 1)
-    job, event, prompt = await run_job(api, receiver, url)
-    assert job["status"] == "failed"
-    assert job["error"]["code"] == "input_unreachable"
-    assert "may not reach" in job["error"]["message"]
-    assert event["data"]["error"]["code"] == "input_unreachable"
-    assert await paid_submits(stack, prompt) == 0
+    ran = await run_job(api, receiver, url)
+    await assert_failed_unpaid(stack, ran, "input_unreachable", "may not reach")
     assert (await emulator_state(stack))["input_requests"]["hop0"] == 1
 
 
@@ -175,10 +170,6 @@ async def test_a_slow_input_is_asked_three_times_then_fails_unpaid(stack, api, r
     """An input slower than the check's deadline is retried with backoff, then input_unreachable."""
     name = f"slow-{uuid.uuid4().hex}.mp4"
     url = f"{stack['emulator']}/_emulator/inputs/{name}?delay_s={TIMEOUT_S * 3}"
-    job, event, prompt = await run_job(api, receiver, url)
-    assert job["status"] == "failed"
-    assert job["error"]["code"] == "input_unreachable"
-    assert "asked 3 times" in job["error"]["message"]
-    assert event["data"]["error"]["code"] == "input_unreachable"
-    assert await paid_submits(stack, prompt) == 0
+    ran = await run_job(api, receiver, url)
+    await assert_failed_unpaid(stack, ran, "input_unreachable", "asked 3 times")
     assert (await emulator_state(stack))["input_requests"][name] == 3
