@@ -88,6 +88,12 @@ async def test_a_client_error_is_unreachable(client, inputs, status):
     assert verdict == InputRefused("input_unreachable", f"video_url answered HTTP {status}")
 
 
+async def test_a_retry_carries_the_servers_retry_after(client, inputs):
+    """A 429's Retry-After comes with the verdict, as the hint for the next try."""
+    verdict = await check(client, f"{inputs}/busy.mp4?status=429&retry_after=7")
+    assert verdict == InputRetry("video_url answered HTTP 429", retry_after_s=7.0)
+
+
 @pytest.mark.parametrize("status", [429, 500, 502, 503])
 async def test_a_busy_or_failing_server_is_worth_another_try(client, inputs, status):
     """429 and 5xx answers ask for a retry rather than failing the job."""

@@ -20,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.config import Settings, Tenant, load_settings
 from service.localredis import free_port
+from service.models import JobErrorInfo
 from service.runcomfy.emulator import EmulatorConfig, start_emulator
 from service.store.connection import connect
 from service.store.deliveries import DeliveryStore, Resend
@@ -194,6 +195,20 @@ async def test_a_job_whose_input_is_not_a_video_fails_unpaid_with_a_webhook(gate
     [event] = await gw.webhooks(1)
     assert (event["type"], event["data"]["error"]["code"]) == ("job.failed", "input_not_video")
     assert (await gw.emulator_state())["submits"] == 0
+
+
+async def test_a_busy_input_is_not_asked_again_past_the_job_deadline(gateway_factory):
+    """A 503 asking to come back after the job deadline fails the job now, unpaid."""
+    gw = await gateway_factory(env=PREFLIGHT_ON)
+    url = f"{gw.emulator}/_emulator/inputs/busy.mp4?status=503&retry_after=30"
+    final = await gw.final(await gw.submit(video_url=url, timeout_s=10))
+    assert final.record.status == "failed"
+    assert final.record.error == JobErrorInfo(
+        code="input_unreachable",
+        message="video_url answered HTTP 503; the job deadline comes before another try",
+    )
+    state = await gw.emulator_state()
+    assert (state["submits"], state["input_requests"]) == (0, {"busy.mp4": 1})
 
 
 async def test_with_preflight_off_the_input_is_not_checked(gateway_factory):

@@ -50,6 +50,7 @@ Input files, for a job's ``video_url`` (the gateway checks it before paying):
 ``Content-Length``. A ``Range: bytes=a-b`` answers 206 with ``Content-Range``.
 The query string changes the answer: ``status=N`` (that status, no body),
 ``head=N`` (HEAD alone answers N, e.g. 405 as servers that refuse HEAD),
+``retry_after=V`` (a ``Retry-After`` on a non-2xx answer),
 ``redirect=<url>`` (302 to it), ``delay_s=S`` (wait before answering).
 """
 
@@ -457,7 +458,8 @@ class _Emulator:
             return
         status = answer.head if method == "HEAD" and answer.head else answer.status
         if not 200 <= status < 300:
-            await _send_head(send, status, [])
+            wait = [(b"retry-after", answer.retry_after.encode())] if answer.retry_after else []
+            await _send_head(send, status, wait)
             return
         headers = [(b"content-type", answer.type.encode())] if answer.type else []
         start, end = 0, answer.size - 1
@@ -594,6 +596,7 @@ class _InputAnswer(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     status: Annotated[int, msgspec.Meta(ge=200, le=599)] = 200
     head: Annotated[int, msgspec.Meta(ge=200, le=599)] | None = None
     redirect: str = ""
+    retry_after: str = ""
     delay_s: Annotated[float, msgspec.Meta(ge=0, le=600)] = 0.0
 
     @classmethod

@@ -71,6 +71,7 @@ STALLED_AFTER_LEASES: Final = 3
 PREFLIGHT_TRIES: Final = 3
 """Checks of a busy, failing or slow input before its job fails with `input_unreachable`."""
 PREFLIGHT_BACKOFF_S: Final = 1.0
+PREFLIGHT_BACKOFF_CAP_S: Final = 60.0
 _TRIES_KEPT: Final = 10_000
 """Jobs whose input checks this worker counts; a job cancelled while it waits is forgotten."""
 _encoder = msgspec.json.Encoder()
@@ -270,9 +271,10 @@ class Submitter(ClaimLoop):
                 stored, claim, "input_unreachable", f"{message} (asked {tries} times)"
             )
             return
-        delay = backoff_s(tries, base_s=PREFLIGHT_BACKOFF_S, cap_s=60.0, rng=self.rng)
+        cap_s = PREFLIGHT_BACKOFF_CAP_S
+        delay = backoff_s(tries, base_s=PREFLIGHT_BACKOFF_S, cap_s=cap_s, rng=self.rng)
         if retry_after_s is not None:
-            delay = max(delay, min(retry_after_s, 60.0))
+            delay = max(delay, min(retry_after_s, cap_s))
         left_s = (stored.record.deadline_at - datetime.now(UTC)).total_seconds()
         if delay >= left_s:
             message = f"{message}; the job deadline comes before another try"
