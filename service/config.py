@@ -14,16 +14,19 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Final, Literal, cast
+from typing import Any, Final, Literal, cast
 
 import msgspec
 
 from service.store.connection import SENTINEL_SCHEME, parse_sentinel_url
 from service.webhooks.delivery import parse_retry_schedule
+from service.webhooks.guard import is_forbidden_address, normalise_host, parse_host_address
 from service.webhooks.signing import parse_secret
 
 DEFAULT_BASE_URL: Final = "https://model-api.runcomfy.net"
 DEFAULT_RETRY_SCHEDULE: Final = "5,300,1800,7200,18000,36000,36000"
+DEFAULT_INPUT_MAX_BYTES: Final = 104_857_600
+MAX_PREFLIGHT_TIMEOUT_S: Final = 10.0
 
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 _TENANT_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -101,6 +104,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     upstream_rate_per_s: float = 10.0
     upstream_burst: int = 20
     funds_pause_s: float = 60.0
+    preflight: bool = True
+    """`GATEWAY_PREFLIGHT`: check each job's video_url before its paid submit."""
+    preflight_allow_hosts: tuple[str, ...] = ()
+    """`GATEWAY_PREFLIGHT_ALLOW_HOSTS`: hosts whose private addresses inputs may come from."""
+    preflight_timeout_s: float = 5.0
+    """`GATEWAY_PREFLIGHT_TIMEOUT_S`: one check's deadline; it and the submit share a lease."""
+    input_max_bytes: int = DEFAULT_INPUT_MAX_BYTES
+    """`GATEWAY_INPUT_MAX_BYTES`: the largest input accepted, when it states its size."""
 
     def __repr__(self) -> str:
         tenants = list(self.tenants.by_id)
@@ -125,6 +136,53 @@ def _integer(env: Mapping[str, str], name: str, default: int, *, minimum: int = 
     if value != int(value):
         raise ConfigError(f"{name} must be a whole number, got {env[name]!r}")
     return int(value)
+
+
+def _allow_hosts(env: Mapping[str, str]) -> tuple[str, ...]:
+    """`GATEWAY_PREFLIGHT_ALLOW_HOSTS`: host names, `*.suffix` wildcards or addresses.
+
+    A link-local or metadata address is refused here too: no setting may open those.
+    """
+    name = "GATEWAY_PREFLIGHT_ALLOW_HOSTS"
+    hosts: list[str] = []
+    for entry in (item.strip() for item in env.get(name, "").split(",")):
+        if not entry:
+            continue
+        bare = entry.removeprefix("*.")
+        address = parse_host_address(bare)
+        if address is not None and is_forbidden_address(address):
+            raise ConfigError(f"{name}: {entry!r} is a link-local or metadata address")
+        if normalise_host(bare) is None:
+            raise ConfigError(f"{name}: {entry!r} is not a host name or address")
+        hosts.append(entry.lower().rstrip("."))
+    return tuple(hosts)
+
+
+def _preflight_settings(
+    env: Mapping[str, str], *, lease_s: float, upstream_timeout_s: float
+) -> dict[str, Any]:
+    """The input pre-flight's settings (README, Input pre-flight), as `Settings` fields."""
+    switch = (env.get("GATEWAY_PREFLIGHT") or "on").strip().lower()
+    if switch not in {"on", "off"}:
+        raise ConfigError(f"GATEWAY_PREFLIGHT must be 'on' or 'off', got {switch!r}")
+    # The check and the paid submit happen under one lease, so both must fit in it.
+    timeout_s = _number(
+        env,
+        "GATEWAY_PREFLIGHT_TIMEOUT_S",
+        min(MAX_PREFLIGHT_TIMEOUT_S, (lease_s - upstream_timeout_s) / 2),
+        minimum=0.1,
+    )
+    if switch == "on" and timeout_s + upstream_timeout_s >= lease_s:
+        raise ConfigError(
+            "GATEWAY_LEASE_S must be longer than GATEWAY_PREFLIGHT_TIMEOUT_S "
+            "plus GATEWAY_UPSTREAM_TIMEOUT_S"
+        )
+    return {
+        "preflight": switch == "on",
+        "preflight_allow_hosts": _allow_hosts(env),
+        "preflight_timeout_s": timeout_s,
+        "input_max_bytes": _integer(env, "GATEWAY_INPUT_MAX_BYTES", DEFAULT_INPUT_MAX_BYTES),
+    }
 
 
 def _tenant(tenant_id: str, table: object, where: str) -> Tenant:  # noqa: C901, PLR0912 - one flat check per field reads best
@@ -288,4 +346,5 @@ def load_settings(  # noqa: C901 - one flat check per variable reads best
         upstream_rate_per_s=_number(env, "GATEWAY_UPSTREAM_RATE_PER_S", 10.0, minimum=0.01),
         upstream_burst=_integer(env, "GATEWAY_UPSTREAM_BURST", 20),
         funds_pause_s=_number(env, "GATEWAY_FUNDS_PAUSE_S", 60.0, minimum=0.1),
+        **_preflight_settings(env, lease_s=lease_s, upstream_timeout_s=upstream_timeout_s),
     )

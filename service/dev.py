@@ -3,9 +3,11 @@
 With no `REDIS_URL` it starts a private redis-server on a free port; with no
 `RUNCOMFY_API_TOKEN` it starts the built-in emulator and points at it; with no
 `GATEWAY_TENANTS_FILE` it makes a demo tenant with a fresh API key and a local
-webhook receiver (a small Litestar app) that verifies every signature and prints
-each event. Then it serves the API and runs the worker, prints how to submit a
-job, and on Ctrl-C stops everything it started.
+webhook receiver that verifies every signature and prints each event. It serves a
+sample input video itself (`/inputs/sample.mp4`, beside the receiver in one small
+Litestar app) and allows its own host in `GATEWAY_PREFLIGHT_ALLOW_HOSTS`, so a job
+on that sample passes the input pre-flight. Then it serves the API and runs the
+worker, prints how to submit a job, and on Ctrl-C stops everything it started.
 """
 
 from __future__ import annotations
@@ -21,17 +23,19 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 import msgspec
-from litestar import Litestar, Request, Response, post
+from litestar import Litestar, Request, Response, post, route
 from litestar.params import RawBody
 
-from service.config import Settings, Tenant, Tenants, load_settings
+from service.config import Tenant, Tenants, load_settings
 from service.localredis import LocalRedis
-from service.runcomfy.emulator import EmulatorConfig, start_emulator
+from service.runcomfy.emulator import OUTPUT_BYTES, EmulatorConfig, start_emulator
 from service.serving import listen, serve
 from service.webhooks.signing import sign
 from service.worker.main import install_stop_signals, run_worker
 
 DEMO_TENANT = "demo"
+LOCAL_HOST = "127.0.0.1"
+SAMPLE_PATH = "/inputs/sample.mp4"
 
 
 def verify_signature(secrets_: tuple[bytes, ...], headers: Mapping[str, str], body: bytes) -> bool:
@@ -54,12 +58,21 @@ class Received(msgspec.Struct, frozen=True):
     ok: bool
 
 
-def _receiver(secrets_: tuple[bytes, ...]) -> Litestar:
-    """A webhook receiver that verifies each delivery and prints one line for it."""
+@route(SAMPLE_PATH, http_method=["GET", "HEAD"])
+async def sample_input() -> Response[bytes]:
+    """A tiny MP4 (an `ftyp` box) for demo jobs: it passes the input pre-flight."""
+    return Response(OUTPUT_BYTES, media_type="video/mp4")
+
+
+def _local_app(secrets_: tuple[bytes, ...] | None) -> Litestar:
+    """The sample input, and with the demo tenant's `secrets_` a receiver of its webhooks.
+
+    The receiver verifies each delivery and prints one line for it.
+    """
 
     @post("/webhook")
     async def receive(request: Request[Any, Any, Any], body: RawBody) -> Response[Received]:
-        ok = verify_signature(secrets_, request.headers, body)
+        ok = verify_signature(secrets_ or (), request.headers, body)
         event = msgspec.json.decode(body)
         data = event.get("data", {})
         detail = data.get("output") or data.get("error") or ""
@@ -71,7 +84,8 @@ def _receiver(secrets_: tuple[bytes, ...]) -> Litestar:
         sys.stdout.flush()
         return Response(Received(ok=ok), status_code=200 if ok else 400)
 
-    return Litestar(route_handlers=[receive], openapi_config=None, logging_config=None, debug=False)
+    handlers = [sample_input, receive] if secrets_ is not None else [sample_input]
+    return Litestar(route_handlers=handlers, openapi_config=None, logging_config=None, debug=False)
 
 
 def _demo_tenant() -> tuple[Tenants, str]:
@@ -85,13 +99,15 @@ def _demo_tenant() -> tuple[Tenants, str]:
     return Tenants(by_id={DEMO_TENANT: tenant}), api_key
 
 
-def _banner(api: str, api_key: str | None, notes: list[str], hook_url: str | None) -> str:
+def _banner(
+    api: str, api_key: str | None, notes: list[str], hook_url: str | None, video_url: str
+) -> str:
     key = api_key or "<one of your tenants' API keys>"
     events = '["job.started", "job.completed", "job.failed", "job.cancelled"]'
     webhook = f', "webhook": {{"url": "{hook_url}", "events": {events}}}' if hook_url else ""
     body = (
         '{"input": {"prompt": "a paper boat drifting down a rainy street", '
-        f'"video_url": "https://example.com/input.mp4"}}{webhook}}}'
+        f'"video_url": "{video_url}"}}{webhook}}}'
     )
     lines = [
         "",
@@ -136,17 +152,22 @@ async def dev_main(env: Mapping[str, str], *, host: str, port: int) -> None:
             overrides["RUNCOMFY_BASE_URL"] = emulator.url
             overrides["RUNCOMFY_API_TOKEN"] = "dev-emulator-token"  # noqa: S105 - not a secret
             notes.append(f"RunComfy  emulator at {emulator.url}")
+        # The sample input is served on this host: the pre-flight (and the API) may reach it.
+        allowed = env.get("GATEWAY_PREFLIGHT_ALLOW_HOSTS", "")
+        overrides["GATEWAY_PREFLIGHT_ALLOW_HOSTS"] = ",".join(filter(None, [allowed, LOCAL_HOST]))
         overrides.setdefault("GATEWAY_POLL_INTERVAL_MIN_S", "0.5")
         overrides.setdefault("GATEWAY_POLL_INTERVAL_MAX_S", "2")
         api_key: str | None = None
-        hook_url: str | None = None
+        secrets_: tuple[bytes, ...] | None = None
         if env.get("GATEWAY_TENANTS_FILE"):
             settings = load_settings(overrides)
         else:
             tenants, api_key = _demo_tenant()
             settings = load_settings(overrides, tenants=tenants)
-            hook_url = await _start_receiver(stack, settings)
-            notes.append(f"Webhooks  {hook_url} (verifies and prints each event)")
+            secrets_ = tenants.by_id[DEMO_TENANT].webhook_secrets
+        sample_url, hook_url = await _start_local(stack, secrets_, notes)
+        # RunComfy itself cannot fetch a video from this machine: only the emulator can.
+        video_url = "https://example.com/input.mp4" if env.get("RUNCOMFY_API_TOKEN") else sample_url
         server = embedded_api(settings, host=host, port=port)
         api_task = asyncio.create_task(server.serve())
         worker_task = asyncio.create_task(run_worker(settings, stop))
@@ -158,7 +179,8 @@ async def dev_main(env: Mapping[str, str], *, host: str, port: int) -> None:
             api_task.result()
             return
         shown = "127.0.0.1" if host in {"0.0.0.0", ""} else host  # noqa: S104 - shown, not bound
-        sys.stdout.write(_banner(f"http://{shown}:{port}", api_key, notes, hook_url) + "\n")
+        banner = _banner(f"http://{shown}:{port}", api_key, notes, hook_url, video_url)
+        sys.stdout.write(banner + "\n")
         sys.stdout.flush()
         await stop.wait()
         server.should_exit = True
@@ -166,8 +188,16 @@ async def dev_main(env: Mapping[str, str], *, host: str, port: int) -> None:
         sys.stdout.write("stopped\n")
 
 
-async def _start_receiver(stack: AsyncExitStack, settings: Settings) -> str:
-    tenant = settings.tenants.by_id[DEMO_TENANT]
-    receiver = await serve(_receiver(tenant.webhook_secrets), listen("127.0.0.1", 0))
-    stack.push_async_callback(receiver.stop)
-    return f"{receiver.url}/webhook"
+async def _start_local(
+    stack: AsyncExitStack, secrets_: tuple[bytes, ...] | None, notes: list[str]
+) -> tuple[str, str | None]:
+    """Serve the sample input (and the demo receiver): its URL and the receiver's, if any."""
+    served = await serve(_local_app(secrets_), listen(LOCAL_HOST, 0))
+    stack.push_async_callback(served.stop)
+    sample_url = f"{served.url}{SAMPLE_PATH}"
+    notes.append(f"Input     {sample_url} (a sample video)")
+    if secrets_ is None:
+        return sample_url, None
+    hook_url = f"{served.url}/webhook"
+    notes.append(f"Webhooks  {hook_url} (verifies and prints each event)")
+    return sample_url, hook_url

@@ -14,7 +14,7 @@ from service.runcomfy.emulator import EmulatorConfig, start_emulator
 from service.serving import Served
 from service.store.connection import connect
 from service.store.keys import Keys
-from tests.support import StartEmulator
+from tests.support import Receiver, StartEmulator
 
 
 @pytest.fixture(scope="session")
@@ -51,3 +51,11 @@ async def emulator() -> AsyncIterator[StartEmulator]:
     yield start
     for served in servers:
         await served.stop()
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    """A real webhook receiver on 127.0.0.1 that answers 200."""
+    r = await Receiver().start()
+    yield r
+    await r.stop()

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 from litestar import Litestar, Request, Response, post
@@ -67,6 +68,12 @@ class TestTenant:
             f'webhook_secret = "{self.whsec}"\n'
             f"callback_hosts = [{host_list}]\n"
         )
+
+
+def api_client(base_url: str, tenant: TestTenant) -> httpx.AsyncClient:
+    """A client of the gateway's API at `base_url`, authenticated as `tenant`."""
+    headers = {"Authorization": f"Bearer {tenant.api_key}"}
+    return httpx.AsyncClient(base_url=base_url, headers=headers, timeout=10)
 
 
 def new_tenant(tenant_id: str = "orders") -> TestTenant:
@@ -177,6 +184,7 @@ def job_record(
     webhook_url: str | None = None,
     timeout_s: float = 7200,
     events: list[EventType] | None = None,
+    video_url: str = "https://example.com/v.mp4",
 ) -> JobRecord:
     """A pending job as the API would store it."""
     now = utcnow()
@@ -189,7 +197,7 @@ def job_record(
         id=new_id("job_"),
         tenant=tenant,
         key_id="key_test",
-        input=VideoInput(prompt="a cat on a skateboard", video_url="https://example.com/v.mp4"),
+        input=VideoInput(prompt="a cat on a skateboard", video_url=video_url),
         webhook=webhook,
         created_at=now,
         deadline_at=now + timedelta(seconds=timeout_s),
@@ -197,6 +205,9 @@ def job_record(
 
 
 CLI = [sys.executable, "-m", "service"]
+
+NO_PREFLIGHT = {"GATEWAY_PREFLIGHT": "off"}
+"""For gateways whose tests are not about the input pre-flight: their inputs are never served."""
 
 
 class Process:
@@ -237,6 +248,14 @@ def wait_http(url: str, timeout: float = 20) -> None:
         time.sleep(0.05)
 
 
+def redirects_to(target: str, inputs: str, hops: int) -> str:
+    """A URL of the emulator's input files (`inputs`) that redirects `hops` times to `target`."""
+    url = target
+    for hop in range(hops):
+        url = f"{inputs}/hop{hop}?redirect={quote(url, safe='')}"
+    return url
+
+
 def gateway_env(
     redis_url: str,
     emulator_url: str,
@@ -247,7 +266,9 @@ def gateway_env(
 ) -> dict[str, str]:
     """The environment of a gateway process: fast polls and retries, then `settings`.
 
-    `settings` are GATEWAY_* variables without their prefix, e.g. `LEASE_S="3"`.
+    `settings` are GATEWAY_* variables without their prefix, e.g. `LEASE_S="3"`. The input
+    pre-flight is off (inputs like https://example.com/v.mp4 are never fetched) unless a
+    test turns it on with `PREFLIGHT="on"`.
     """
     return {
         **os.environ,
@@ -259,6 +280,7 @@ def gateway_env(
         "GATEWAY_POLL_INTERVAL_MAX_S": "0.3",
         "GATEWAY_WEBHOOK_RETRY_SCHEDULE": "0.1,0.1,0.1",
         "GATEWAY_SHUTDOWN_S": "2",
+        **NO_PREFLIGHT,
         **{f"GATEWAY_{name}": value for name, value in settings.items()},
     }
 

@@ -31,6 +31,8 @@ def test_defaults_are_those_of_the_contract(tmp_path):
     assert (s.lease_s, s.job_timeout_s, s.upstream_max_in_flight) == (30, 7200, 20)
     assert (s.shutdown_s, s.job_retention_s, s.worker_metrics_port) == (20, 604800, 9091)
     assert s.submit_unknown_policy == "fail"
+    assert (s.preflight, s.preflight_allow_hosts, s.input_max_bytes) == (True, (), 104_857_600)
+    assert s.preflight_timeout_s + s.upstream_timeout_s < s.lease_s
 
 
 @pytest.mark.parametrize(
@@ -52,6 +54,12 @@ def test_defaults_are_those_of_the_contract(tmp_path):
         ("GATEWAY_UPSTREAM_TIMEOUT_S", "40", "GATEWAY_LEASE_S must be longer"),
         ("GATEWAY_JOB_TIMEOUT_S", "nan", "finite"),
         ("GATEWAY_SUBMIT_UNKNOWN", "maybe", "'fail' or 'retry'"),
+        ("GATEWAY_PREFLIGHT", "maybe", "'on' or 'off'"),
+        ("GATEWAY_PREFLIGHT_ALLOW_HOSTS", "bench, 169.254.169.254", "metadata address"),
+        ("GATEWAY_PREFLIGHT_ALLOW_HOSTS", "[fd00:ec2::254]", "metadata address"),
+        ("GATEWAY_PREFLIGHT_ALLOW_HOSTS", "not a host", "not a host name"),
+        ("GATEWAY_PREFLIGHT_TIMEOUT_S", "15", "GATEWAY_PREFLIGHT_TIMEOUT_S plus"),
+        ("GATEWAY_INPUT_MAX_BYTES", "0", ">= 1"),
     ],
 )
 def test_a_bad_variable_is_named_in_one_line(tmp_path, name, value, says):
@@ -130,3 +138,23 @@ def test_rotation_lists_of_secrets_and_keys_are_accepted():
     tenants = parse_tenants(toml)
     assert tenants.authenticate(other.api_key)[0].id == "orders"
     assert len(tenants.by_id["orders"].webhook_secrets) == 2
+
+
+def test_preflight_settings_are_read_from_the_environment(tmp_path):
+    """The pre-flight switch, its allow list (normalised), its timeout and the size limit."""
+    env = base_env(tmp_path) | {
+        "GATEWAY_PREFLIGHT": "off",
+        "GATEWAY_PREFLIGHT_ALLOW_HOSTS": " 127.0.0.1, *.Bench.Internal. ,,",
+        "GATEWAY_PREFLIGHT_TIMEOUT_S": "2.5",
+        "GATEWAY_INPUT_MAX_BYTES": "1000",
+    }
+    s = load_settings(env)
+    assert s.preflight is False
+    assert s.preflight_allow_hosts == ("127.0.0.1", "*.bench.internal")
+    assert (s.preflight_timeout_s, s.input_max_bytes) == (2.5, 1000)
+
+
+def test_with_preflight_off_its_timeout_need_not_fit_the_lease(tmp_path):
+    """Only a check that runs has to fit in the lease beside the submit."""
+    env = base_env(tmp_path) | {"GATEWAY_PREFLIGHT": "off", "GATEWAY_PREFLIGHT_TIMEOUT_S": "60"}
+    assert load_settings(env).preflight_timeout_s == 60

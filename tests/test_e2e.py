@@ -17,7 +17,15 @@ import httpx
 import pytest
 
 from service.localredis import LocalRedis, free_port
-from tests.support import CLI, Process, Receiver, gateway_env, new_tenant, wait_for, wait_http
+from tests.support import (
+    CLI,
+    Process,
+    api_client,
+    gateway_env,
+    new_tenant,
+    wait_for,
+    wait_http,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -77,16 +85,8 @@ def stack(tmp_path_factory) -> Iterator[dict[str, Any]]:
 
 
 @pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    r = await Receiver().start()
-    yield r
-    await r.stop()
-
-
-@pytest.fixture
 async def api(stack) -> AsyncIterator[httpx.AsyncClient]:
-    headers = {"Authorization": f"Bearer {TENANT.api_key}"}
-    async with httpx.AsyncClient(base_url=stack["api"], headers=headers, timeout=10) as client:
+    async with api_client(stack["api"], TENANT) as client:
         yield client
 
 
@@ -237,7 +237,10 @@ def test_sigterm_drains_the_worker_and_exits_0(stack):
 
 
 def test_dev_runs_everything_from_one_command(tmp_path):
-    """`dev` runs Redis, emulator, API and worker; its curl leads to a verified webhook."""
+    """`dev` runs everything; its curl, on the sample input it serves, gets a verified webhook.
+
+    Pre-flight is on (the default): the sample passes it.
+    """
     port = free_port()
     env = {
         k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "GATEWAY_", "RUNCOMFY_"))
@@ -249,6 +252,8 @@ def test_dev_runs_everything_from_one_command(tmp_path):
         banner = wait_sync(lambda: "Ctrl-C" in proc.output() and proc.output())
         key = re.search(r"Authorization: Bearer (\S+?)'", banner).group(1)
         body = re.search(r"-d '(\{.*\})'", banner).group(1)
+        sample = json.loads(body)["input"]["video_url"]
+        assert httpx.head(sample).headers["content-type"] == "video/mp4"
         answer = httpx.post(
             f"http://127.0.0.1:{port}/v1/jobs",
             content=body,

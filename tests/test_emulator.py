@@ -277,7 +277,7 @@ async def test_requests_endpoint_lists_submits_and_reset_clears_them(
     status, _, _ = await call(http, "POST", f"{url}/_emulator/reset")
     assert status == 200
     _, listed, _ = await call(http, "GET", f"{url}/_emulator/requests")
-    assert listed == {"submits": 0, "items": []}
+    assert listed == {"submits": 0, "items": [], "input_requests": {}}
 
 
 async def test_rejected_submits_create_nothing(
@@ -371,3 +371,54 @@ def test_emulator_command_drops_calls_without_logging_a_traceback(tmp_path) -> N
     finally:
         assert process.stop() == 0
     assert "Traceback" not in process.output()
+
+
+async def test_an_input_file_answers_its_type_and_size_to_head_and_get(
+    emulator: StartEmulator, http: httpx.AsyncClient
+) -> None:
+    """An input file states its type and size; GET streams exactly that many bytes, MP4 first."""
+    url = await emulator()
+    file = f"{url}/_emulator/inputs/clip.mp4?type=video/webm&size=200000"
+    head = await http.head(file)
+    assert head.status_code == 200
+    assert (head.headers["content-type"], head.headers["content-length"]) == (
+        "video/webm",
+        "200000",
+    )
+    assert head.content == b""
+    got = await http.get(file)
+    assert len(got.content) == 200_000
+    assert got.content.startswith(OUTPUT_BYTES)
+    state = (await http.get(f"{url}/_emulator/requests")).json()
+    assert state["input_requests"] == {"clip.mp4": 2}
+    assert state["submits"] == 0
+
+
+async def test_an_input_file_answers_a_range_with_its_total_size(
+    emulator: StartEmulator, http: httpx.AsyncClient
+) -> None:
+    """`Range: bytes=0-0` answers 206, one byte, and the whole size in Content-Range."""
+    url = await emulator()
+    got = await http.get(
+        f"{url}/_emulator/inputs/a.mp4?size=5000000", headers={"Range": "bytes=0-0"}
+    )
+    assert got.status_code == 206
+    assert got.headers["content-range"] == "bytes 0-0/5000000"
+    assert got.content == OUTPUT_BYTES[:1]
+
+
+async def test_an_input_file_fails_refuses_head_redirects_or_waits_as_asked(
+    emulator: StartEmulator, http: httpx.AsyncClient
+) -> None:
+    """`status`, `head`, `redirect` and `delay_s` change how an input file answers."""
+    url = await emulator()
+    base = f"{url}/_emulator/inputs/x.mp4"
+    assert (await http.get(f"{base}?status=404")).status_code == 404
+    assert (await http.head(f"{base}?head=405")).status_code == 405
+    assert (await http.get(f"{base}?head=405")).status_code == 200
+    moved = await http.get(f"{base}?redirect=http://169.254.169.254/latest")
+    assert (moved.status_code, moved.headers["location"]) == (302, "http://169.254.169.254/latest")
+    assert (await http.get(f"{base}?size=-1")).status_code == 400
+    started = time.monotonic()
+    assert (await http.head(f"{base}?delay_s=0.3")).status_code == 200
+    assert time.monotonic() - started >= 0.3

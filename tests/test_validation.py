@@ -283,3 +283,32 @@ def test_a_valid_body_repeating_a_member_is_still_malformed():
     raw = b'{"input": {"prompt": "a:b", "prompt": "a:b", "video_url": "' + VIDEO.encode() + b'"}}'
     with pytest.raises(MalformedBodyError, match="twice"):
         parse_job_request(raw, callback_hosts=HOSTS)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://127.0.0.1:8000/in.mp4", "http://bench.internal/in.mp4", "http://localhost/in.mp4"],
+)
+def test_a_video_url_on_an_allowed_host_may_be_private(url):
+    """The allow list lets exactly its hosts serve inputs from private addresses."""
+    allowed = ("127.0.0.1", "*.internal", "localhost")
+    raw = json.dumps(body(input={"prompt": "p", "video_url": url})).encode()
+    assert parse_job_request(raw, callback_hosts=HOSTS, input_hosts=allowed).input.video_url == url
+    assert (
+        validate_job_request(
+            json.loads(raw), callback_hosts=HOSTS, input_hosts=allowed
+        ).input.video_url
+        == url
+    )
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.2/in.mp4", "http://127.1/in.mp4", "http://169.254.169.254/latest"]
+)
+def test_an_allowed_host_opens_no_other_private_address(url):
+    """Another loopback address, a disguised spelling and the metadata address stay refused."""
+    allowed = ("127.0.0.1", "169.254.169.254")
+    raw = json.dumps(body(input={"prompt": "p", "video_url": url})).encode()
+    with pytest.raises(InvalidInputError) as caught:
+        parse_job_request(raw, callback_hosts=HOSTS, input_hosts=allowed)
+    assert caught.value.errors[0].pointer == "#/input/video_url"

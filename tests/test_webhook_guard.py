@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from service.webhooks.guard import (
     MAX_URL_LENGTH,
+    AddressPolicy,
     ForbiddenAddressError,
     GuardedResolver,
     callback_url_problem,
@@ -215,6 +216,43 @@ async def test_resolver_fails_closed_on_an_answer_that_is_not_an_address():
     resolver = GuardedResolver(FakeResolver({"junk.test": ["not-an-ip"]}))
     with pytest.raises(ForbiddenAddressError):
         await resolver.resolve("junk.test", 443)
+
+
+async def test_a_public_only_resolver_keeps_only_public_answers():
+    """The input client's policy drops private, loopback and unique-local answers too."""
+    policy = AddressPolicy(public_only=True)
+    answers = ["10.0.0.7", "127.0.0.1", "fd12::7", "93.184.215.14", "2606:4700::1"]
+    resolver = GuardedResolver(FakeResolver({"mixed.test": answers}), policy)
+    assert await resolver.resolve("mixed.test", 443) == ["93.184.215.14", "2606:4700::1"]
+    private = GuardedResolver(FakeResolver({"lan.test": ["10.0.0.7", "::1"]}), policy)
+    with pytest.raises(ForbiddenAddressError, match="non-public"):
+        await private.resolve("lan.test", 443)
+
+
+@pytest.mark.parametrize("host", ["bench.test", "a.lab.test", "127.0.0.1", "::1"])
+def test_a_listed_host_may_be_dialled_on_its_private_addresses(host):
+    """An allowed host (exact or `*.suffix`) reaches private addresses, an unlisted one not."""
+    policy = AddressPolicy(
+        public_only=True, private_hosts=("bench.test", "*.lab.test", "127.0.0.1", "[::1]")
+    )
+    address = host if ":" in host or host[0].isdigit() else "10.1.2.3"
+    assert policy.allows(host, address)
+    assert not AddressPolicy(public_only=True, private_hosts=("other.test",)).allows(host, address)
+
+
+@pytest.mark.parametrize("address", METADATA_FORMS)
+def test_a_listed_host_never_reaches_metadata(address):
+    """Listing a host opens its private addresses, never link-local or metadata ones."""
+    listed = ("bench.test", "169.254.169.254", "*.test")
+    assert not AddressPolicy(public_only=True, private_hosts=listed).allows("bench.test", address)
+    assert not AddressPolicy(public_only=True, private_hosts=listed).allows(address, address)
+
+
+def test_a_listed_ipv4_host_matches_only_as_a_dotted_quad():
+    """127.1 names 127.0.0.1 but hides it: listing 127.0.0.1 does not admit it."""
+    policy = AddressPolicy(public_only=True, private_hosts=("127.0.0.1",))
+    assert policy.allows("127.0.0.1", "127.0.0.1")
+    assert not policy.allows("127.1", "127.0.0.1")
 
 
 async def test_resolver_passes_inner_errors_through():

@@ -20,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.config import Settings, Tenant, load_settings
 from service.localredis import free_port
+from service.models import JobErrorInfo
 from service.runcomfy.emulator import EmulatorConfig, start_emulator
 from service.store.connection import connect
 from service.store.deliveries import DeliveryStore, Resend
@@ -37,6 +38,7 @@ from service.worker.dispatcher import (
 from service.worker.main import run_worker
 from tests.support import (
     CLI,
+    NO_PREFLIGHT,
     HangingReceiver,
     Receiver,
     job_record,
@@ -46,6 +48,7 @@ from tests.support import (
 )
 
 TENANT = new_tenant("orders")
+PREFLIGHT_ON = {"GATEWAY_PREFLIGHT": "on", "GATEWAY_PREFLIGHT_ALLOW_HOSTS": "127.0.0.1"}
 
 
 @dataclass
@@ -122,6 +125,7 @@ async def gateway_factory(redis_server, keys: Keys) -> AsyncIterator[Any]:
                 "GATEWAY_UPSTREAM_TIMEOUT_S": "1",
                 "GATEWAY_WEBHOOK_TIMEOUT_S": "2",
                 "GATEWAY_SHUTDOWN_S": "3",
+                **NO_PREFLIGHT,
                 **(env or {}),
             },
             tenants=tenants_of(TENANT.tenant(hosts=hosts, **limits), *others),
@@ -174,6 +178,43 @@ async def test_a_job_completes_with_output_and_one_verified_webhook(gateway_fact
         lambda: _when(gw.jobs.get(job_id), lambda s: s.webhook_state == "delivered")
     )
     assert stored.webhook_attempts == 1
+
+
+async def test_a_job_whose_input_is_not_a_video_fails_unpaid_with_a_webhook(gateway_factory):
+    """With pre-flight on, an HTML input fails the job as input_not_video; nothing is submitted."""
+    gw = await gateway_factory(env=PREFLIGHT_ON)
+    job_id = await gw.submit(video_url=f"{gw.emulator}/_emulator/inputs/page.html?type=text/html")
+    final = await gw.final(job_id)
+    assert final.record.status == "failed"
+    assert final.record.error is not None
+    assert final.record.error.code == "input_not_video"
+    assert final.record.submits == []
+    [event] = await gw.webhooks(1)
+    assert (event["type"], event["data"]["error"]["code"]) == ("job.failed", "input_not_video")
+    assert (await gw.emulator_state())["submits"] == 0
+
+
+async def test_a_busy_input_is_not_asked_again_past_the_job_deadline(gateway_factory):
+    """A 503 asking to come back after the job deadline fails the job now, unpaid."""
+    gw = await gateway_factory(env=PREFLIGHT_ON)
+    url = f"{gw.emulator}/_emulator/inputs/busy.mp4?status=503&retry_after=30"
+    final = await gw.final(await gw.submit(video_url=url, timeout_s=10))
+    assert final.record.status == "failed"
+    assert final.record.error == JobErrorInfo(
+        code="input_unreachable",
+        message="video_url answered HTTP 503; the job deadline comes before another try",
+    )
+    state = await gw.emulator_state()
+    assert (state["submits"], state["input_requests"]) == (0, {"busy.mp4": 1})
+
+
+async def test_with_preflight_off_the_input_is_not_checked(gateway_factory):
+    """GATEWAY_PREFLIGHT=off sends a job upstream without asking its input anything."""
+    gw = await gateway_factory(env={**PREFLIGHT_ON, "GATEWAY_PREFLIGHT": "off"})
+    job_id = await gw.submit(video_url=f"{gw.emulator}/_emulator/inputs/gone.mp4?status=404")
+    assert (await gw.final(job_id)).record.status == "completed"
+    state = await gw.emulator_state()
+    assert (state["submits"], state["input_requests"]) == (1, {})
 
 
 async def test_a_failed_upstream_job_ends_failed_with_its_error(gateway_factory):
@@ -541,8 +582,10 @@ async def test_a_worker_whose_submits_stall_turns_its_health_red(gateway_factory
     await gw.submit()
 
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
-        await wait_for(lambda: _when(http.get("/healthz"), lambda r: r.status_code == 503))
-        assert (await http.get("/healthz")).json()["loops"] == ["submitter"]
+        red = await wait_for(
+            lambda: _when(http.get("/healthz"), lambda r: r.status_code == 503), timeout=30
+        )
+        assert "submitter" in red.json()["loops"]
         metrics = (await http.get("/metrics")).text
     stall = re.search(r"^rcg_submit_stall_seconds (\S+)$", metrics, re.MULTILINE)
     assert stall is not None

@@ -15,7 +15,15 @@ from service.localredis import LocalRedis, free_port
 from service.store.connection import connect
 from service.store.jobs import JobStore
 from service.store.keys import Keys
-from tests.support import Process, StartEmulator, job_record, new_tenant, wait_for, wait_http
+from tests.support import (
+    NO_PREFLIGHT,
+    Process,
+    StartEmulator,
+    job_record,
+    new_tenant,
+    wait_for,
+    wait_http,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -74,6 +82,7 @@ async def test_a_redis_outage_logs_one_warning_and_one_recovery_line(
         "GATEWAY_TENANTS_FILE": str(tenants),
         "GATEWAY_POLL_INTERVAL_MIN_S": "0.1",
         "GATEWAY_POLL_INTERVAL_MAX_S": "0.2",
+        **NO_PREFLIGHT,
     }
     worker = Process(["worker", "--metrics-port", str(port)], env, tmp_path / "worker.log")
     try:

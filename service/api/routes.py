@@ -173,7 +173,11 @@ async def submit_job(
     caller, services = call.caller, call.services
     _require_json(request)
     body = await request.body()
-    job_request = parse_job_request(body, callback_hosts=caller.tenant.callback_hosts)
+    job_request = parse_job_request(
+        body,
+        callback_hosts=caller.tenant.callback_hosts,
+        input_hosts=services.settings.preflight_allow_hosts,
+    )
     job, status = await accept_job(services, caller, job_request, idempotency_key)
     return Response(job, status_code=status, headers={"Location": f"/v1/jobs/{job.id}"})
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import ipaddress
 import json
 import re
 import types
@@ -44,10 +43,10 @@ from service.models import (
 )
 from service.store.jobs import body_hash
 from service.webhooks.guard import (
-    IPAddress,
     callback_url_problem,
-    embedded_ipv4,
+    host_listed,
     is_forbidden_address,
+    is_public_address,
     parse_host_address,
 )
 
@@ -79,15 +78,21 @@ class InvalidInputError(ValueError):
         self.errors = list(errors)
 
 
-def parse_job_request(body: bytes, *, callback_hosts: Sequence[str]) -> JobRequest:
-    """The body as a valid `JobRequest`; `MalformedBodyError` or `InvalidInputError` otherwise."""
-    accepted = _accept(body, callback_hosts)
+def parse_job_request(
+    body: bytes, *, callback_hosts: Sequence[str], input_hosts: Sequence[str] = ()
+) -> JobRequest:
+    """The body as a valid `JobRequest`; `MalformedBodyError` or `InvalidInputError` otherwise.
+
+    `input_hosts` (`GATEWAY_PREFLIGHT_ALLOW_HOSTS`) may serve `video_url` from private addresses.
+    """
+    context = _Context(tuple(callback_hosts), tuple(input_hosts))
+    accepted = _accept(body, context)
     if accepted is not None:
         return accepted
-    return validate_job_request(decode_object(body), callback_hosts=callback_hosts)
+    return _validate(decode_object(body), context)
 
 
-def _accept(body: bytes, callback_hosts: Sequence[str]) -> JobRequest | None:
+def _accept(body: bytes, context: _Context) -> JobRequest | None:
     r"""The request if the fast path can vouch for it, else None (the full way decides).
 
     Where the fast path keeps each rule of the full way: malformed JSON,
@@ -106,20 +111,19 @@ def _accept(body: bytes, callback_hosts: Sequence[str]) -> JobRequest | None:
         request = msgspec.convert(document, JobRequest, strict=True)
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         return None
-    if _census(document) != body.count(b":") or not _keeps_the_rules(request, callback_hosts):
+    if _census(document) != body.count(b":") or not _keeps_the_rules(request, context):
         return None
     webhook = request.webhook
     if webhook is not None and len(set(webhook.events)) != len(webhook.events):
-        events, _ = _events(list(webhook.events), _Context(callback_hosts))
+        events, _ = _events(list(webhook.events), context)
         return msgspec.structs.replace(
             request, webhook=msgspec.structs.replace(webhook, events=events)
         )
     return request
 
 
-def _keeps_the_rules(request: JobRequest, callback_hosts: Sequence[str]) -> bool:
+def _keeps_the_rules(request: JobRequest, context: _Context) -> bool:
     """Whether a converted request keeps the rules msgspec cannot state (`_RULES`)."""
-    context = _Context(callback_hosts)
     video, webhook = request.input, request.webhook
     # The rules called one by one, not looped over: this runs on every submit.
     return (
@@ -197,7 +201,8 @@ def _nothing(_: str) -> None:
 
 @dataclass(frozen=True)
 class _Context:
-    callback_hosts: Sequence[str]
+    callback_hosts: tuple[str, ...]
+    input_hosts: tuple[str, ...] = ()
 
 
 # A rule checks a value that already has its field's type and returns the value
@@ -205,18 +210,19 @@ class _Context:
 _Rule = Callable[[Any, _Context], tuple[Any, str | None]]
 
 
-def _video_url(url: str, _: _Context) -> tuple[Any, str | None]:
+def _video_url(url: str, context: _Context) -> tuple[Any, str | None]:
     if _CONTROL.search(url):  # urlsplit silently drops some of them; RunComfy would not
         return url, "must not contain whitespace or control characters"
-    return url, video_url_problem(url)
+    return url, video_url_problem(url, context.input_hosts)
 
 
 # One return per rule reads better than folding them together.
-def video_url_problem(url: str) -> str | None:  # noqa: PLR0911
+def video_url_problem(url: str, input_hosts: Sequence[str] = ()) -> str | None:  # noqa: PLR0911
     """Say why `url` is not a public http(s) URL RunComfy could fetch, or None when it is.
 
     A host is read as a fetcher would read it: IDNA-mapped (fullwidth digits are digits),
     trailing dot ignored, and an address in any inet_aton spelling (127.1, 0x7f000001).
+    A host in `input_hosts` may be private or loopback, never link-local or metadata.
     """
     try:
         parts = urlsplit(url)
@@ -230,14 +236,15 @@ def video_url_problem(url: str) -> str | None:  # noqa: PLR0911
     name = _fetched_host(host)
     if name is None:
         return "must be a valid URL: its host is not a valid host name"
-    if name == "localhost" or name.endswith(".localhost"):
+    listed = host_listed(name, input_hosts)
+    if not listed and (name == "localhost" or name.endswith(".localhost")):
         return "must be a public URL, not localhost"
     if ":" not in name and not name.rpartition(".")[2][:1].isdigit():
         return None  # a name: no top-level domain starts with a digit, every address does
     address = parse_host_address(name)
     if address is None:
         return "must be a valid URL: its host is neither a host name nor an IP address"
-    if not _is_public(address):
+    if not is_public_address(address) and not (listed and not is_forbidden_address(address)):
         return "must be a public URL, not a private or reserved address"
     return None
 
@@ -251,15 +258,6 @@ def _fetched_host(host: str) -> str | None:
             return None
     name = host.rstrip(".")
     return name if name and "%" not in name else None
-
-
-def _is_public(address: IPAddress) -> bool:
-    """Global, not a cloud metadata endpoint, and carrying no other IPv4 address (NAT64, 6to4)."""
-    if not address.is_global or is_forbidden_address(address):
-        return False
-    if isinstance(address, ipaddress.IPv6Address):
-        return all(_is_public(v4) for v4 in embedded_ipv4(address))
-    return True
 
 
 def _seed(seed: int, _: _Context) -> tuple[Any, str | None]:
@@ -314,10 +312,16 @@ _CONTROL: Final = re.compile(r"[\x00-\x20\x7f]")
 _WHITESPACE: Final = re.compile(r"\s")  # what str.isspace calls whitespace
 
 
-def validate_job_request(data: dict[str, Any], *, callback_hosts: Sequence[str]) -> JobRequest:
+def validate_job_request(
+    data: dict[str, Any], *, callback_hosts: Sequence[str], input_hosts: Sequence[str] = ()
+) -> JobRequest:
     """The request as a `JobRequest` with defaults filled; `InvalidInputError` names every error."""
+    return _validate(data, _Context(tuple(callback_hosts), tuple(input_hosts)))
+
+
+def _validate(data: dict[str, Any], context: _Context) -> JobRequest:
     errors: list[FieldError] = []
-    cleaned = _walk(JobRequest, data, "#", errors, _Context(callback_hosts))
+    cleaned = _walk(JobRequest, data, "#", errors, context)
     if errors:
         raise InvalidInputError(errors)
     try:

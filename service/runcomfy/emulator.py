@@ -39,8 +39,19 @@ variable                                     meaning                            
 
 Test and ops endpoints, not part of RunComfy and unauthenticated (the emulator
 is for local and CI use): ``GET /_emulator/requests`` lists every created
-request and counts submits, ``POST /_emulator/config`` changes any config
-fields at run time, ``POST /_emulator/reset`` forgets all requests.
+request, counts submits (each one paid at RunComfy) and the requests each input
+file answered, ``POST /_emulator/config`` changes any config fields at run
+time, ``POST /_emulator/reset`` forgets all requests and counts.
+
+Input files, for a job's ``video_url`` (the gateway checks it before paying):
+``GET`` or ``HEAD /_emulator/inputs/<name>`` answers a file of ``size`` bytes
+(default: a tiny MP4 header) streamed in chunks, never held whole, with
+``Content-Type`` ``type`` (default ``video/mp4``; empty: none) and
+``Content-Length``. A ``Range: bytes=a-b`` answers 206 with ``Content-Range``.
+The query string changes the answer: ``status=N`` (that status, no body),
+``head=N`` (HEAD alone answers N, e.g. 405 as servers that refuse HEAD),
+``retry_after=V`` (a ``Retry-After`` on a non-2xx answer),
+``redirect=<url>`` (302 to it), ``delay_s=S`` (wait before answering).
 """
 
 import asyncio
@@ -49,18 +60,21 @@ import logging
 import math
 import os
 import random
+import re
 import signal
 import time
+import urllib.parse
 import uuid
+from collections import Counter
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from typing import Any, Final, Literal, Self, TypeAlias
+from typing import Annotated, Any, Final, Literal, Self, TypeAlias
 
 import msgspec
-from litestar import Litestar, MediaType, Request, Response, get, post
+from litestar import Litestar, MediaType, Request, Response, asgi, get, post
 from litestar.params import FromPath, RawBody
 from litestar.response.base import ASGIResponse
-from litestar.types import Receive, Send
+from litestar.types import HTTPResponseBodyEvent, HTTPResponseStartEvent, Receive, Scope, Send
 
 from service.serving import Served, freeze_what_startup_made, listen, serve
 
@@ -87,6 +101,8 @@ _SHUTDOWN_S: Final = 2.0
 # RunComfy's clients pool connections for longer than uvicorn's 5 s default keep-alive; a
 # server closing an idle connection as the client reuses it would fake a dropped answer.
 _KEEP_ALIVE_S: Final = 75
+_INPUT_CHUNK: Final = 64 * 1024
+_RANGE: Final = re.compile(r"bytes=(\d+)-(\d*)")
 
 _Fault: TypeAlias = Literal["drop", "429", "5xx", "http200"]
 _RATE_FIELDS: Final = ("fail_rate", "error_5xx_rate", "rate_429", "http200_error_rate", "drop_rate")
@@ -216,10 +232,11 @@ class RequestItem(msgspec.Struct, kw_only=True):
 
 
 class RequestList(msgspec.Struct, kw_only=True):
-    """Every request created, and how many submits created one."""
+    """Every request created, how many submits created one, and what each input file answered."""
 
     submits: int
     items: list[RequestItem]
+    input_requests: dict[str, int] = msgspec.field(default_factory=dict)
 
 
 # -- what the emulator holds -----------------------------------------------------------------
@@ -287,6 +304,7 @@ class _Emulator:
         # Requests possibly still queued, in submit order: queue positions count these.
         self._queued: dict[str, _UpstreamRequest] = {}
         self._submits = 0
+        self._input_requests: Counter[str] = Counter()
 
     # -- RunComfy's API ------------------------------------------------------------
 
@@ -390,7 +408,9 @@ class _Emulator:
             )
             for record in self._requests.values()
         ]
-        return RequestList(submits=self._submits, items=items)
+        return RequestList(
+            submits=self._submits, items=items, input_requests=dict(self._input_requests)
+        )
 
     async def update_config(self, body: RawBody) -> dict[str, Any]:
         """``POST /_emulator/config``: change some config fields; answers the new config."""
@@ -412,8 +432,51 @@ class _Emulator:
         self._requests.clear()
         self._queued.clear()
         self._submits = 0
+        self._input_requests.clear()
         self._rng.seed(self.config.seed)
         return RequestList(submits=0, items=[])
+
+    async def input_file(self, scope: Scope, receive: Receive, send: Send) -> None:  # noqa: ARG002
+        """``GET``/``HEAD /_emulator/inputs/<name>``: an input file as the query string asks."""
+        # A mount's scope keeps the full path only in raw_path.
+        raw_path = scope.get("raw_path") or b""
+        name = urllib.parse.unquote(bytes(raw_path).decode("latin-1")).rsplit("/", 1)[-1]
+        self._input_requests[name] += 1
+        method = scope.get("method", "GET")
+        query = dict(
+            urllib.parse.parse_qsl(scope.get("query_string", b"").decode(), keep_blank_values=True)
+        )
+        try:
+            answer = _InputAnswer.from_query(query)
+        except ValueError as exc:
+            await _send_head(send, 400, [(b"content-type", b"text/plain")], body=str(exc).encode())
+            return
+        if answer.delay_s > 0:
+            await asyncio.sleep(answer.delay_s)
+        if answer.redirect:
+            await _send_head(send, 302, [(b"location", answer.redirect.encode())])
+            return
+        status = answer.head if method == "HEAD" and answer.head else answer.status
+        if not 200 <= status < 300:
+            wait = [(b"retry-after", answer.retry_after.encode())] if answer.retry_after else []
+            await _send_head(send, status, wait)
+            return
+        headers = [(b"content-type", answer.type.encode())] if answer.type else []
+        start, end = 0, answer.size - 1
+        ranged = _RANGE.fullmatch(_header(scope, b"range"))
+        if ranged and int(ranged[1]) < answer.size:
+            status, start = 206, int(ranged[1])
+            end = min(end, int(ranged[2])) if ranged[2] else end
+            headers.append((b"content-range", f"bytes {start}-{end}/{answer.size}".encode()))
+        headers.append((b"content-length", str(end + 1 - start).encode()))
+        await _send_start(send, status, headers)
+        if method == "HEAD":
+            await _send_body(send, b"")
+            return
+        for offset in range(start, end + 1, _INPUT_CHUNK):
+            chunk = _input_bytes(offset, min(end + 1, offset + _INPUT_CHUNK))
+            await _send_body(send, chunk, more=True)
+        await _send_body(send, b"")
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -525,6 +588,52 @@ def _read_input(raw: bytes) -> dict[str, Any]:
     return body
 
 
+class _InputAnswer(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """How ``/_emulator/inputs/<name>`` answers, from its query string."""
+
+    type: str = "video/mp4"
+    size: Annotated[int, msgspec.Meta(ge=0)] = len(OUTPUT_BYTES)
+    status: Annotated[int, msgspec.Meta(ge=200, le=599)] = 200
+    head: Annotated[int, msgspec.Meta(ge=200, le=599)] | None = None
+    redirect: str = ""
+    retry_after: str = ""
+    delay_s: Annotated[float, msgspec.Meta(ge=0, le=600)] = 0.0
+
+    @classmethod
+    def from_query(cls, query: dict[str, str]) -> Self:
+        """Read the query string's parameters; ValueError names a bad one."""
+        return msgspec.convert(query, cls, strict=False)
+
+
+def _input_bytes(start: int, stop: int) -> bytes:
+    """Bytes ``start`` to ``stop`` of an input file: the MP4 header, then zeros."""
+    head = OUTPUT_BYTES[start:stop]
+    return head + bytes(stop - start - len(head))
+
+
+def _header(scope: Scope, name: bytes) -> str:
+    for key, value in scope.get("headers", []):
+        if key.lower() == name:
+            return bytes(value).decode("latin-1").strip()
+    return ""
+
+
+async def _send_head(
+    send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes = b""
+) -> None:
+    """Answer with `status`, `headers` and a short body in one go."""
+    await _send_start(send, status, [*headers, (b"content-length", str(len(body)).encode())])
+    await _send_body(send, body)
+
+
+async def _send_body(send: Send, body: bytes, *, more: bool = False) -> None:
+    await send(HTTPResponseBodyEvent(type="http.response.body", body=body, more_body=more))
+
+
+async def _send_start(send: Send, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+    await send(HTTPResponseStartEvent(type="http.response.start", status=status, headers=headers))
+
+
 def _rfc3339(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds")
 
@@ -595,6 +704,7 @@ def create_emulator_app(config: EmulatorConfig) -> Litestar:
             get("/_emulator/requests")(emulator.list_requests),
             post("/_emulator/config", status_code=200)(emulator.update_config),
             post("/_emulator/reset", status_code=200)(emulator.reset),
+            asgi("/_emulator/inputs", is_mount=True, copy_scope=False)(emulator.input_file),
         ],
         exception_handlers={Refused: _refused, ConnectionDropped: _cut_short},
         openapi_config=None,

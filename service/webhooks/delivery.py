@@ -31,14 +31,14 @@ import httpx
 import msgspec
 
 from service.models import response_excerpt
-from service.outbound import USER_AGENT, cookieless_jar, parse_retry_after
+from service.outbound import parse_retry_after
 from service.webhooks.guard import (
     ForbiddenAddressError,
     Resolver,
     is_forbidden_address,
     literal_address,
 )
-from service.webhooks.transport import GuardedTransport
+from service.webhooks.transport import create_guarded_client
 
 if TYPE_CHECKING:
     import random
@@ -50,6 +50,7 @@ __all__ = [
     "Outcome",
     "create_webhook_client",
     "deliver_once",
+    "error_class",
     "next_delay",
     "outcome",
     "parse_retry_schedule",
@@ -96,18 +97,8 @@ def create_webhook_client(
     answers are not decompressed (we only keep an excerpt, and a compressed answer cannot
     turn into a decompression bomb).
     """
-    limits = httpx.Limits(
-        max_connections=max_connections,
-        max_keepalive_connections=max_connections,
-        keepalive_expiry=30.0,
-    )
-    return httpx.AsyncClient(
-        transport=transport or GuardedTransport(limits=limits, resolver=resolver, verify=verify),
-        trust_env=False,
-        cookies=cookieless_jar(),
-        follow_redirects=False,
-        # Without decompression, ask receivers for plain bytes so the excerpt stays readable.
-        headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
+    return create_guarded_client(
+        max_connections=max_connections, resolver=resolver, verify=verify, transport=transport
     )
 
 
@@ -120,8 +111,11 @@ def _error_for_status(status: int) -> ErrorClass | None:
     return "http_status"
 
 
-def _error_for_exception(exc: BaseException) -> ErrorClass:
-    """Map a network exception onto an error class, looking through httpx's wrapping."""
+def error_class(exc: BaseException) -> ErrorClass:
+    """Map a network exception onto an error class, looking through httpx's wrapping.
+
+    The input pre-flight reads its network failures with this too.
+    """
     chain: list[BaseException] = []
     cause: BaseException | None = exc
     while cause is not None and cause not in chain:
@@ -229,7 +223,7 @@ async def deliver_once(
             retry_after = parse_retry_after(response.headers.get("Retry-After"))
             await _read_excerpt(response, excerpt, max_read)
     except (httpx.HTTPError, httpx.InvalidURL, OSError) as exc:  # TimeoutError is an OSError
-        failure = _error_for_exception(exc)
+        failure = error_class(exc)
         if status is None:
             logger.info("webhook to %s failed: %s (%s)", target.host, failure, type(exc).__name__)
     if status is None:

@@ -1,11 +1,13 @@
-"""The callback URL guard: which webhook URLs a tenant may register, and which addresses we dial.
+"""The address guard: which webhook URLs a tenant may register, and which addresses we dial.
 
 Two checks, at two times. At submit time `callback_url_problem` vets the URL's form and host
 against the tenant's `callback_hosts`. At connect time `GuardedNetworkBackend`, the httpcore
-network backend under the webhook client, resolves the host itself, drops link-local and cloud
-metadata addresses from the answer (`GuardedResolver`) and dials only what is left, so a name
-that is re-pointed after submit (DNS rebinding) still cannot reach them; an IP-literal host is
-checked the same way, on the address it names. TLS still verifies the URL's host name.
+network backend under the webhook and input clients, resolves the host itself, drops the
+addresses its `AddressPolicy` refuses from the answer (`GuardedResolver`) and dials only what
+is left, so a name that is re-pointed after submit (DNS rebinding) still cannot reach them; an
+IP-literal host is checked the same way, on the address it names. TLS still verifies the URL's
+host name. Link-local and cloud metadata addresses are refused by every policy; the input
+client's policy also refuses every other non-public address, except on the hosts it lists.
 
 `parse_host_address` reads a host the way resolvers do, legacy inet_aton spellings included
 (127.1, 2130706433, 0x7f000001, 0177.0.0.1), so a disguised address is seen for what it is.
@@ -21,6 +23,7 @@ import re
 import socket
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Protocol, TypeAlias
 from urllib.parse import urlsplit
 
@@ -29,6 +32,7 @@ import httpx
 
 __all__ = [
     "MAX_URL_LENGTH",
+    "AddressPolicy",
     "ForbiddenAddressError",
     "GuardedNetworkBackend",
     "GuardedResolver",
@@ -36,8 +40,11 @@ __all__ = [
     "SystemResolver",
     "callback_url_problem",
     "embedded_ipv4",
+    "host_listed",
     "is_forbidden_address",
+    "is_public_address",
     "literal_address",
+    "normalise_host",
     "parse_host_address",
 ]
 
@@ -75,7 +82,7 @@ _DNS_NAME = re.compile(r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]
 
 
 class ForbiddenAddressError(OSError):
-    """A webhook host resolved only to link-local or metadata addresses, so nothing was dialled."""
+    """A host named or resolved only to addresses the policy refuses, so nothing was dialled."""
 
 
 def _rfc6052_ipv4(value: int, prefix_len: int) -> ipaddress.IPv4Address:
@@ -127,6 +134,20 @@ def is_forbidden_address(addr: str | ipaddress.IPv4Address | ipaddress.IPv6Addre
     return any(is_forbidden_address(v4) for v4 in embedded_ipv4(ip))
 
 
+def is_public_address(addr: str | ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Tell whether an address is global and no metadata endpoint, nor carries a non-public IPv4.
+
+    IPv4 addresses embedded in IPv6 (NAT64, 6to4, Teredo) must be public too.
+    Raise ValueError when `addr` is a string that is not an IP address.
+    """
+    ip = _parse_address(addr)
+    if not ip.is_global or is_forbidden_address(ip):
+        return False
+    if isinstance(ip, ipaddress.IPv6Address):
+        return all(is_public_address(v4) for v4 in embedded_ipv4(ip))
+    return True
+
+
 def parse_host_address(host: str) -> IPAddress | None:
     """The address a URL host names, in any spelling resolvers accept; None for a host name.
 
@@ -164,7 +185,7 @@ literal_address = parse_host_address
 
 
 @functools.lru_cache(maxsize=1024)
-def _normalise_host(host: str) -> str | None:
+def normalise_host(host: str) -> str | None:
     """Lower-case, strip the trailing dot and IDNA-encode a host name; None when it is not one."""
     host = host.strip().strip("[]").rstrip(".")
     if not host:
@@ -183,11 +204,11 @@ def _host_allowed(host: str, allowed_hosts: Sequence[str]) -> bool:
     """Match a normalised DNS host against exact entries and `*.suffix` wildcards."""
     for entry in allowed_hosts:
         if entry.startswith("*."):
-            suffix = _normalise_host(entry[2:])
+            suffix = normalise_host(entry[2:])
             # A strict subdomain only: `*.orders.internal` does not admit `orders.internal`.
             if suffix is not None and host.endswith("." + suffix):
                 return True
-        elif _normalise_host(entry) == host:
+        elif normalise_host(entry) == host:
             return True
     return False
 
@@ -201,6 +222,46 @@ def _literal_allowed(ip: IPAddress, allowed_hosts: Sequence[str]) -> bool:
         except ValueError:
             continue
     return False
+
+
+def host_listed(host: str, listed: Sequence[str]) -> bool:
+    """Tell whether a URL host is one of `listed`: exact names or addresses, `*.suffix` wildcards.
+
+    Names are compared IDNA-encoded, lower-case, without a trailing dot; an IPv4 host must be
+    written as a plain dotted quad to match (127.1 hides what it names).
+    """
+    ip = parse_host_address(host)
+    if ip is not None:
+        written = host.strip("[]").rstrip(".")
+        return (ip.version == 6 or written == str(ip)) and _literal_allowed(ip, listed)
+    name = normalise_host(host)
+    return name is not None and _host_allowed(name, listed)
+
+
+@dataclass(frozen=True)
+class AddressPolicy:
+    """Which addresses a client may dial for a host.
+
+    Link-local and metadata addresses never. Everything else by default (webhooks: operators
+    call in-cluster receivers, and `callback_hosts` restricts destinations); with
+    `public_only`, only public addresses, except that the hosts in `private_hosts` may be
+    dialled on their private addresses too (never on link-local or metadata ones).
+    """
+
+    public_only: bool = False
+    private_hosts: tuple[str, ...] = ()
+
+    def allows(self, host: str, addr: str | IPAddress) -> bool:
+        """Whether `addr`, an address `host` names or resolved to, may be dialled."""
+        try:
+            ip = _parse_address(addr)
+        except ValueError:
+            return False  # fail closed: an answer that is not an address is never dialled
+        if is_forbidden_address(ip):
+            return False
+        return (
+            not self.public_only or is_public_address(ip) or host_listed(host, self.private_hosts)
+        )
 
 
 # A flat list of rules, one return each, reads better than folding them together.
@@ -263,7 +324,7 @@ def _callback_url_problem(url: str, allowed_hosts: tuple[str, ...]) -> str | Non
     ip = parse_host_address(parsed.host)
     if ip is not None:
         return _literal_problem(raw_host, ip, allowed_hosts)
-    host = _normalise_host(raw_host)
+    host = normalise_host(raw_host)
     if host is None:
         return "URL host is not a valid host name"
     if not _host_allowed(host, allowed_hosts):
@@ -289,27 +350,31 @@ class SystemResolver:
 
 
 class GuardedResolver:
-    """A resolver that drops forbidden addresses from another resolver's answers.
+    """A resolver that drops the addresses its policy refuses from another resolver's answers.
 
     This is the DNS-rebinding defence: it runs at connect time on the addresses actually
     dialled. When nothing is left it raises ForbiddenAddressError.
     """
 
-    def __init__(self, inner: Resolver | None = None) -> None:
+    def __init__(self, inner: Resolver | None = None, policy: AddressPolicy | None = None) -> None:
         self._inner = inner if inner is not None else SystemResolver()
+        self.policy = policy if policy is not None else AddressPolicy()
 
     async def resolve(self, host: str, port: int) -> list[str]:
         """Resolve with the inner resolver and keep only addresses that may be dialled."""
         answers = list(await self._inner.resolve(host, port))
-        kept = [addr for addr in answers if not _forbidden_answer(addr)]
+        kept = [addr for addr in answers if self.policy.allows(host, addr)]
         if len(kept) < len(answers):
             dropped = sorted(set(answers) - set(kept))
-            logger.warning("webhook host %s resolved to forbidden addresses %s", host, dropped)
+            logger.warning("host %s resolved to addresses it may not dial: %s", host, dropped)
         if not kept:
-            raise ForbiddenAddressError(
-                f"webhook host {host} resolves only to link-local or metadata addresses"
-            )
+            raise ForbiddenAddressError(f"host {host} resolves only to {self._refused()}")
         return kept
+
+    def _refused(self) -> str:
+        if self.policy.public_only:
+            return "non-public (private, loopback, link-local or metadata) addresses"
+        return "link-local or metadata addresses"
 
 
 class GuardedNetworkBackend(httpcore.AsyncNetworkBackend):
@@ -326,8 +391,9 @@ class GuardedNetworkBackend(httpcore.AsyncNetworkBackend):
         self,
         resolver: Resolver | None = None,
         inner: httpcore.AsyncNetworkBackend | None = None,
+        policy: AddressPolicy | None = None,
     ) -> None:
-        self._resolver = GuardedResolver(resolver)
+        self._resolver = GuardedResolver(resolver, policy)
         self._inner = inner if inner is not None else httpcore.AnyIOBackend()
 
     async def connect_tcp(
@@ -364,18 +430,10 @@ class GuardedNetworkBackend(httpcore.AsyncNetworkBackend):
         literal = literal_address(host)
         if literal is None:
             return await self._resolver.resolve(host, port)
-        if is_forbidden_address(literal):
-            raise ForbiddenAddressError(f"{host} is a link-local or metadata address")
+        if not self._resolver.policy.allows(host, literal):
+            raise ForbiddenAddressError(f"{host} is an address this client may not dial")
         return [str(literal)]
 
     async def sleep(self, seconds: float) -> None:
         """Sleep as the inner backend does (httpcore's retry backoff)."""
         await self._inner.sleep(seconds)
-
-
-def _forbidden_answer(addr: str) -> bool:
-    """Fail closed: an answer that is not an address at all is never dialled."""
-    try:
-        return is_forbidden_address(addr)
-    except ValueError:
-        return True

@@ -1,4 +1,4 @@
-"""The webhook client's transport: httpx on an httpcore pool that dials through the guard.
+"""The webhook and input clients' transport: httpx on an httpcore pool that dials through the guard.
 
 httpx 0.28's `AsyncHTTPTransport` takes no network backend (encode/httpx#3749 is still
 open), so this is the same thin adapter built from public APIs only: an httpx request
@@ -18,9 +18,10 @@ from typing import Final
 import httpcore
 import httpx
 
-from service.webhooks.guard import GuardedNetworkBackend, Resolver
+from service.outbound import USER_AGENT, cookieless_jar
+from service.webhooks.guard import AddressPolicy, GuardedNetworkBackend, Resolver
 
-__all__ = ["GuardedTransport"]
+__all__ = ["GuardedTransport", "create_guarded_client"]
 
 # Subclasses before their bases: the first match is the most specific.
 _EXCEPTIONS: Final[tuple[tuple[type[Exception], type[httpx.TransportError]], ...]] = (
@@ -73,7 +74,7 @@ class _ResponseBody(httpx.AsyncByteStream):
 
 
 class GuardedTransport(httpx.AsyncBaseTransport):
-    """An httpx transport whose connections are dialled by `GuardedNetworkBackend`."""
+    """An httpx transport whose connections are dialled by `GuardedNetworkBackend` (`policy`)."""
 
     def __init__(
         self,
@@ -81,13 +82,14 @@ class GuardedTransport(httpx.AsyncBaseTransport):
         limits: httpx.Limits,
         resolver: Resolver | None = None,
         verify: ssl.SSLContext | bool = True,
+        policy: AddressPolicy | None = None,
     ) -> None:
         self._pool = httpcore.AsyncConnectionPool(
             ssl_context=httpx.create_ssl_context(verify=verify, trust_env=False),
             max_connections=limits.max_connections,
             max_keepalive_connections=limits.max_keepalive_connections,
             keepalive_expiry=limits.keepalive_expiry,
-            network_backend=GuardedNetworkBackend(resolver),
+            network_backend=GuardedNetworkBackend(resolver, policy=policy),
         )
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -120,3 +122,32 @@ class GuardedTransport(httpx.AsyncBaseTransport):
     async def aclose(self) -> None:
         """Close every pooled connection."""
         await self._pool.aclose()
+
+
+def create_guarded_client(
+    *,
+    max_connections: int,
+    policy: AddressPolicy | None = None,
+    resolver: Resolver | None = None,
+    verify: ssl.SSLContext | bool = True,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> httpx.AsyncClient:
+    """An httpx client on `GuardedTransport` that dials only what `policy` allows.
+
+    Environment proxies are ignored, cookies never kept, redirects never followed by httpx
+    (a caller that follows them checks each hop itself), and answers are not decompressed.
+    """
+    limits = httpx.Limits(
+        max_connections=max_connections,
+        max_keepalive_connections=max_connections,
+        keepalive_expiry=30.0,
+    )
+    return httpx.AsyncClient(
+        transport=transport
+        or GuardedTransport(limits=limits, resolver=resolver, verify=verify, policy=policy),
+        trust_env=False,
+        cookies=cookieless_jar(),
+        follow_redirects=False,
+        # Without decompression, ask for plain bytes so what is read stays readable.
+        headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
+    )

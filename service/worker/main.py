@@ -38,6 +38,7 @@ from service.worker.dispatcher import CONCURRENCY, Dispatcher
 from service.worker.listings import trim_listings
 from service.worker.loop import ClaimLoop, Heartbeat
 from service.worker.poller import Poller
+from service.worker.preflight import create_input_client
 from service.worker.submitter import Submitter
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,11 @@ async def run_worker(
     redis = connect(settings.redis_url)
     upstream = create_upstream_client(max_connections=256)
     hooks = create_webhook_client(max_connections=CONCURRENCY)
+    inputs = (
+        create_input_client(allow_hosts=settings.preflight_allow_hosts)
+        if settings.preflight
+        else None
+    )
     heartbeat = Heartbeat()
     schedules = Schedules(redis, keys, lease_s=settings.lease_s)
     limits = Limits(redis, keys)
@@ -141,6 +147,7 @@ async def run_worker(
             limits=limits,
             heartbeat=heartbeat,
             metrics=metrics,
+            inputs=inputs,
         ),
         poller,
         dispatcher,
@@ -168,6 +175,8 @@ async def run_worker(
             health_socket.close()
         await upstream.aclose()
         await hooks.aclose()
+        if inputs is not None:
+            await inputs.aclose()
         await redis.aclose()
         log.info("worker: stopped")
 

@@ -22,6 +22,14 @@ asks for its own.
   fails with `upstream_submit_unknown` rather than risk paying twice
   (`GATEWAY_SUBMIT_UNKNOWN=retry` submits once more instead). Either way every
   submit stays in the job's `submits` log, so a duplicate is visible.
+
+Right before a submit is recorded and sent, the job's `video_url` is checked
+(`preflight.check_input`, unless `GATEWAY_PREFLIGHT=off`). An unusable input
+fails the job with the check's code and nothing is sent. A busy, failing or
+slow input is asked again with backoff, `PREFLIGHT_TRIES` times in all, never
+past the job deadline, then fails with `input_unreachable`; those tries are
+counted by the worker holding the job (a restart starts again) and use up none
+of the upstream submit retries.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Final
 
+import httpx
 import msgspec
 from redis.exceptions import RedisError
 
@@ -49,6 +58,7 @@ from service.store.jobs import JobStore, Outcome, StoredJob
 from service.store.limits import Limits
 from service.store.schedules import Claim, Schedules
 from service.worker.loop import ClaimLoop, Heartbeat, backoff_s
+from service.worker.preflight import InputOk, InputRefused, InputRetry, check_input
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +68,12 @@ PAUSE_CHECK_S: Final = 0.5
 STALL_CHECK_S: Final = 5.0
 STALLED_AFTER_LEASES: Final = 3
 """Submits are stalled when a claimable job has gone unclaimed for this many leases."""
+PREFLIGHT_TRIES: Final = 3
+"""Checks of a busy, failing or slow input before its job fails with `input_unreachable`."""
+PREFLIGHT_BACKOFF_S: Final = 1.0
+PREFLIGHT_BACKOFF_CAP_S: Final = 60.0
+_TRIES_KEPT: Final = 10_000
+"""Jobs whose input checks this worker counts; a job cancelled while it waits is forgotten."""
 _encoder = msgspec.json.Encoder()
 
 
@@ -84,14 +100,18 @@ class Submitter(ClaimLoop):
         limits: Limits,
         heartbeat: Heartbeat,
         metrics: WorkerMetrics | None = None,
+        inputs: httpx.AsyncClient | None = None,
         concurrency: int = 128,
     ) -> None:
+        """`inputs` is the pre-flight client (`create_input_client`); None skips the check."""
         super().__init__(schedules, heartbeat, concurrency=concurrency, drain_s=settings.shutdown_s)
         self.settings = settings
         self.jobs = jobs
         self.client = client
         self.limits = limits
         self.metrics = metrics
+        self.inputs = inputs
+        self._input_tries: dict[str, int] = {}  # by job id: checks that asked to retry
         self._pause_checked_at = -PAUSE_CHECK_S
         self._stall_checked_at = -STALL_CHECK_S
         self._paused = False
@@ -196,7 +216,18 @@ class Submitter(ClaimLoop):
         if record.submits and record.submits[-1].outcome == "sent":
             await self._unknown(stored, claim, "a worker stopped after sending the submit")
             return
-        if read is None or not read.rate_granted:
+        if not await self._may_send(
+            stored, claim, rate_granted=read is not None and read.rate_granted
+        ):
+            return
+        outcome, stored = await self.jobs.record_submit(stored, claim.lease)
+        if outcome is not Outcome.DONE:
+            return  # changed meanwhile (e.g. cancelled) or the lease was lost: not sent
+        await self._send(stored, claim)
+
+    async def _may_send(self, stored: StoredJob, claim: Claim, *, rate_granted: bool) -> bool:
+        """Take a rate token if the claim did not, then check the input; False: not now."""
+        if not rate_granted:
             wait_s = await self.limits.acquire(
                 "submit",
                 rate_per_s=self.settings.upstream_rate_per_s,
@@ -204,11 +235,66 @@ class Submitter(ClaimLoop):
             )
             if wait_s > 0:
                 await self.schedules.release(claim, delay_s=wait_s, free_slot=True)
-                return
-        outcome, stored = await self.jobs.record_submit(stored, claim.lease)
-        if outcome is not Outcome.DONE:
-            return  # changed meanwhile (e.g. cancelled) or the lease was lost: not sent
-        await self._send(stored, claim)
+                return False
+        return self.inputs is None or await self._input_ready(self.inputs, stored, claim)
+
+    async def _input_ready(
+        self, inputs: httpx.AsyncClient, stored: StoredJob, claim: Claim
+    ) -> bool:
+        """Check the job's input before paying for it: True to submit now, else it was handled."""
+        record = stored.record
+        verdict = await check_input(
+            inputs,
+            record.input.video_url,
+            max_bytes=self.settings.input_max_bytes,
+            deadline_s=self.settings.preflight_timeout_s,
+        )
+        match verdict:
+            case InputOk():
+                self._input_tries.pop(record.id, None)
+                return True
+            case InputRefused(code=code, message=message):
+                await self._input_failed(stored, claim, code, message)
+            case InputRetry(message=message, retry_after_s=retry_after_s):
+                await self._input_later(stored, claim, message, retry_after_s)
+        return False
+
+    async def _input_later(
+        self, stored: StoredJob, claim: Claim, message: str, retry_after_s: float | None
+    ) -> None:
+        """Ask a busy or slow input again after a backoff, while tries and the deadline allow."""
+        job_id = stored.record.id
+        tries = self._input_tries.pop(job_id, 0) + 1
+        if tries >= PREFLIGHT_TRIES:
+            await self._input_failed(
+                stored, claim, "input_unreachable", f"{message} (asked {tries} times)"
+            )
+            return
+        cap_s = PREFLIGHT_BACKOFF_CAP_S
+        delay = backoff_s(tries, base_s=PREFLIGHT_BACKOFF_S, cap_s=cap_s, rng=self.rng)
+        if retry_after_s is not None:
+            delay = max(delay, min(retry_after_s, cap_s))
+        left_s = (stored.record.deadline_at - datetime.now(UTC)).total_seconds()
+        if delay >= left_s:
+            message = f"{message}; the job deadline comes before another try"
+            await self._input_failed(stored, claim, "input_unreachable", message)
+            return
+        while len(self._input_tries) >= _TRIES_KEPT:
+            del self._input_tries[next(iter(self._input_tries))]
+        self._input_tries[job_id] = tries
+        log.info(
+            "submitter: %s: input not ready (%s); asking again in %.1fs", job_id, message, delay
+        )
+        # Nothing about the job changed, so nothing is written to it: only the claim goes back,
+        # with its upstream slot, as for a rate-limit wait.
+        await self.schedules.release(claim, delay_s=delay, free_slot=True)
+
+    async def _input_failed(self, stored: StoredJob, claim: Claim, code: str, message: str) -> None:
+        """The input cannot be used: fail the job before anything is sent upstream."""
+        self._input_tries.pop(stored.record.id, None)
+        log.info("submitter: %s: input refused, %s: %s", stored.record.id, code, message)
+        error = JobErrorInfo(code=code, message=message)
+        await self.jobs.finish(stored, "failed", lease=claim.lease, error=error)
 
     async def _tenant_removed(self, stored: StoredJob, claim: Claim) -> None:
         """The job's tenant left the tenants file: fail it rather than pay for it."""
