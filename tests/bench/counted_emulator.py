@@ -4,9 +4,9 @@
 `service.runcomfy.emulator` unchanged, plus `GET /_bench/counts`: how many
 submit, status, result and cancel calls it has answered (the emulator itself
 counts only submits), and `GET /_bench/gaps`: the time between consecutive
-status polls of one request (p50, p99, max, n) since the last such call, which
-tells whether the jobs are polled on schedule. It runs on uvloop, as
-`runcomfy-gateway emulator` does.
+status polls of one request (p50, p99, max, n) and how many requests were
+polled at all since the last such call, which tells whether the jobs are
+polled on schedule. It runs on uvloop, as `runcomfy-gateway emulator` does.
 """
 
 import argparse
@@ -45,21 +45,24 @@ class PollGaps:
     def __init__(self) -> None:
         self.last: dict[str, float] = {}
         self.gaps: list[float] = []
+        self.polled_ids: set[str] = set()
 
     def polled(self, path: str) -> None:
         now = time.monotonic()
         request_id = path.rsplit("/", 2)[-2]
         previous = self.last.get(request_id)
         self.last[request_id] = now
+        self.polled_ids.add(request_id)
         if previous is not None:
             self.gaps.append(now - previous)
 
     def take(self) -> dict[str, float]:
         """Percentiles of the gaps seen since the last call, which starts a new window."""
         ordered = sorted(self.gaps)
-        self.gaps = []
+        polled = len(self.polled_ids)
+        self.gaps, self.polled_ids = [], set()
         summary = {f"p{p}": nearest_rank(ordered, p) for p in (50, 99, 100)}
-        return {**summary, "n": len(ordered)}
+        return {**summary, "n": len(ordered), "requests": polled}
 
 
 def counted_app(config: EmulatorConfig) -> ASGIApp:
