@@ -16,7 +16,6 @@ straightforward peer; the tuned peers are shown beside them.
 import argparse
 import asyncio
 import importlib.util
-import os
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from harness import (
     emulator_counts,
     free_port,
     gateway_env,
+    peer_env,
     redis_pid,
     run_async,
     submit_jobs,
@@ -143,19 +143,17 @@ async def peer(tenant: TestTenant, jobs: int, config: Peer) -> Outcome:
     async with Stack() as stack:
         server = stack.redis()
         emulator, emulator_url = await stack.emulator(queue_s=0, run_s=0)
-        env = {
-            **os.environ,
-            "REDIS_URL": server.url,
-            "RUNCOMFY_BASE_URL": emulator_url,
-            "RUNCOMFY_API_TOKEN": "bench-token",
-            "PEER_API_KEY": tenant.api_key,
-            "PEER_WEBHOOK_SECRET": tenant.whsec,
-            "PEER_POLL_INTERVAL_MIN_S": str(FAST_FLOW["poll_interval_min_s"]),
-            "PEER_POLL_INTERVAL_MAX_S": str(FAST_FLOW["poll_interval_min_s"]),
-            "PEER_MAX_JOBS": str(config.max_jobs),
-            "PEER_POLL_DELAY_S": str(config.poll_delay_s),
-            "PEER_UVLOOP": "1" if config.tuned else "0",
-        }
+        fast = FAST_FLOW["poll_interval_min_s"]
+        env = peer_env(
+            server.url,
+            emulator_url,
+            tenant,
+            poll_interval_min_s=fast,
+            poll_interval_max_s=fast,
+            max_jobs=config.max_jobs,
+            poll_delay_s=config.poll_delay_s,
+            uvloop="1" if config.tuned else "0",
+        )
         api_url, api, worker = await start_peer(stack, env, config.client, server.port)
         pids = {"api": api.pid, "worker": worker.pid, "emulator": emulator.pid}
         pids["redis"] = redis_pid(server)

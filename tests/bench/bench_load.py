@@ -14,7 +14,6 @@ worker's CPU time over a fixed window is divided by the jobs it finished
 
 import argparse
 import asyncio
-import os
 import time
 from dataclasses import dataclass
 
@@ -28,6 +27,7 @@ from harness import (
     bench_tenant,
     emulator_counts,
     gateway_env,
+    peer_env,
     redis_pid,
     run_async,
     submit_jobs,
@@ -116,18 +116,15 @@ async def peer(tenant: TestTenant) -> Load:
     async with Stack() as stack:
         server = stack.redis()
         _, emulator_url = await stack.emulator(queue_s=QUEUE_S, run_s=RUN_S)
-        env = {
-            **os.environ,
-            "REDIS_URL": server.url,
-            "RUNCOMFY_BASE_URL": emulator_url,
-            "RUNCOMFY_API_TOKEN": "bench-token",
-            "PEER_API_KEY": tenant.api_key,
-            "PEER_WEBHOOK_SECRET": tenant.whsec,
-            "PEER_POLL_INTERVAL_MIN_S": "2",
-            "PEER_POLL_INTERVAL_MAX_S": "15",
-            "PEER_MAX_JOBS": str(IN_FLIGHT),
-            "PEER_UVLOOP": "1",
-        }
+        env = peer_env(
+            server.url,
+            emulator_url,
+            tenant,
+            poll_interval_min_s=2,
+            poll_interval_max_s=15,
+            max_jobs=IN_FLIGHT,
+            uvloop="1",
+        )
         api_url, _, worker = await start_peer(stack, env, "httpx", server.port)
         pids = {"worker": worker.pid, "redis": redis_pid(server)}
         return await measure(

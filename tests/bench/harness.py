@@ -262,6 +262,22 @@ def gateway_env(
     return env
 
 
+def peer_env(
+    redis_url: str, upstream_url: str, tenant: TestTenant, **settings: str | float
+) -> dict[str, str]:
+    """The environment of peer_arq.py's API and worker; `settings` are PEER_* by suffix."""
+    env = {
+        **os.environ,
+        "REDIS_URL": redis_url,
+        "RUNCOMFY_BASE_URL": upstream_url,
+        "RUNCOMFY_API_TOKEN": "bench-token",
+        "PEER_API_KEY": tenant.api_key,
+        "PEER_WEBHOOK_SECRET": tenant.whsec,
+    }
+    env.update({f"PEER_{name.upper()}": str(value) for name, value in settings.items()})
+    return env
+
+
 FAST_FLOW: Mapping[str, str | float] = {
     "poll_interval_min_s": 0.1,
     "upstream_rate_per_s": 100_000,
