@@ -3,21 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import unquote
 
 import pytest
-from aiohttp import web
 
 from service.config import Settings
-from service.localredis import free_port
 from service.runcomfy.client import RunComfyClient, create_upstream_client
 from service.runcomfy.emulator import MODEL
 from service.store.jobs import JobStore, Outcome
 from service.store.schedules import Claim, Schedules
 from service.worker.loop import ClaimLoop, Heartbeat
 from service.worker.poller import Poller
-from tests.support import job_record, new_tenant, tenants_of, wait_for
+from tests.support import (
+    job_record,
+    new_tenant,
+    read_http_request,
+    tcp_server,
+    tenants_of,
+    wait_for,
+)
 
 TENANT = new_tenant("orders")
 INTERVAL_S = 5.0
@@ -217,21 +224,18 @@ async def test_a_request_id_with_reserved_characters_is_sent_percent_encoded():
     """The status URL is built pre-encoded: an id with '/', '?', '#', '%' still arrives intact."""
     seen: list[str] = []
 
-    async def status(request: web.Request) -> web.Response:
-        seen.append(request.raw_path)
-        return web.json_response({"request_id": request.match_info["rid"], "status": "in_queue"})
+    async def status(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = await read_http_request(reader)
+        raw_path = request.split(b" ", 2)[1].decode()
+        seen.append(raw_path)
+        rid = unquote(raw_path.removeprefix("/v1/requests/").removesuffix("/status"))
+        body = json.dumps({"request_id": rid, "status": "in_queue"}).encode()
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n")
+        writer.write(b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        writer.close()
 
-    app = web.Application()
-    app.router.add_get("/v1/requests/{rid}/status", status)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        async with create_upstream_client() as session:
-            client = RunComfyClient(session, f"http://127.0.0.1:{port}", "test-token")
-            answer = await client.status("a/b?c#d%e ü")
-    finally:
-        await runner.cleanup()
+    async with tcp_server(status) as url, create_upstream_client() as session:
+        answer = await RunComfyClient(session, url, "test-token").status("a/b?c#d%e ü")
     assert seen == ["/v1/requests/a%2Fb%3Fc%23d%25e%20%C3%BC/status"]
     assert answer.request_id == "a/b?c#d%e ü"

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import msgspec
 import pytest
-from aiohttp import web
+from litestar import Litestar, Request, Response, route
 
 from service.runcomfy.client import (
     RunComfyClient,
@@ -31,31 +31,33 @@ from service.runcomfy.wire import (
     STATUS_DECODER,
     SUBMIT_DECODER,
 )
+from service.serving import Served, listen, serve
 from tests.support import StartEmulator, read_http_request, tcp_server
 
 TOKEN = "sk-test-9f8e7d6c5b4a-secret"  # noqa: S105 -- a test token, the one we hunt for
 INPUT = msgspec.json.encode({"prompt": "a cat surfing", "video_url": "https://example.com/in.mp4"})
 
-ServeScript = Callable[[Callable[[web.Request], Awaitable[web.StreamResponse]]], Awaitable[str]]
+Handler = Callable[[Request[Any, Any, Any]], Awaitable[Response[Any]]]
+ServeScript = Callable[[Handler], Awaitable[str]]
 
 
 @pytest.fixture
 async def scripted() -> AsyncIterator[ServeScript]:
     """Serve one handler for every path: an upstream that answers exactly as a test scripts it."""
-    runners: list[web.AppRunner] = []
+    served: list[Served] = []
 
-    async def serve(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> str:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", handler)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        runners.append(runner)
-        return f"http://127.0.0.1:{runner.addresses[0][1]}"
+    async def start(handler: Handler) -> str:
+        @route(["/", "/{tail:path}"], http_method=["GET", "POST"], status_code=200)
+        async def every_path(request: Request[Any, Any, Any]) -> Response[Any]:
+            return await handler(request)
 
-    yield serve
-    for runner in runners:
-        await runner.cleanup()
+        app = Litestar([every_path], openapi_config=None, logging_config=None)
+        served.append(await serve(app, listen("127.0.0.1", 0)))
+        return served[-1].url
+
+    yield start
+    for server in served:
+        await server.stop()
 
 
 @pytest.fixture
@@ -408,8 +410,8 @@ async def test_unknown_fields_and_statuses_are_tolerated(
 ) -> None:
     """Answers with extra fields and unfamiliar statuses (succeeded) decode without complaint."""
 
-    async def answer(request: web.Request) -> web.Response:
-        return web.json_response(
+    async def answer(request: Request[Any, Any, Any]) -> Response[Any]:
+        return Response(
             {
                 "request_id": "r1",
                 "status": "succeeded",
@@ -447,8 +449,8 @@ async def test_garbage_body_on_success_is_outcome_unknown(
 ) -> None:
     """HTTP 200 with a body that is not JSON is no answer at all: UpstreamOutcomeUnknown."""
 
-    async def answer(request: web.Request) -> web.Response:
-        return web.Response(text="<html>gateway hiccup</html>", content_type="text/html")
+    async def answer(request: Request[Any, Any, Any]) -> Response[Any]:
+        return Response("<html>gateway hiccup</html>", media_type="text/html")
 
     with pytest.raises(UpstreamOutcomeUnknown, match="undecodable"):
         await RunComfyClient(session, await scripted(answer), TOKEN).submit(MODEL, INPUT)
@@ -459,8 +461,8 @@ async def test_success_without_request_id_is_a_rejection(
 ) -> None:
     """A 2xx submit answer naming no request (and no error_code) is an 'other' rejection."""
 
-    async def answer(request: web.Request) -> web.Response:
-        return web.json_response({"ok": True})
+    async def answer(request: Request[Any, Any, Any]) -> Response[Any]:
+        return Response({"ok": True})
 
     with pytest.raises(UpstreamRejected) as caught:
         await RunComfyClient(session, await scripted(answer), TOKEN).submit(MODEL, INPUT)
@@ -472,9 +474,9 @@ async def test_error_text_echoing_the_token_is_scrubbed(
 ) -> None:
     """An upstream error message that echoes the Authorization header never leaks the token."""
 
-    async def answer(request: web.Request) -> web.Response:
+    async def answer(request: Request[Any, Any, Any]) -> Response[Any]:
         header = request.headers["Authorization"]
-        return web.json_response({"error": {"message": f"bad token {header}"}}, status=403)
+        return Response({"error": {"message": f"bad token {header}"}}, status_code=403)
 
     with pytest.raises(UpstreamRejected) as caught:
         await RunComfyClient(session, await scripted(answer), TOKEN).status("r")
@@ -489,9 +491,9 @@ async def test_retry_after_as_http_date_is_read(
     """Retry-After given as an HTTP-date becomes the seconds until that date."""
     when = datetime.now(UTC) + timedelta(seconds=30)
 
-    async def answer(request: web.Request) -> web.Response:
+    async def answer(request: Request[Any, Any, Any]) -> Response[Any]:
         headers = {"Retry-After": format_datetime(when, usegmt=True)}
-        return web.json_response({"message": "slow down"}, status=503, headers=headers)
+        return Response({"message": "slow down"}, status_code=503, headers=headers)
 
     with pytest.raises(UpstreamRejected) as caught:
         await RunComfyClient(session, await scripted(answer), TOKEN).status("r")
@@ -505,8 +507,8 @@ async def test_error_status_without_json_is_still_a_rejection(
 ) -> None:
     """An HTML error page from a proxy is a definite rejection with an excerpt as its message."""
 
-    async def answer(request: web.Request) -> web.Response:
-        return web.Response(status=502, text="<h1>Bad Gateway</h1>", content_type="text/html")
+    async def answer(request: Request[Any, Any, Any]) -> Response[Any]:
+        return Response("<h1>Bad Gateway</h1>", status_code=502, media_type="text/html")
 
     with pytest.raises(UpstreamRejected) as caught:
         await RunComfyClient(session, await scripted(answer), TOKEN).submit(MODEL, INPUT)
@@ -524,9 +526,9 @@ async def test_redirects_are_not_followed(
     """A redirect is answered as an 'other' rejection, never followed with the token."""
     hits: list[str] = []
 
-    async def answer(request: web.Request) -> web.Response:
-        hits.append(request.path)
-        return web.Response(status=307, headers={"Location": "/elsewhere"})
+    async def answer(request: Request[Any, Any, Any]) -> Response[Any]:
+        hits.append(request.url.path)
+        return Response("", status_code=307, headers={"Location": "/elsewhere"})
 
     with pytest.raises(UpstreamRejected) as caught:
         await RunComfyClient(session, await scripted(answer), TOKEN).status("r")
@@ -540,7 +542,7 @@ async def test_calls_send_the_token_and_identify_themselves(
     """Every call carries the Bearer token, JSON Accept and the gateway's User-Agent."""
     seen: list[tuple[str, str, str, str, bytes]] = []
 
-    async def answer(request: web.Request) -> web.Response:
+    async def answer(request: Request[Any, Any, Any]) -> Response[Any]:
         headers = request.headers
         seen.append(
             (
@@ -548,10 +550,10 @@ async def test_calls_send_the_token_and_identify_themselves(
                 headers["Authorization"],
                 headers["Accept"],
                 headers["User-Agent"],
-                await request.read(),
+                await request.body(),
             )
         )
-        return web.json_response({"request_id": "r1"})
+        return Response({"request_id": "r1"})
 
     await RunComfyClient(session, await scripted(answer), TOKEN).submit(MODEL, INPUT)
     assert seen == [("POST", f"Bearer {TOKEN}", "application/json", "runcomfy-gateway/0.1", INPUT)]

@@ -5,13 +5,17 @@ import random
 import socket
 import ssl
 import time
+from collections.abc import AsyncIterator
 
 import msgspec
 import pytest
 import trustme
-from aiohttp import web
+from litestar import Litestar, Request, Response, post
+from litestar.params import RawBody
+from litestar.response import Stream
 
 from service.outbound import parse_retry_after
+from service.serving import listen, serve
 from service.webhooks.delivery import (
     AttemptResult,
     create_webhook_client,
@@ -36,98 +40,104 @@ DEADLINE_SLACK_S = 2.0
 
 
 class Receiver:
-    """A real aiohttp.web webhook receiver on 127.0.0.1 with one route per behaviour."""
+    """A webhook receiver on 127.0.0.1, Litestar served as ours are: one route per behaviour."""
 
     def __init__(self):
         self.received = []
         self.stop = asyncio.Event()
         self.base = ""
-        self.app = web.Application()
-        self.app.add_routes(
+        self._served = None
+        self.app = Litestar(
             [
-                web.post("/ok", self.ok),
-                web.post("/gone", self.status(410)),
-                web.post("/error", self.status(500, {"Retry-After": "120"})),
-                web.post("/redirect", self.redirect),
-                web.post("/target", self.ok),
-                web.post("/hang", self.hang),
-                web.post("/trickle", self.trickle),
-                web.post("/huge", self.huge),
-                web.post("/nul", self.body(b"\x00" * 20 * 1024)),
-                web.post("/accents", self.body("é".encode() * 10 * 1024)),
-                web.post("/quotes", self.body(b'"\\\n' * 5 * 1024)),
-            ]
+                post("/ok", status_code=200)(self.ok),
+                post("/gone")(self.status(410)),
+                post("/error")(self.status(500, {"Retry-After": "120"})),
+                post("/redirect")(self.redirect),
+                post("/target", status_code=200)(self.ok),
+                post("/hang", status_code=200)(self.hang),
+                post("/trickle", status_code=200)(self.trickle),
+                post("/huge", status_code=200)(self.huge),
+                post("/nul")(self.body(b"\x00" * 20 * 1024)),
+                post("/accents")(self.body("é".encode() * 10 * 1024)),
+                post("/quotes")(self.body(b'"\\\n' * 5 * 1024)),
+            ],
+            openapi_config=None,
+            logging_config=None,
         )
 
-    async def record(self, request):
-        """Keep what arrived, for the test to inspect."""
-        self.received.append((request.path, await request.read(), request.headers.copy()))
+    async def start(self):
+        sock = listen("127.0.0.1", 0)
+        self._served = await serve(self.app, sock)
+        self.base = self._served.url
 
-    async def ok(self, request):
+    async def close(self):
+        self.stop.set()
+        await self._served.stop()
+
+    def record(self, request: Request, body: bytes) -> None:
+        """Keep what arrived, for the test to inspect (header names in lower case)."""
+        headers = {name.lower(): value for name, value in request.headers.items()}
+        self.received.append((request.url.path, body, headers))
+
+    async def ok(self, request: Request, body: RawBody) -> str:
         """Accept the webhook."""
-        await self.record(request)
-        return web.Response(text="thanks")
+        self.record(request, body)
+        return "thanks"
 
     def status(self, code, headers=None):
         """Build a handler answering `code`."""
 
-        async def handler(request):
-            await self.record(request)
-            return web.Response(status=code, text=f"answer {code}", headers=headers)
+        async def handler(request: Request, body: RawBody) -> Response[str]:
+            self.record(request, body)
+            return Response(f"answer {code}", status_code=code, headers=headers)
 
         return handler
 
-    async def redirect(self, request):
+    async def redirect(self, request: Request, body: RawBody) -> Response[str]:
         """Answer 302 towards /target."""
-        await self.record(request)
-        raise web.HTTPFound(self.base + "/target")
+        self.record(request, body)
+        return Response("", status_code=302, headers={"Location": self.base + "/target"})
 
-    async def hang(self, request):
+    async def hang(self, request: Request, body: RawBody) -> str:
         """Never answer (until the fixture tears down)."""
-        await self.record(request)
+        self.record(request, body)
         await self.stop.wait()
-        return web.Response(text="too late")
+        return "too late"
 
-    async def trickle(self, request):
+    async def trickle(self, request: Request, body: RawBody) -> Stream:
         """Answer 200, then send the body one byte at a time, forever."""
-        await self.record(request)
-        response = web.StreamResponse()
-        await response.prepare(request)
-        with contextlib.suppress(ConnectionError):
+        self.record(request, body)
+
+        async def dots() -> AsyncIterator[bytes]:
             while not self.stop.is_set():
-                await response.write(b".")
+                yield b"."
                 # The trickle itself is the behaviour under test: one byte every 50 ms.
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stop.wait(), 0.05)
-        return response
+
+        return Stream(dots())
 
     def body(self, content):
         """Build a handler answering 500 with `content` as its body."""
 
-        async def handler(request):
-            await self.record(request)
-            return web.Response(status=500, body=content)
+        async def handler(request: Request, body: RawBody) -> Response[bytes]:
+            self.record(request, body)
+            return Response(content, status_code=500)
 
         return handler
 
-    async def huge(self, request):
+    async def huge(self, request: Request, body: RawBody) -> bytes:
         """Answer with a 1 MB body."""
-        await self.record(request)
-        return web.Response(body=b"x" * (1024 * 1024))
+        self.record(request, body)
+        return b"x" * (1024 * 1024)
 
 
 @pytest.fixture
 async def receiver():
     rec = Receiver()
-    runner = web.AppRunner(rec.app)
-    await runner.setup()
-    sock = socket.create_server(("127.0.0.1", 0))
-    site = web.SockSite(runner, sock)
-    await site.start()
-    rec.base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    await rec.start()
     yield rec
-    rec.stop.set()
-    await runner.cleanup()
+    await rec.close()
 
 
 @pytest.fixture
@@ -178,7 +188,7 @@ async def test_2xx_is_delivered_with_the_exact_bytes_and_headers(receiver, sessi
     assert body == BODY
     for name, value in HEADERS.items():
         assert headers[name] == value
-    assert "Cookie" not in headers
+    assert "cookie" not in headers
 
 
 async def test_410_means_gone(receiver, session):

@@ -20,9 +20,9 @@ Every failure is one of three cases, because the caller's next move differs::
                                    request may exist upstream.
 
 The split rests on httpx's own transport, whose exceptions name the phase that failed
-(an httpx-aiohttp transport reports a connection dropped after the request as
-ConnectTimeout, which would pay twice). Pool and connect timeouts are kept short enough
-that the whole-call deadline can only fire once a connection is in hand.
+(a transport borrowed from another HTTP library may report a connection dropped after
+the request as ConnectTimeout, which would pay twice). Pool and connect timeouts are
+kept short enough that the whole-call deadline can only fire once a connection is in hand.
 Retries, backoff and the unknown-outcome policy belong to the caller: the worker
 reschedules through Redis; nothing is re-sent here, not even an idempotent GET.
 No message or repr of these exceptions contains the Bearer token.

@@ -1,17 +1,15 @@
-"""D. Cost per job: Redis memory, Redis round trips and webhook latency, for finished jobs.
+"""D. Cost per job: Redis memory per kept finished job, and webhook latency.
 
-1,000 jobs run through the gateway (API and worker processes, a private Redis,
-an instant emulator, B's settings), submitted at a steady 100 per second, each
+500 jobs run through the gateway (API and worker processes, a private Redis,
+an instant emulator, B's settings), submitted at a steady 25 per second, each
 to a verified webhook. Then:
 
-- memory: Redis `INFO memory` before the first submit and once every delivery
-  is recorded and Redis has trimmed the idle clients' buffers, divided by the
-  jobs (used_memory, and used_memory_dataset, which leaves out client buffers:
-  the API and worker open more connections under load; used_memory before the
-  trim is shown too), with MEMORY USAGE of the jobs' keys as the breakdown;
-- round trips: `MONITOR` on the private Redis tells commands sent by clients
-  (a script call is one, whatever it runs) from those run inside scripts; the
-  worker's idle claiming is measured first, for 2 s, and reported apart;
+- memory: Redis `INFO memory` before the first submit and once every webhook
+  has arrived, the dataset has stopped changing and Redis has trimmed the idle
+  clients' buffers, divided by the jobs (used_memory, and used_memory_dataset,
+  which leaves out client buffers). Nothing here reads the store's layout: the
+  keys of a sampled job are found by its id (SCAN MATCH *<id>*) and sized with
+  MEMORY USAGE, whatever they hold;
 - webhook latency, upstream completion to receipt: the emulator runs instantly
   (queue_s = run_s = 0), so a request completes when it is created; that time
   comes from the emulator's `/_emulator/requests` (submitted_at, ms). The
@@ -22,16 +20,9 @@ to a verified webhook. Then:
 
 import argparse
 import asyncio
-import hashlib
-import os
 import random
 import time
-import zlib
-from collections import Counter
-from dataclasses import dataclass
-from pathlib import Path
 
-import aiohttp
 import redis.asyncio as aioredis
 from harness import (
     FAST_FLOW,
@@ -46,94 +37,25 @@ from harness import (
     percentile,
     run_async,
     submit_jobs,
-    table,
     upstream_finished_at,
 )
 
-from service.store import deliveries, jobs, limits, schedules
-from service.store.keys import LUA_NOW
-
-JOBS = 1000
-PER_SECOND = 100.0
-IDLE_S = 2.0
-
-
-def script_names() -> dict[str, str]:
-    """SHA1 of every Lua script of the store -> a readable name (EVALSHA's first argument)."""
-    names = {}
-    for module in (jobs, schedules, deliveries, limits):
-        for attr, value in vars(module).items():
-            if isinstance(value, str) and value.startswith(LUA_NOW):
-                sha = hashlib.sha1(value.encode(), usedforsecurity=False).hexdigest()
-                names[sha] = (
-                    f"script {module.__name__.rsplit('.', 1)[-1]}.{attr.strip('_').lower()}"
-                )
-    return names
-
-
-@dataclass
-class Commands:
-    """Commands MONITOR saw in one time window: sent by clients, and run inside scripts."""
-
-    sent: Counter[str]
-    in_scripts: Counter[str]
-
-
-def read_monitor(path: Path, start: float, end: float, names: dict[str, str]) -> Commands:
-    sent: Counter[str] = Counter()
-    inner: Counter[str] = Counter()
-    for line in path.read_text(errors="replace").splitlines():
-        stamp, _, rest = line.partition(" ")
-        try:
-            at = float(stamp)
-        except ValueError:
-            continue
-        if not start <= at < end:
-            continue
-        client, _, args = rest.partition("] ")
-        words = args.split('" "')
-        command = words[0].strip('"').lower()
-        if client.endswith(" lua"):
-            inner[command] += 1
-        elif command == "evalsha" and len(words) > 1:
-            sent[names.get(words[1].strip('"'), "script (unknown)")] += 1
-        else:
-            sent[command] += 1
-    return Commands(sent, inner)
+JOBS = 500
+PER_SECOND = 25.0
 
 
 async def settled(client: aioredis.Redis) -> None:
-    """Wait until no delivery or poll is scheduled or leased: every attempt is recorded."""
+    """Wait until the dataset has stopped changing for a second: every attempt is recorded."""
     deadline = time.monotonic() + 30
-    while True:
-        async with client.pipeline(transaction=False) as pipe:
-            pipe.zcard("{rcg}:deliver").zcard("{rcg}:poll")
-            pipe.hlen("{rcg}:lease:deliver").hlen("{rcg}:lease:poll")
-            if not any(await pipe.execute()):
-                return
+    last = None
+    steady_since = time.monotonic()
+    while time.monotonic() - steady_since < 1.0:
+        now = ((await client.info("memory"))["used_memory_dataset"], await client.dbsize())
+        if now != last:
+            last, steady_since = now, time.monotonic()
         if time.monotonic() > deadline:
-            raise RuntimeError("deliveries did not settle within 30 s")
-        await asyncio.sleep(0.05)
-
-
-@dataclass
-class Parts:
-    """Mean sizes of the sampled jobs' hash fields (see service/store/keys.py)."""
-
-    fields: dict[str, float]
-    event_plain: float
-
-
-async def job_parts(port: int, sample: list[str]) -> Parts:
-    """The sampled jobs' field sizes, and their final event bodies' size uncompressed."""
-    raw = aioredis.Redis(port=port)
-    stored = [h for i in sample if (h := await raw.hgetall(f"{{rcg}}:job:{i}"))]
-    await raw.aclose()
-    n = len(stored)
-    names = sorted({name.decode() for h in stored for name in h})
-    sizes = {name: sum(len(h.get(name.encode(), b"")) for h in stored) / n for name in names}
-    events = [len(zlib.decompress(h[b"event_zlib"])) for h in stored if b"event_zlib" in h]
-    return Parts(sizes, sum(events) / max(1, len(events)))
+            raise RuntimeError("the dataset did not settle within 30 s")
+        await asyncio.sleep(0.1)
 
 
 async def idle_buffers_shrunk(client: aioredis.Redis) -> None:
@@ -154,16 +76,20 @@ async def idle_buffers_shrunk(client: aioredis.Redis) -> None:
         last = now
 
 
-async def key_bytes(client: aioredis.Redis, pattern: str, sample: list[str]) -> float:
-    """Mean MEMORY USAGE of the keys `pattern.format(id)` for the sampled ids."""
-    sizes = [await client.memory_usage(pattern.format(i), samples=0) or 0 for i in sample]
-    return sum(sizes) / len(sizes)
+async def job_key_bytes(client: aioredis.Redis, sample: list[str]) -> tuple[float, float]:
+    """Mean keys named by each sampled job's id, and their mean MEMORY USAGE in all."""
+    keys = 0
+    size = 0
+    for job_id in sample:
+        async for key in client.scan_iter(f"*{job_id}*", count=1000):
+            keys += 1
+            size += await client.memory_usage(key, samples=0) or 0
+    return keys / len(sample), size / len(sample)
 
 
-async def run(count: int = JOBS, per_second: float = PER_SECOND) -> Section:  # noqa: PLR0915 - one linear story
+async def run(count: int = JOBS, per_second: float = PER_SECOND) -> Section:
     tenant = bench_tenant()
     section = Section(f"D. Cost per job: {count:,} jobs at {per_second:g}/s to verified webhooks")
-    names = script_names()
     async with Stack() as stack:
         server = stack.redis()
         _, emulator_url = await stack.emulator(queue_s=0, run_s=0)
@@ -172,52 +98,28 @@ async def run(count: int = JOBS, per_second: float = PER_SECOND) -> Section:  # 
         await stack.worker(env)
         client = aioredis.Redis(port=server.port, decode_responses=True)
         receiver = Receiver(tenant)
-        async with receiver.serving(), aiohttp.ClientSession() as session:
-            await asyncio.sleep(1.0)
+        async with receiver.serving():
+            await settled(client)
             memory_before = await client.info("memory")
             keys_before = await client.dbsize()
-            stats_before = await client.memory_stats()
-            monitor = stack.child(
-                "monitor", ["redis-cli", "-p", str(server.port), "monitor"], os.environ
-            )
-            await asyncio.sleep(0.5)
-            idle_start = time.time()
-            await asyncio.sleep(IDLE_S)
-            busy_start = time.time()
             ids = await submit_jobs(
                 api_url, tenant.api_key, count, webhook_url=receiver.url, per_second=per_second
             )
             await receiver.wait_for(count, 120)
             await settled(client)
-            busy_end = time.time()
-            await asyncio.sleep(0.3)
-            monitor.stop()
             stack.check_alive()
             burst_used = (await client.info("memory"))["used_memory"]
             await idle_buffers_shrunk(client)
             memory_after = await client.info("memory")
-            stats_after = await client.memory_stats()
-            clients_after = await client.info("clients")
-            finished = await upstream_finished_at(session, emulator_url)
-            upstream = await emulator_counts(session, emulator_url)
+            finished = await upstream_finished_at(emulator_url)
+            upstream = await emulator_counts(emulator_url)
             sample = random.sample(ids, min(50, len(ids)))
-            job_bytes = await key_bytes(client, "{{rcg}}:job:{}", sample)
-            parts = await job_parts(server.port, sample)
-            encoding = await client.object("encoding", f"{{rcg}}:job:{sample[0]}")
+            keys_per_job, job_bytes = await job_key_bytes(client, sample)
             keys_after = await client.dbsize()
-            index_bytes = 0.0
-            async for key in client.scan_iter(f"{{rcg}}:jobs:{tenant.id}*"):
-                index_bytes += (await client.memory_usage(key, samples=0) or 0) / count
-            idle = read_monitor(monitor.log, idle_start, busy_start, names)
-            busy = read_monitor(monitor.log, busy_start, busy_end, names)
         await client.aclose()
 
     used = (memory_after["used_memory"] - memory_before["used_memory"]) / count
     dataset = (memory_after["used_memory_dataset"] - memory_before["used_memory_dataset"]) / count
-    busy_s = busy_end - busy_start
-    idle_rate = sum(idle.sent.values()) / IDLE_S
-    sent = sum(busy.sent.values())
-    attributable = sent - idle_rate * busy_s
     total = [
         a.at - finished[a.event["data"]["upstream"]["request_id"]]
         for a in receiver.arrivals.values()
@@ -242,22 +144,11 @@ async def run(count: int = JOBS, per_second: float = PER_SECOND) -> Section:  # 
             f"{(burst_used - memory_before['used_memory']) / count:,.0f} B",
         ),
         ("Redis used_memory_dataset per job", f"{dataset:,.0f} B"),
-        ("  MEMORY USAGE: job (with its final delivery)", f"{job_bytes:,.0f} B"),
+        ("Redis keys per job (DBSIZE)", f"{(keys_after - keys_before) / count:.2f}"),
         (
-            f"  job hash fields ({encoding}), total",
-            f"{sum(parts.fields.values()):,.0f} B in {len(parts.fields)} fields",
+            "  keys named by the job's id, their MEMORY USAGE",
+            f"{keys_per_job:.2f} keys, {job_bytes:,.0f} B",
         ),
-        *((f"    {name}", f"{size:,.0f} B") for name, size in parts.fields.items()),
-        ("    event_zlib uncompressed", f"{parts.event_plain:,.0f} B"),
-        ("  MEMORY USAGE: job indexes, per job", f"{index_bytes:,.0f} B"),
-        ("  MEMORY USAGE: job + its index entries", f"{job_bytes + index_bytes:,.0f} B"),
-        ("Redis keys per job", f"{(keys_after - keys_before) / count:.2f}"),
-        ("Redis commands sent per job", f"{sent / count:.1f}"),
-        (
-            "  less the worker's idle claiming",
-            f"{attributable / count:.1f} ({idle_rate:.0f}/s idle)",
-        ),
-        ("Redis commands run in scripts per job", f"{sum(busy.in_scripts.values()) / count:.1f}"),
         ("webhook latency, upstream done -> receipt", ms(total)),
         ("  detection: upstream done -> job final", ms(detect)),
         ("  delivery: job final -> receipt", ms(deliver)),
@@ -267,39 +158,15 @@ async def run(count: int = JOBS, per_second: float = PER_SECOND) -> Section:  # 
         ),
         ("duplicate webhooks", str(receiver.duplicates)),
     ]
-    summary = {
-        "Redis used_memory per job",
-        "Redis used_memory_dataset per job",
-        "Redis commands sent per job",
-        "webhook latency, upstream done -> receipt",
-    }
-    section.summary = [figure for figure in section.figures if figure[0] in summary]
+    section.summary = [section.figures[i] for i in (0, 2, 5)]
     section.goals = [
         Goal("D Redis memory per finished job", "<= 2 KB", f"{used / 1024:.2f} KB", used <= 2048)
     ]
-    overhead = [
-        (name, f"{(stats_after[name] - stats_before.get(name, 0)) / count:,.0f} B")
-        for name in stats_after
-        if isinstance(stats_after[name], int)
-        and name.startswith(("clients.", "overhead.", "db.", "lua", "functions"))
-    ]
-    overhead.append(("connected_clients after", str(clients_after["connected_clients"])))
-    rows = [(name, f"{n / count:.2f}") for name, n in busy.sent.most_common()]
-    inner = [(name, f"{n / count:.2f}") for name, n in busy.in_scripts.most_common(10)]
     section.notes = [
         "Latency: upstream completion = the emulator's creation time of the request (instant",
         "mode); receipt = when the receiver verified the webhook; the event's `finished_at`",
         "(the gateway's final state) splits the two. Memory is measured with the jobs retained",
         "(GATEWAY_JOB_RETENTION_S, 7 days): what a finished job costs until it expires.",
-        "",
-        "Redis MEMORY STATS, growth per job (used_memory less the dataset):",
-        *table(["item", "per job"], overhead),
-        "",
-        "Commands sent to Redis per job, by command or script (run included idle claiming):",
-        *table(["command", "per job"], rows),
-        "",
-        "Commands run inside those scripts per job (the ten most frequent):",
-        *table(["command", "per job"], inner),
     ]
     return section
 

@@ -3,13 +3,17 @@
 `python tests/bench/counted_emulator.py --port P --queue-s 0 --run-s 0` serves
 `service.runcomfy.emulator` unchanged, plus `GET /_bench/counts`: how many
 submit, status, result and cancel calls it has answered (the emulator itself
-counts only submits). It runs on uvloop, as `runcomfy-gateway emulator` does.
+counts only submits), and `GET /_bench/gaps`: the time between consecutive
+status polls of one request (p50, p99, max, n) and how many requests were
+polled at all since the last such call, which tells whether the jobs are
+polled on schedule. It runs on uvloop, as `runcomfy-gateway emulator` does.
 """
 
 import argparse
 import asyncio
 import json
 import signal
+import time
 from collections import Counter
 
 import uvloop
@@ -28,22 +32,64 @@ def kind_of(path: str) -> str:
     return "other"
 
 
+def nearest_rank(ordered: list[float], p: float) -> float:
+    """The p-th percentile (nearest rank) of sorted values; 0 for none."""
+    if not ordered:
+        return 0.0
+    return ordered[min(len(ordered), max(1, round(p / 100 * len(ordered) + 0.5))) - 1]
+
+
+class PollGaps:
+    """Seconds between consecutive status polls of each request."""
+
+    def __init__(self) -> None:
+        self.last: dict[str, float] = {}
+        self.gaps: list[float] = []
+        self.polled_ids: set[str] = set()
+
+    def polled(self, path: str) -> None:
+        now = time.monotonic()
+        request_id = path.rsplit("/", 2)[-2]
+        previous = self.last.get(request_id)
+        self.last[request_id] = now
+        self.polled_ids.add(request_id)
+        if previous is not None:
+            self.gaps.append(now - previous)
+
+    def take(self) -> dict[str, float]:
+        """Percentiles of the gaps seen since the last call, which starts a new window."""
+        ordered = sorted(self.gaps)
+        polled = len(self.polled_ids)
+        self.gaps, self.polled_ids = [], set()
+        summary = {f"p{p}": nearest_rank(ordered, p) for p in (50, 99, 100)}
+        return {**summary, "n": len(ordered), "requests": polled}
+
+
 def counted_app(config: EmulatorConfig) -> ASGIApp:
-    """The emulator's app, counting the calls it answers, and answering `/_bench/counts`."""
+    """The emulator's app, counting the calls it answers, and answering `/_bench/*`."""
     counts: Counter[str] = Counter()
+    gaps = PollGaps()
     app = create_emulator_app(config)
+
+    async def answer(send: Send, value: object) -> None:
+        body = json.dumps(value).encode()
+        headers = [(b"content-type", b"application/json")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
 
     async def counted(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await app(scope, receive, send)
         elif scope["path"] == "/_bench/counts":
-            body = json.dumps(counts).encode()
-            headers = [(b"content-type", b"application/json")]
-            await send({"type": "http.response.start", "status": 200, "headers": headers})
-            await send({"type": "http.response.body", "body": body, "more_body": False})
+            await answer(send, counts)
+        elif scope["path"] == "/_bench/gaps":
+            await answer(send, gaps.take())
         else:
             await app(scope, receive, send)
-            counts[kind_of(scope["path"])] += 1
+            kind = kind_of(scope["path"])
+            counts[kind] += 1
+            if kind == "status":
+                gaps.polled(scope["path"])
 
     return counted
 

@@ -29,13 +29,15 @@ from typing import Any, TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `tests.support` below
 
-import aiohttp
+import httpx
 import redis
 import uvloop
-from aiohttp import web
+from litestar import Litestar, Request, Response, post
+from litestar.params import RawBody
 from standardwebhooks.webhooks import Webhook
 
 from service.localredis import LocalRedis, _die_with_parent, free_port
+from service.serving import listen, serve
 from tests.support import TestTenant, new_tenant
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -83,7 +85,7 @@ def machine() -> list[tuple[str, str]]:
 
 
 def loadgen_name() -> str:
-    """`wrk` when it is on PATH (apt-get install wrk), else the aiohttp one in loadgen.py."""
+    """`wrk` when it is on PATH (apt-get install wrk), else loadgen.py on aiohttp."""
     return "wrk" if shutil.which("wrk") else "aiohttp (tests/bench/loadgen.py)"
 
 
@@ -260,6 +262,22 @@ def gateway_env(
     return env
 
 
+def peer_env(
+    redis_url: str, upstream_url: str, tenant: TestTenant, **settings: str | float
+) -> dict[str, str]:
+    """The environment of peer_arq.py's API and worker; `settings` are PEER_* by suffix."""
+    env = {
+        **os.environ,
+        "REDIS_URL": redis_url,
+        "RUNCOMFY_BASE_URL": upstream_url,
+        "RUNCOMFY_API_TOKEN": "bench-token",
+        "PEER_API_KEY": tenant.api_key,
+        "PEER_WEBHOOK_SECRET": tenant.whsec,
+    }
+    env.update({f"PEER_{name.upper()}": str(value) for name, value in settings.items()})
+    return env
+
+
 FAST_FLOW: Mapping[str, str | float] = {
     "poll_interval_min_s": 0.1,
     "upstream_rate_per_s": 100_000,
@@ -274,29 +292,40 @@ async def wait_http(
 ) -> None:
     """Wait until `url` answers with a status below `ok_below`."""
     deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as session:
+    async with httpx.AsyncClient(timeout=1, trust_env=False) as client:
         while True:
             if process is not None:
                 process.check_alive()
-            with contextlib.suppress(aiohttp.ClientError, OSError):
-                async with session.get(url, timeout=aiohttp.ClientTimeout(total=1)) as answer:
-                    if answer.status < ok_below:
-                        return
+            with contextlib.suppress(httpx.HTTPError, OSError):
+                if (await client.get(url)).status_code < ok_below:
+                    return
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{url} did not come up within {timeout:g}s")
             await asyncio.sleep(0.05)
 
 
-async def emulator_counts(session: aiohttp.ClientSession, url: str) -> Counter[str]:
+async def get_json(url: str) -> Any:
+    """GET `url` and decode its JSON answer (the emulator's own and its counting endpoints)."""
+    async with httpx.AsyncClient(timeout=30, trust_env=False) as client:
+        answer = await client.get(url)
+        answer.raise_for_status()
+        return answer.json()
+
+
+async def emulator_counts(url: str) -> Counter[str]:
     """The counted emulator's calls so far, by kind (submit, status, result, cancel, other)."""
-    async with session.get(f"{url}/_bench/counts") as answer:
-        return Counter(await answer.json())
+    return Counter(await get_json(f"{url}/_bench/counts"))
 
 
-async def upstream_finished_at(session: aiohttp.ClientSession, url: str) -> dict[str, float]:
+async def poll_gaps(url: str) -> dict[str, float]:
+    """Gaps between polls of one request since the last call (p50, p99, max, n); then reset."""
+    gaps: dict[str, float] = await get_json(f"{url}/_bench/gaps")
+    return gaps
+
+
+async def upstream_finished_at(url: str) -> dict[str, float]:
     """Unix time each emulator request was created; in instant mode that is when it completed."""
-    async with session.get(f"{url}/_emulator/requests") as answer:
-        items = (await answer.json())["items"]
+    items = (await get_json(f"{url}/_emulator/requests"))["items"]
     return {item["request_id"]: parse_rfc3339(item["submitted_at"]) for item in items}
 
 
@@ -415,7 +444,7 @@ def _frame_name(frame: str) -> str:
     if found is None:
         return frame
     path = found["file"]
-    for marker in ("site-packages/", "/work/main/", "lib/python3"):
+    for marker in ("site-packages/", f"{ROOT}/", "lib/python3"):
         if marker in path:
             path = path.split(marker, 1)[1]
             break
@@ -484,14 +513,13 @@ class Receiver:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/hook"
 
-    async def _receive(self, request: web.Request) -> web.Response:
-        body = await request.read()
+    async def _receive(self, request: Request[Any, Any, Any], body: RawBody) -> Response[str]:
         at = time.time()
         try:
             event = self._webhook.verify(body, dict(request.headers))
         except Exception:  # noqa: BLE001 - any failure to verify is a rejection
             self.rejected += 1
-            return web.Response(status=400, text="bad signature")
+            return Response("bad signature", status_code=400)
         webhook_id = request.headers["webhook-id"]
         if webhook_id in self.arrivals:
             self.duplicates += 1
@@ -500,7 +528,7 @@ class Receiver:
             self.last_at = time.perf_counter()
             if self._wanted and len(self.arrivals) >= self._wanted:
                 self._enough.set()
-        return web.Response(text="ok")
+        return Response("ok", status_code=200)
 
     async def wait_for(self, count: int, timeout: float) -> None:
         """Wait until `count` distinct verified webhooks arrived."""
@@ -514,17 +542,25 @@ class Receiver:
                 f"only {len(self.arrivals)} of {count} webhooks within {timeout:g}s"
             ) from None
 
+    def arrived_between(self, start: float, end: float) -> int:
+        """Distinct verified webhooks that arrived in [start, end) (unix time)."""
+        return sum(1 for a in self.arrivals.values() if start <= a.at < end)
+
     @contextlib.asynccontextmanager
     async def serving(self) -> AsyncIterator[Receiver]:
-        app = web.Application()
-        app.router.add_post("/hook", self._receive)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
+        """Serve the receiver in this process on Litestar, as the gateway serves its own apps."""
+        app = Litestar([post("/hook")(self._receive)], openapi_config=None, logging_config=None)
+        served = await serve(app, listen("127.0.0.1", self.port), keep_alive_s=75)
         try:
-            await web.TCPSite(runner, "127.0.0.1", self.port).start()
             yield self
         finally:
-            await runner.cleanup()
+            await served.stop()
+
+
+def submit_body(webhook_url: str | None) -> bytes:
+    """A valid submit, naming `webhook_url` as its webhook when given."""
+    webhook = {"webhook": {"url": webhook_url}} if webhook_url else {}
+    return json.dumps({**JOB_BODY, **webhook}).encode()
 
 
 async def submit_jobs(
@@ -532,36 +568,57 @@ async def submit_jobs(
     api_key: str,
     count: int,
     *,
-    webhook_url: str,
+    webhook_url: str | None = None,
     concurrency: int = 50,
     per_second: float | None = None,
 ) -> list[str]:
-    """Submit `count` jobs (all must answer 202); paced at `per_second` when given."""
-    body = json.dumps({**JOB_BODY, "webhook": {"url": webhook_url}}).encode()
+    """Submit `count` jobs (all must answer 202); their ids.
+
+    A burst goes through loadgen.py in its own process, `concurrency` at a time,
+    so this process (and the receiver it serves) does not bound it; paced
+    submits (`per_second`) are few enough a second to send from here with httpx.
+    """
+    body = submit_body(webhook_url)
     headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
+    if per_second is None:
+        return await _burst(f"{api_url}/v1/jobs", headers, body, count, concurrency)
     ids: list[str] = []
-    gate = asyncio.Semaphore(concurrency)
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector) as session:
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(limits=limits, timeout=30, trust_env=False) as client:
 
         async def one() -> None:
-            async with gate, session.post(f"{api_url}/v1/jobs", data=body, headers=headers) as r:
-                text = await r.read()
-                if r.status != 202:
-                    raise RuntimeError(f"submit answered {r.status}: {text[:300]!r}")
-                ids.append(json.loads(text)["id"])
+            answer = await client.post(f"{api_url}/v1/jobs", content=body, headers=headers)
+            if answer.status_code != 202:
+                raise RuntimeError(f"submit answered {answer.status_code}: {answer.text[:300]}")
+            ids.append(answer.json()["id"])
 
-        if per_second is None:
-            await asyncio.gather(*(one() for _ in range(count)))
-        else:
-            started = time.perf_counter()
-            tasks = []
-            for i in range(count):
-                delay = started + i / per_second - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                tasks.append(asyncio.create_task(one()))
-            await asyncio.gather(*tasks)
+        started = time.perf_counter()
+        tasks = []
+        for i in range(count):
+            delay = started + i / per_second - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one()))
+        await asyncio.gather(*tasks)
+    return ids
+
+
+async def _burst(
+    url: str, headers: dict[str, str], body: bytes, count: int, concurrency: int
+) -> list[str]:
+    with tempfile.TemporaryDirectory(prefix="rcg-submit-") as tmp:
+        body_file, ids_file = Path(tmp) / "body.json", Path(tmp) / "ids.txt"
+        body_file.write_bytes(body)
+        args = [PYTHON, str(BENCH / "loadgen.py"), "--url", url, "--method", "POST"]
+        args += ["--body-file", str(body_file), "--concurrency", str(min(concurrency, count))]
+        args += ["--warmup", "0", "--requests", str(count), "--ids-out", str(ids_file)]
+        for name, value in headers.items():
+            args += ["--header", f"{name}: {value}"]
+        process = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE)
+        result = json.loads((await process.communicate())[0])
+        ids = ids_file.read_text().split()
+    if result["statuses"] != {"202": count} or len(ids) != count:
+        raise RuntimeError(f"the burst of {count} submits was answered {result['statuses']}")
     return ids
 
 

@@ -1,21 +1,26 @@
-"""Issue 7's benchmarks, one after the other, and their figures side by side.
+"""The benchmarks of issue 12, one after the other, and their figures side by side.
 
-`python tests/bench/run.py [--only A,B,B2,C,D] [--profile]` runs A (submit
-throughput), B (end to end vs an arq peer; B2 the same with 1 s upstream
-runs), C (poll capacity) and D (cost per job), each on its own private
-Redis, emulator and processes on 127.0.0.1, and prints each section as it
-ends, then every goal and key figure in one summary. `--profile` also samples
-the API (A) and the worker (C) with py-spy and prints their hottest
-functions. The whole run takes about three minutes on 2 cores.
+`python tests/bench/run.py [--only A,B,C1,C2,D] [--profile]` runs A (submit
+throughput against a bare Litestar app, and a burst's p99), B (end to end
+against arq peers on httpx and on aiohttp), C1 (worker CPU per finished job at
+real load, against the arq + httpx peer), C2 (the most in-flight jobs one
+worker keeps polled every second, against plain GETs) and D (Redis memory per
+kept finished job), each on its own private Redis, emulator and processes on
+127.0.0.1, and prints each section as it ends, then every goal and key figure
+in one summary. `--profile` also samples the API (A) and the worker (C2, at
+the step it missed) with py-spy and prints their hottest functions. The whole
+run takes about five minutes on 2 cores.
 """
 
 import argparse
 import subprocess
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import bench_cost
 import bench_e2e
+import bench_load
 import bench_poll
 import bench_submit
 from harness import ROOT, Section, machine, run_async, table
@@ -42,21 +47,23 @@ def revision() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--only", default="A,B,B2,C,D", help="comma list of benchmarks to run")
-    parser.add_argument("--profile", action="store_true", help="profile the API (A) and worker (C)")
+    parser.add_argument("--only", default="A,B,C1,C2,D", help="comma list of benchmarks to run")
+    parser.add_argument("--profile", action="store_true", help="profile the API (A), worker (C2)")
     args = parser.parse_args()
     profile_s = PROFILE_S if args.profile else 0.0
     benches: dict[str, Callable[[], Awaitable[Section]]] = {
         "A": lambda: bench_submit.run(profile_s=profile_s),
         "B": bench_e2e.run,
-        "B2": lambda: bench_e2e.run(jobs=100, run_s=1.0),
-        "C": lambda: bench_poll.run(profile_s=profile_s),
+        "C1": bench_load.run,
+        "C2": lambda: bench_poll.run(profile_s=profile_s),
         "D": bench_cost.run,
     }
     chosen = [name.strip().upper() for name in args.only.split(",") if name.strip()]
     started = time.monotonic()
-    print("runcomfy-gateway benchmarks (issue 7)")
-    print("\n".join(table(["machine", ""], [*machine(), ("revision", revision())])))
+    print("runcomfy-gateway benchmarks (issue 12)")
+    load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    rows = [*machine(), ("revision", revision()), ("load average at start", load)]
+    print("\n".join(table(["machine", ""], rows)))
     sections: list[Section] = []
     for name in chosen:
         print(flush=True)
@@ -75,7 +82,8 @@ def main() -> None:
     print()
     figures = [(s.title.split(".")[0], name, value) for s in sections for name, value in s.summary]
     print("\n".join(table(["", "key figure", "value"], figures)))
-    print(f"\n(took {time.monotonic() - started:.0f} s)")
+    load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    print(f"\n(took {time.monotonic() - started:.0f} s; load average at the end {load})")
 
 
 if __name__ == "__main__":
