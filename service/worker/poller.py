@@ -49,7 +49,7 @@ class Poller(ClaimLoop):
         client: RunComfyClient,
         heartbeat: Heartbeat,
         *,
-        concurrency: int = 256,
+        concurrency: int = 32,
     ) -> None:
         super().__init__(
             schedules, heartbeat, concurrency=concurrency, batch=200, drain_s=settings.shutdown_s

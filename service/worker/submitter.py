@@ -101,7 +101,7 @@ class Submitter(ClaimLoop):
         heartbeat: Heartbeat,
         metrics: WorkerMetrics | None = None,
         inputs: httpx.AsyncClient | None = None,
-        concurrency: int = 128,
+        concurrency: int = 32,
     ) -> None:
         """`inputs` is the pre-flight client (`create_input_client`); None skips the check."""
         super().__init__(schedules, heartbeat, concurrency=concurrency, drain_s=settings.shutdown_s)
