@@ -13,6 +13,7 @@ import math
 import re
 import tomllib
 from collections.abc import Mapping
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Final, Literal, cast
 
@@ -28,8 +29,17 @@ DEFAULT_RETRY_SCHEDULE: Final = "5,300,1800,7200,18000,36000,36000"
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 _TENANT_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _TENANT_KEYS: Final = frozenset(
-    {"api_keys", "webhook_secret", "callback_hosts", "max_in_flight", "rate_per_s"}
+    {
+        "api_keys",
+        "webhook_secret",
+        "callback_hosts",
+        "max_in_flight",
+        "rate_per_s",
+        "budget_usd_per_day",
+        "budget_usd_per_month",
+    }
 )
+_MICROS: Final = Decimal(1_000_000)
 
 
 class ConfigError(Exception):
@@ -45,6 +55,8 @@ class Tenant(msgspec.Struct, frozen=True):
     callback_hosts: tuple[str, ...]
     max_in_flight: int | None = None
     rate_per_s: float | None = None
+    budget_micros_per_day: int | None = None
+    budget_micros_per_month: int | None = None
 
     def __repr__(self) -> str:
         return f"Tenant(id={self.id!r}, keys={len(self.api_key_hashes)})"
@@ -101,6 +113,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     upstream_rate_per_s: float = 10.0
     upstream_burst: int = 20
     funds_pause_s: float = 60.0
+    price_micros: int = 0
+    """One standard run's price in micro-dollars; 0 = unknown (no costs, no budgets)."""
 
     def __repr__(self) -> str:
         tenants = list(self.tenants.by_id)
@@ -125,6 +139,33 @@ def _integer(env: Mapping[str, str], name: str, default: int, *, minimum: int = 
     if value != int(value):
         raise ConfigError(f"{name} must be a whole number, got {env[name]!r}")
     return int(value)
+
+
+def usd_to_micros(value: object) -> int | None:
+    """A dollar amount (TOML or environment) as whole micro-dollars, or None if it is not one.
+
+    Read as a decimal, so `0.1` is exactly 100000 micro-dollars; more than six
+    decimals, a negative or a non-finite amount is not an amount.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
+    try:
+        amount = Decimal(str(value).strip()) * _MICROS
+    except InvalidOperation:
+        return None
+    if not amount.is_finite() or amount < 0 or amount != amount.to_integral_value():
+        return None
+    return int(amount)
+
+
+def _budget(table: dict[str, object], name: str, where: str) -> int | None:
+    """A tenant's `budget_usd_per_<period>`, in micro-dollars; None when it has none."""
+    if name not in table:
+        return None
+    micros = usd_to_micros(table[name])
+    if micros is None or micros <= 0:
+        raise ConfigError(f"{where}: {name} must be an amount in USD > 0 with at most 6 decimals")
+    return micros
 
 
 def _tenant(tenant_id: str, table: object, where: str) -> Tenant:  # noqa: C901, PLR0912 - one flat check per field reads best
@@ -179,6 +220,10 @@ def _tenant(tenant_id: str, table: object, where: str) -> Tenant:  # noqa: C901,
         callback_hosts=tuple(h.lower().rstrip(".") for h in hosts),
         max_in_flight=max_in_flight,
         rate_per_s=float(rate) if rate is not None else None,
+        budget_micros_per_day=_budget(table, "budget_usd_per_day", f"{where}: tenants.{tenant_id}"),
+        budget_micros_per_month=_budget(
+            table, "budget_usd_per_month", f"{where}: tenants.{tenant_id}"
+        ),
     )
 
 
@@ -264,6 +309,7 @@ def load_settings(  # noqa: C901 - one flat check per variable reads best
             "GATEWAY_LEASE_S must be longer than GATEWAY_UPSTREAM_TIMEOUT_S "
             "and GATEWAY_WEBHOOK_TIMEOUT_S"
         )
+    price_micros = _price(env, tenants)
     policy = env.get("GATEWAY_SUBMIT_UNKNOWN") or "fail"
     if policy not in {"fail", "retry"}:
         raise ConfigError(f"GATEWAY_SUBMIT_UNKNOWN must be 'fail' or 'retry', got {policy!r}")
@@ -288,4 +334,26 @@ def load_settings(  # noqa: C901 - one flat check per variable reads best
         upstream_rate_per_s=_number(env, "GATEWAY_UPSTREAM_RATE_PER_S", 10.0, minimum=0.01),
         upstream_burst=_integer(env, "GATEWAY_UPSTREAM_BURST", 20),
         funds_pause_s=_number(env, "GATEWAY_FUNDS_PAUSE_S", 60.0, minimum=0.1),
+        price_micros=price_micros,
     )
+
+
+def _price(env: Mapping[str, str], tenants: Tenants) -> int:
+    """`GATEWAY_PRICE_USD` in micro-dollars (0, the default, means unknown).
+
+    A budget is counted in the price's units, so no tenant may have one while it is unknown.
+    """
+    raw = env.get("GATEWAY_PRICE_USD") or "0"
+    micros = usd_to_micros(raw)
+    if micros is None:
+        raise ConfigError(
+            f"GATEWAY_PRICE_USD must be an amount in USD >= 0 with at most 6 decimals, got {raw!r}"
+        )
+    if micros == 0:
+        for tenant in tenants.by_id.values():
+            if tenant.budget_micros_per_day or tenant.budget_micros_per_month:
+                raise ConfigError(
+                    f"tenants.{tenant.id} has a budget but GATEWAY_PRICE_USD is not set: "
+                    "a budget needs the price of a run"
+                )
+    return micros

@@ -1066,7 +1066,7 @@ async def test_an_unexpected_error_storing_a_job_answers_500_and_is_logged(
 ):
     """A bug while storing a submit answers 500 problem+json naming nothing internal."""
 
-    async def broken(self, items, *, limits=()):
+    async def broken(self, items, *, limits=(), budgets=()):
         raise RuntimeError("secret internals")
 
     monkeypatch.setattr(JobStore, "create_many", broken)

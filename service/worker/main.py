@@ -133,6 +133,7 @@ async def run_worker(
         keys,
         retention_s=settings.job_retention_s,
         on_finish=metrics.job_finished,
+        on_charge=metrics.job_charged,
         on_due=item_due,
         taker=dispatcher,
     )
