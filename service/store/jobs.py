@@ -666,10 +666,10 @@ class JobStore:
                 op.claim_lease_ms = self._taker.lease_ms_if_free()
         elif final and new.webhook is not None and stored.record.status not in FINAL_STATUSES:
             op.webhook_state = "skipped"
-        args = [_encoder.encode(op), _encoder.encode(new), zlib.compress(body) if body else b""]
         if final and stored.hold_day is not None:
             op.settle, op.charge = True, bool(new.charge_micros())
             op.ledger_ttl_s = LEDGER_TTL_S
+        args = [_encoder.encode(op), _encoder.encode(new), zlib.compress(body) if body else b""]
         names = _transition_keys(
             self._keys,
             stored.record.status,

@@ -71,8 +71,10 @@ local function settle(job, day_key, month_key, status, charge, ttl_s)
   if not hold then return end
   local amount = tonumber(string.match(hold, ' (%d+)$'))
   for _, key in ipairs({day_key, month_key}) do
-    redis.call('HINCRBY', key, 'held', -amount)
-    if charge then redis.call('HINCRBY', key, 'charged', amount) end
+    if amount > 0 then  -- (an unpriced job holds 0, and Lua would send -0 as "-0")
+      redis.call('HINCRBY', key, 'held', -amount)
+      if charge then redis.call('HINCRBY', key, 'charged', amount) end
+    end
     redis.call('EXPIRE', key, ttl_s)
   end
   redis.call('HINCRBY', day_key, status, 1)
