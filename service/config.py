@@ -227,8 +227,14 @@ def _tenant(tenant_id: str, table: object, where: str) -> Tenant:  # noqa: C901,
     )
 
 
-def parse_tenants(text: str, where: str = "tenants file") -> Tenants:
-    """Parse the tenants TOML (README, Tenants file) into `Tenants`, or raise `ConfigError`."""
+def parse_tenants(
+    text: str, where: str = "tenants file", *, budgets_allowed: bool = True
+) -> Tenants:
+    """Parse the tenants TOML (README, Tenants file) into `Tenants`, or raise `ConfigError`.
+
+    `budgets_allowed=False` (no price of a run is set) refuses a file with a budget:
+    a budget is counted in the price's units.
+    """
     try:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -246,16 +252,21 @@ def parse_tenants(text: str, where: str = "tenants file") -> Tenants:
             if digest in seen and seen[digest] != tenant.id:
                 raise ConfigError(f"{where}: one API key hash is listed for two tenants")
             seen[digest] = tenant.id
+        if not budgets_allowed and (tenant.budget_micros_per_day or tenant.budget_micros_per_month):
+            raise ConfigError(
+                f"{where}: tenants.{tenant.id} has a budget but GATEWAY_PRICE_USD is not set: "
+                "a budget needs the price of a run"
+            )
     return Tenants(by_id=tenants)
 
 
-def load_tenants(path: str) -> Tenants:
-    """Read and parse the tenants file at `path`."""
+def load_tenants(path: str, *, budgets_allowed: bool = True) -> Tenants:
+    """Read and parse the tenants file at `path` (`parse_tenants`)."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"GATEWAY_TENANTS_FILE {path!r} cannot be read: {exc.strerror}") from None
-    return parse_tenants(text, where=path)
+    return parse_tenants(text, where=path, budgets_allowed=budgets_allowed)
 
 
 def load_settings(  # noqa: C901 - one flat check per variable reads best
@@ -281,10 +292,11 @@ def load_settings(  # noqa: C901 - one flat check per variable reads best
     if not base_url.startswith(("http://", "https://")):
         raise ConfigError("RUNCOMFY_BASE_URL must be an http(s) URL")
     path = env.get("GATEWAY_TENANTS_FILE") or None
+    price_micros = _price(env)
     if tenants is None:
         if not path:
             raise ConfigError("GATEWAY_TENANTS_FILE is required (a TOML file of tenants)")
-        tenants = load_tenants(path)
+        tenants = load_tenants(path, budgets_allowed=price_micros > 0)
     poll_min = _number(env, "GATEWAY_POLL_INTERVAL_MIN_S", 2.0, minimum=0.05)
     poll_max = _number(env, "GATEWAY_POLL_INTERVAL_MAX_S", 15.0, minimum=0.05)
     if poll_max < poll_min:
@@ -309,7 +321,6 @@ def load_settings(  # noqa: C901 - one flat check per variable reads best
             "GATEWAY_LEASE_S must be longer than GATEWAY_UPSTREAM_TIMEOUT_S "
             "and GATEWAY_WEBHOOK_TIMEOUT_S"
         )
-    price_micros = _price(env, tenants)
     policy = env.get("GATEWAY_SUBMIT_UNKNOWN") or "fail"
     if policy not in {"fail", "retry"}:
         raise ConfigError(f"GATEWAY_SUBMIT_UNKNOWN must be 'fail' or 'retry', got {policy!r}")
@@ -338,22 +349,12 @@ def load_settings(  # noqa: C901 - one flat check per variable reads best
     )
 
 
-def _price(env: Mapping[str, str], tenants: Tenants) -> int:
-    """`GATEWAY_PRICE_USD` in micro-dollars (0, the default, means unknown).
-
-    A budget is counted in the price's units, so no tenant may have one while it is unknown.
-    """
+def _price(env: Mapping[str, str]) -> int:
+    """`GATEWAY_PRICE_USD` in micro-dollars (0, the default, means unknown)."""
     raw = env.get("GATEWAY_PRICE_USD") or "0"
     micros = usd_to_micros(raw)
     if micros is None:
         raise ConfigError(
             f"GATEWAY_PRICE_USD must be an amount in USD >= 0 with at most 6 decimals, got {raw!r}"
         )
-    if micros == 0:
-        for tenant in tenants.by_id.values():
-            if tenant.budget_micros_per_day or tenant.budget_micros_per_month:
-                raise ConfigError(
-                    f"tenants.{tenant.id} has a budget but GATEWAY_PRICE_USD is not set: "
-                    "a budget needs the price of a run"
-                )
     return micros

@@ -9,12 +9,13 @@ from typing import Any
 import msgspec
 import pytest
 
-from service.config import ConfigError, Settings, load_settings
+from service.config import ConfigError, Settings, load_settings, parse_tenants
 from service.models import JobErrorInfo, JobRecord, WebhookEvent, utcnow
 from service.store.connection import connect
 from service.store.jobs import JobStore, delivery_id, event_body
 from service.store.schedules import Schedules
 from service.store.spend import SpendStore
+from service.tenants_watch import TenantsWatcher
 from tests.support import assert_problem, job_record, new_tenant, serve_api
 
 TENANT = new_tenant("orders")
@@ -322,3 +323,14 @@ async def test_with_the_price_unknown_costs_are_null_and_nothing_is_refused(
     today = usage["days"][-1]
     assert (today["charged_usd"], today["held_usd"], today["jobs"]["cancelled"]) == (None, None, 1)
     assert usage["budget"] == {"day": None, "month": None}
+
+
+def test_a_reload_cannot_add_a_budget_while_the_price_is_unknown(tmp_path):
+    """Without a price, a reloaded file that adds a budget is refused and the old tenants stay."""
+    path = tmp_path / "tenants.toml"
+    path.write_text(TENANT.toml())
+    tenants = parse_tenants(path.read_text())
+    watcher = TenantsWatcher(tenants, str(path), budgets_allowed=False)
+    path.write_text(TENANT.toml(budget_usd_per_day=5))
+    assert watcher.reload() is False
+    assert tenants.by_id["orders"].budget_micros_per_day is None

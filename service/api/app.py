@@ -79,7 +79,10 @@ def create_app(settings: Settings, *, keys: Keys | None = None) -> Litestar:
         watching: asyncio.Task[None] | None = None
         if settings.tenants_file:
             watcher = TenantsWatcher(
-                settings.tenants, settings.tenants_file, on_result=metrics.tenants_reloaded
+                settings.tenants,
+                settings.tenants_file,
+                on_result=metrics.tenants_reloaded,
+                budgets_allowed=settings.price_micros > 0,
             )
             watcher.install_sighup()
             watching = asyncio.create_task(watcher.run(stop))

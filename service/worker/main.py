@@ -163,7 +163,10 @@ async def run_worker(
     tasks.append(trim_listings(jobs, settings, stop))
     if settings.tenants_file:
         watcher = TenantsWatcher(
-            settings.tenants, settings.tenants_file, on_result=metrics.tenants_reloaded
+            settings.tenants,
+            settings.tenants_file,
+            on_result=metrics.tenants_reloaded,
+            budgets_allowed=settings.price_micros > 0,
         )
         watcher.install_sighup()
         tasks.append(watcher.run(stop))
