@@ -13,6 +13,7 @@ import math
 import re
 import tomllib
 from collections.abc import Mapping
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Final, Literal, cast
 
@@ -31,8 +32,17 @@ MAX_PREFLIGHT_TIMEOUT_S: Final = 10.0
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 _TENANT_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _TENANT_KEYS: Final = frozenset(
-    {"api_keys", "webhook_secret", "callback_hosts", "max_in_flight", "rate_per_s"}
+    {
+        "api_keys",
+        "webhook_secret",
+        "callback_hosts",
+        "max_in_flight",
+        "rate_per_s",
+        "budget_usd_per_day",
+        "budget_usd_per_month",
+    }
 )
+_MICROS: Final = Decimal(1_000_000)
 
 
 class ConfigError(Exception):
@@ -48,6 +58,8 @@ class Tenant(msgspec.Struct, frozen=True):
     callback_hosts: tuple[str, ...]
     max_in_flight: int | None = None
     rate_per_s: float | None = None
+    budget_micros_per_day: int | None = None
+    budget_micros_per_month: int | None = None
 
     def __repr__(self) -> str:
         return f"Tenant(id={self.id!r}, keys={len(self.api_key_hashes)})"
@@ -112,6 +124,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """`GATEWAY_PREFLIGHT_TIMEOUT_S`: one check's deadline; it and the submit share a lease."""
     input_max_bytes: int = DEFAULT_INPUT_MAX_BYTES
     """`GATEWAY_INPUT_MAX_BYTES`: the largest input accepted, when it states its size."""
+    price_micros: int = 0
+    """One standard run's price in micro-dollars; 0 = unknown (no costs, no budgets)."""
 
     def __repr__(self) -> str:
         tenants = list(self.tenants.by_id)
@@ -185,6 +199,33 @@ def _preflight_settings(
     }
 
 
+def usd_to_micros(value: object) -> int | None:
+    """A dollar amount (TOML or environment) as whole micro-dollars, or None if it is not one.
+
+    Read as a decimal, so `0.1` is exactly 100000 micro-dollars; more than six
+    decimals, a negative or a non-finite amount is not an amount.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
+    try:
+        amount = Decimal(str(value).strip()) * _MICROS
+    except InvalidOperation:
+        return None
+    if not amount.is_finite() or amount < 0 or amount != amount.to_integral_value():
+        return None
+    return int(amount)
+
+
+def _budget(table: dict[str, object], name: str, where: str) -> int | None:
+    """A tenant's `budget_usd_per_<period>`, in micro-dollars; None when it has none."""
+    if name not in table:
+        return None
+    micros = usd_to_micros(table[name])
+    if micros is None or micros <= 0:
+        raise ConfigError(f"{where}: {name} must be an amount in USD > 0 with at most 6 decimals")
+    return micros
+
+
 def _tenant(tenant_id: str, table: object, where: str) -> Tenant:  # noqa: C901, PLR0912 - one flat check per field reads best
     """One `[tenants.<id>]` table, checked field by field."""
     if not _TENANT_ID.match(tenant_id):
@@ -237,11 +278,21 @@ def _tenant(tenant_id: str, table: object, where: str) -> Tenant:  # noqa: C901,
         callback_hosts=tuple(h.lower().rstrip(".") for h in hosts),
         max_in_flight=max_in_flight,
         rate_per_s=float(rate) if rate is not None else None,
+        budget_micros_per_day=_budget(table, "budget_usd_per_day", f"{where}: tenants.{tenant_id}"),
+        budget_micros_per_month=_budget(
+            table, "budget_usd_per_month", f"{where}: tenants.{tenant_id}"
+        ),
     )
 
 
-def parse_tenants(text: str, where: str = "tenants file") -> Tenants:
-    """Parse the tenants TOML (README, Tenants file) into `Tenants`, or raise `ConfigError`."""
+def parse_tenants(
+    text: str, where: str = "tenants file", *, budgets_allowed: bool = True
+) -> Tenants:
+    """Parse the tenants TOML (README, Tenants file) into `Tenants`, or raise `ConfigError`.
+
+    `budgets_allowed=False` (no price of a run is set) refuses a file with a budget:
+    a budget is counted in the price's units.
+    """
     try:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -259,16 +310,21 @@ def parse_tenants(text: str, where: str = "tenants file") -> Tenants:
             if digest in seen and seen[digest] != tenant.id:
                 raise ConfigError(f"{where}: one API key hash is listed for two tenants")
             seen[digest] = tenant.id
+        if not budgets_allowed and (tenant.budget_micros_per_day or tenant.budget_micros_per_month):
+            raise ConfigError(
+                f"{where}: tenants.{tenant.id} has a budget but GATEWAY_PRICE_USD is not set: "
+                "a budget needs the price of a run"
+            )
     return Tenants(by_id=tenants)
 
 
-def load_tenants(path: str) -> Tenants:
-    """Read and parse the tenants file at `path`."""
+def load_tenants(path: str, *, budgets_allowed: bool = True) -> Tenants:
+    """Read and parse the tenants file at `path` (`parse_tenants`)."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"GATEWAY_TENANTS_FILE {path!r} cannot be read: {exc.strerror}") from None
-    return parse_tenants(text, where=path)
+    return parse_tenants(text, where=path, budgets_allowed=budgets_allowed)
 
 
 def load_settings(  # noqa: C901 - one flat check per variable reads best
@@ -294,10 +350,11 @@ def load_settings(  # noqa: C901 - one flat check per variable reads best
     if not base_url.startswith(("http://", "https://")):
         raise ConfigError("RUNCOMFY_BASE_URL must be an http(s) URL")
     path = env.get("GATEWAY_TENANTS_FILE") or None
+    price_micros = _price(env)
     if tenants is None:
         if not path:
             raise ConfigError("GATEWAY_TENANTS_FILE is required (a TOML file of tenants)")
-        tenants = load_tenants(path)
+        tenants = load_tenants(path, budgets_allowed=price_micros > 0)
     poll_min = _number(env, "GATEWAY_POLL_INTERVAL_MIN_S", 2.0, minimum=0.05)
     poll_max = _number(env, "GATEWAY_POLL_INTERVAL_MAX_S", 15.0, minimum=0.05)
     if poll_max < poll_min:
@@ -347,4 +404,16 @@ def load_settings(  # noqa: C901 - one flat check per variable reads best
         upstream_burst=_integer(env, "GATEWAY_UPSTREAM_BURST", 20),
         funds_pause_s=_number(env, "GATEWAY_FUNDS_PAUSE_S", 60.0, minimum=0.1),
         **_preflight_settings(env, lease_s=lease_s, upstream_timeout_s=upstream_timeout_s),
+        price_micros=price_micros,
     )
+
+
+def _price(env: Mapping[str, str]) -> int:
+    """`GATEWAY_PRICE_USD` in micro-dollars (0, the default, means unknown)."""
+    raw = env.get("GATEWAY_PRICE_USD") or "0"
+    micros = usd_to_micros(raw)
+    if micros is None:
+        raise ConfigError(
+            f"GATEWAY_PRICE_USD must be an amount in USD >= 0 with at most 6 decimals, got {raw!r}"
+        )
+    return micros

@@ -61,6 +61,12 @@ class _Common:
             ["status", "tenant"],
             registry=self.registry,
         )
+        self.charged_usd = Counter(
+            "rcg_charged_usd",
+            "USD charged for jobs this process made final after RunComfy ran them, by tenant.",
+            ["tenant"],
+            registry=self.registry,
+        )
         self.tenants_config_ok = Gauge(
             "rcg_tenants_config_ok",
             "0 while the last reload of the tenants file was refused (the old tenants stay).",
@@ -76,6 +82,10 @@ class _Common:
     def job_finished(self, status: str, tenant: str) -> None:
         """Count one job reaching a final state."""
         self.jobs_finished.labels(status=status, tenant=tenant).inc()
+
+    def job_charged(self, tenant: str, amount_usd: float) -> None:
+        """Count what one job was charged."""
+        self.charged_usd.labels(tenant=tenant).inc(amount_usd)
 
     def tenants_reloaded(self, ok: bool) -> None:
         """Record a reload of the tenants file."""
@@ -172,6 +182,18 @@ class ApiMetrics(_Common):
             ["tenant"],
             registry=self.registry,
         )
+        self.budget_remaining = Gauge(
+            "rcg_budget_remaining_usd",
+            "USD a tenant's budget has left in its current day or month, read at scrape time.",
+            ["tenant", "period"],
+            registry=self.registry,
+        )
+
+    def set_budget_remaining(self, remaining: Mapping[tuple[str, str], float] | None) -> None:
+        """Record what each budget has left, read for this scrape (None: Redis did not answer)."""
+        self.budget_remaining.clear()
+        for (tenant, period), left in (remaining or {}).items():
+            self.budget_remaining.labels(tenant=tenant, period=period).set(left)
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         """Count one answered request and its latency."""

@@ -84,6 +84,19 @@ class Problem(Struct, omit_defaults=True):
     errors: list[FieldError] | UnsetType = UNSET
 
 
+BudgetPeriod = Literal["day", "month"]
+
+
+class BudgetProblem(Problem, kw_only=True):
+    """The 402 problem of a submit over budget: which budget, and what counts against it."""
+
+    budget_usd: float
+    charged_usd: float
+    held_usd: float
+    period: BudgetPeriod
+    resets_at: datetime
+
+
 class JobErrorInfo(Struct):
     """Why a job failed: a stable code and a human message."""
 
@@ -120,6 +133,27 @@ class WebhookView(Struct):
     attempts: int
 
 
+MICROS_PER_USD: Final = 1_000_000
+"""Amounts are whole micro-dollars wherever they are added up (Redis, Lua): sums stay exact."""
+
+
+def usd(micros: int) -> float:
+    """Micro-dollars as the dollars a JSON answer carries, rounded to 6 decimals."""
+    return round(micros / MICROS_PER_USD, 6)
+
+
+class Cost(Struct):
+    """What a job costs: its estimate from submit, and what was charged once it is final.
+
+    Both null while the price is unknown. `charged_usd` is null until the job is
+    final, then the estimate if RunComfy ran it (it reached `in_progress`, or
+    completed), else 0.
+    """
+
+    estimate_usd: float | None
+    charged_usd: float | None
+
+
 _MAY_HAVE_PAID: Final = frozenset({"sent", "accepted", "unknown"})
 """Submit outcomes after which a paid run may exist; rejected and unreachable ones created none."""
 
@@ -140,6 +174,7 @@ class Job(Struct):
     submitted_at: datetime | None
     started_at: datetime | None
     finished_at: datetime | None
+    cost: Cost
     upstream_submits: int = 0
     """Submits that may have created a paid run: accepted, or sent with no answer known."""
 
@@ -169,6 +204,29 @@ class JobRecord(Struct, kw_only=True, omit_defaults=True):
     submits: list[SubmitAttempt] = msgspec.field(default_factory=list)
     submit_retries: int = 0
     cancel_requested_at: datetime | None = None
+    estimate_micros: int | None = None
+    """What the job is held and charged at (micro-dollars); None while the price is unknown."""
+
+    def charge_micros(self) -> int | None:
+        """What the job is charged: None until it is final, then its estimate if it ran, else 0.
+
+        It ran when RunComfy started it (`started_at`) or completed it; a job
+        cancelled or failed before that was never billed.
+        """
+        if self.status not in FINAL_STATUSES:
+            return None
+        ran = self.status == "completed" or self.started_at is not None
+        return (self.estimate_micros or 0) if ran else 0
+
+    def cost(self) -> Cost:
+        """The job's `cost` as callers see it."""
+        if self.estimate_micros is None:
+            return Cost(estimate_usd=None, charged_usd=None)
+        charged = self.charge_micros()
+        return Cost(
+            estimate_usd=usd(self.estimate_micros),
+            charged_usd=None if charged is None else usd(charged),
+        )
 
     def view(self, webhook_state: WebhookState, webhook_attempts: int) -> Job:
         """The job as its tenant sees it, with the webhook's delivery state."""
@@ -194,6 +252,7 @@ class JobRecord(Struct, kw_only=True, omit_defaults=True):
             submitted_at=self.submitted_at,
             started_at=self.started_at,
             finished_at=self.finished_at,
+            cost=self.cost(),
             upstream_submits=sum(1 for s in self.submits if s.outcome in _MAY_HAVE_PAID),
         )
 
@@ -217,6 +276,50 @@ class JobList(Struct):
 
     items: list[Job]
     next_cursor: str | None
+
+
+class JobCounts(Struct):
+    """Jobs that reached each final status."""
+
+    completed: int
+    failed: int
+    cancelled: int
+
+
+class DayUsage(Struct):
+    """One UTC day of a tenant's jobs: those submitted that day, and what they cost.
+
+    The amounts are null while the price is unknown.
+    """
+
+    date: str
+    jobs: JobCounts
+    charged_usd: float | None
+    held_usd: float | None
+
+
+class BudgetState(Struct):
+    """A budget in force and what counts against it in its current period."""
+
+    budget_usd: float
+    charged_usd: float
+    held_usd: float
+    resets_at: datetime
+
+
+class Budgets(Struct):
+    """The tenant's budgets, null where it has none."""
+
+    day: BudgetState | None
+    month: BudgetState | None
+
+
+class Usage(Struct):
+    """The answer of `GET /v1/usage`: a tenant's spend day by day, and its budgets."""
+
+    tenant: str
+    days: list[DayUsage]
+    budget: Budgets
 
 
 class WebhookEvent(Struct):

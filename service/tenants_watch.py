@@ -34,8 +34,11 @@ class TenantsWatcher:
         *,
         interval_s: float = DEFAULT_INTERVAL_S,
         on_result: Callable[[bool], None] | None = None,
+        budgets_allowed: bool = True,
     ) -> None:
+        """`budgets_allowed=False` (no price set) refuses a file that adds a budget."""
         self.tenants = tenants
+        self.budgets_allowed = budgets_allowed
         self.path = Path(path)
         self.interval_s = interval_s
         self.on_result = on_result
@@ -60,7 +63,9 @@ class TenantsWatcher:
         # A bad file is not read again until it changes: no error every interval.
         self._digest = hashlib.sha256(data).hexdigest()
         try:
-            new = parse_tenants(data.decode("utf-8"), where=str(self.path))
+            new = parse_tenants(
+                data.decode("utf-8"), where=str(self.path), budgets_allowed=self.budgets_allowed
+            )
         except (UnicodeDecodeError, ConfigError) as exc:
             return self._done(ok=False, reason=str(exc))
         self.tenants.replace_with(new)

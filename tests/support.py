@@ -28,10 +28,14 @@ from litestar import Litestar, Request, Response, post
 from litestar.params import RawBody
 from standardwebhooks.webhooks import Webhook
 
-from service.config import Tenant, Tenants
+from service.api.app import create_app
+from service.config import Settings, Tenant, Tenants
 from service.models import EventType, JobRecord, VideoInput, WebhookSpec, utcnow
 from service.serving import Served, listen, serve
 from service.store.connection import new_id
+from service.store.keys import Keys
+
+PROBLEM = "application/problem+json"
 
 StartEmulator = Callable[..., Awaitable[str]]
 TcpHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -59,7 +63,8 @@ class TestTenant:
             **limits,
         )
 
-    def toml(self, *, hosts: tuple[str, ...] = ("127.0.0.1",)) -> str:
+    def toml(self, *, hosts: tuple[str, ...] = ("127.0.0.1",), **numbers: float) -> str:
+        """The tenant's table; `numbers` are further keys (`budget_usd_per_day=1.5`)."""
         digest = hashlib.sha256(self.api_key.encode()).hexdigest()
         host_list = ", ".join(f'"{h}"' for h in hosts)
         return (
@@ -67,7 +72,7 @@ class TestTenant:
             f'api_keys = ["{digest}"]\n'
             f'webhook_secret = "{self.whsec}"\n'
             f"callback_hosts = [{host_list}]\n"
-        )
+        ) + "".join(f"{name} = {value}\n" for name, value in numbers.items())
 
 
 def api_client(base_url: str, tenant: TestTenant) -> httpx.AsyncClient:
@@ -162,6 +167,50 @@ class HangingReceiver:
         self._stopped.set()
         for served in self._served:
             await served.stop()
+
+
+@asynccontextmanager
+async def serve_api(
+    settings: Settings, keys: Keys, api_key: str | None
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The app in this event loop (lifespan included), and a client that calls it."""
+    app = create_app(settings, keys=keys)
+    started, stop = asyncio.Event(), asyncio.Event()
+
+    async def run_lifespan() -> None:
+        # One task enters and leaves the lifespan: pytest may run a fixture's
+        # setup and teardown in different tasks, which anyio's scopes refuse.
+        async with app.lifespan():
+            started.set()
+            await stop.wait()
+
+    lifespan = asyncio.create_task(run_lifespan())
+    ready = asyncio.ensure_future(started.wait())
+    await asyncio.wait({lifespan, ready}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+    assert started.is_set(), lifespan
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://gateway.test", headers=headers
+        ) as client:
+            yield client
+    finally:
+        stop.set()
+        await lifespan
+
+
+def assert_problem(answer: httpx.Response, status: int) -> dict[str, Any]:
+    """The answer is a problem+json of this status, naming nothing internal; its body."""
+    assert answer.status_code == status, answer.text
+    assert answer.headers["content-type"].startswith(PROBLEM)
+    problem = answer.json()
+    assert problem["status"] == status
+    assert problem["type"].startswith("urn:runcomfy-gateway:problem:")
+    assert problem["title"]
+    assert problem["detail"]
+    assert "Traceback" not in answer.text
+    return problem
 
 
 async def wait_for(

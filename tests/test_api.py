@@ -23,13 +23,12 @@ from service.store.deliveries import DeliveryStore
 from service.store.jobs import JobStore, Outcome
 from service.store.limits import Limits
 from service.store.schedules import Claim, Schedules
-from tests.support import new_tenant, wait_for
+from tests.support import assert_problem, new_tenant, serve_api, wait_for
 
 TENANT = new_tenant("orders")
 OTHER = new_tenant("billing")
 HOSTS = ("hooks.example.com", "*.orders.internal")
 VIDEO = "https://example.com/in.mp4"
-PROBLEM = "application/problem+json"
 
 
 def job_body(**extra: Any) -> dict[str, Any]:
@@ -64,44 +63,15 @@ def settings(tmp_path, redis_server) -> Settings:
     return load_settings(env)
 
 
-@asynccontextmanager
-async def serve(settings, keys, api_key: str | None = TENANT.api_key) -> AsyncIterator[Any]:
-    """The app in this event loop (lifespan included), and a client that calls it."""
-    app = create_app(settings, keys=keys)
-    started, stop = asyncio.Event(), asyncio.Event()
-
-    async def run_lifespan() -> None:
-        # One task enters and leaves the lifespan: pytest may run a fixture's
-        # setup and teardown in different tasks, which anyio's scopes refuse.
-        async with app.lifespan():
-            started.set()
-            await stop.wait()
-
-    lifespan = asyncio.create_task(run_lifespan())
-    ready = asyncio.ensure_future(started.wait())
-    await asyncio.wait({lifespan, ready}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
-    assert started.is_set(), lifespan
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    try:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(
-            transport=transport, base_url="http://gateway.test", headers=headers
-        ) as client:
-            yield client
-    finally:
-        stop.set()
-        await lifespan
-
-
 @pytest.fixture
 async def api(settings, keys):
-    async with serve(settings, keys) as client:
+    async with serve_api(settings, keys, TENANT.api_key) as client:
         yield client
 
 
 @pytest.fixture
 async def other(settings, keys):
-    async with serve(settings, keys, OTHER.api_key) as client:
+    async with serve_api(settings, keys, OTHER.api_key) as client:
         yield client
 
 
@@ -124,18 +94,6 @@ async def submit(api, body: dict[str, Any] | None = None, **kwargs: Any) -> dict
     answer = await api.post("/v1/jobs", json=body or job_body(), **kwargs)
     assert answer.status_code == 202, answer.text
     return answer.json()
-
-
-def assert_problem(answer: httpx.Response, status: int) -> dict[str, Any]:
-    assert answer.status_code == status, answer.text
-    assert answer.headers["content-type"].startswith(PROBLEM)
-    problem = answer.json()
-    assert problem["status"] == status
-    assert problem["type"].startswith("urn:runcomfy-gateway:problem:")
-    assert problem["title"]
-    assert problem["detail"]
-    assert "Traceback" not in answer.text
-    return problem
 
 
 def pointers(answer: httpx.Response) -> set[str]:
@@ -427,7 +385,7 @@ async def test_submissions_over_the_tenant_rate_answer_429(tmp_path, redis_serve
         "RUNCOMFY_API_TOKEN": "test-token",
         "GATEWAY_TENANTS_FILE": str(tenants),
     }
-    async with serve(load_settings(env), keys, limited.api_key) as api:
+    async with serve_api(load_settings(env), keys, limited.api_key) as api:
         await submit(api)
         answer = await api.post("/v1/jobs", json=job_body())
         assert_problem(answer, 429)
@@ -444,7 +402,7 @@ async def test_concurrent_submissions_over_the_tenant_rate_answer_429(tmp_path, 
         "RUNCOMFY_API_TOKEN": "test-token",
         "GATEWAY_TENANTS_FILE": str(tenants),
     }
-    async with serve(load_settings(env), keys, limited.api_key) as api:
+    async with serve_api(load_settings(env), keys, limited.api_key) as api:
         answers = await asyncio.gather(*(api.post("/v1/jobs", json=job_body()) for _ in range(10)))
         assert sorted(answer.status_code for answer in answers) == [202] + [429] * 9
         for answer in answers:
@@ -466,7 +424,7 @@ async def test_an_invalid_submission_takes_nothing_from_the_tenant_rate(
         "RUNCOMFY_API_TOKEN": "test-token",
         "GATEWAY_TENANTS_FILE": str(tenants),
     }
-    async with serve(load_settings(env), keys, limited.api_key) as api:
+    async with serve_api(load_settings(env), keys, limited.api_key) as api:
         assert_problem(await api.post("/v1/jobs", json=with_input(num_frames=1)), 422)
         await submit(api)
         assert_problem(await api.post("/v1/jobs", json=job_body()), 429)
@@ -563,7 +521,7 @@ async def test_an_idempotency_key_over_255_characters_answers_400(api):
 
 async def test_a_request_without_an_api_key_answers_401(settings, keys):
     """No Authorization header answers 401 problem+json with a Bearer challenge."""
-    async with serve(settings, keys, api_key=None) as anonymous:
+    async with serve_api(settings, keys, api_key=None) as anonymous:
         answer = await anonymous.post("/v1/jobs", json=job_body())
         assert_problem(answer, 401)
         assert answer.headers["www-authenticate"].startswith("Bearer")
@@ -572,7 +530,7 @@ async def test_a_request_without_an_api_key_answers_401(settings, keys):
 
 async def test_a_wrong_api_key_answers_401_without_echoing_it(settings, keys):
     """An unknown key answers 401 with a Bearer challenge and never repeats the key."""
-    async with serve(settings, keys, api_key="key_not-a-real-one") as stranger:
+    async with serve_api(settings, keys, api_key="key_not-a-real-one") as stranger:
         answer = await stranger.get("/v1/jobs")
         assert_problem(answer, 401)
         assert answer.headers["www-authenticate"].startswith("Bearer")
@@ -581,7 +539,7 @@ async def test_a_wrong_api_key_answers_401_without_echoing_it(settings, keys):
 
 async def test_authentication_comes_before_validation(settings, keys):
     """An invalid body without a key answers 401, not 422: nothing is read first."""
-    async with serve(settings, keys, api_key=None) as anonymous:
+    async with serve_api(settings, keys, api_key=None) as anonymous:
         assert_problem(await anonymous.post("/v1/jobs", content=b"{broken"), 401)
 
 
@@ -776,7 +734,7 @@ async def test_resending_for_a_job_without_a_webhook_answers_404(api, jobs, sche
 
 async def test_healthz_answers_ok_without_auth(settings, keys):
     """/healthz answers 200 {"status": "ok"} with no API key."""
-    async with serve(settings, keys, api_key=None) as anonymous:
+    async with serve_api(settings, keys, api_key=None) as anonymous:
         answer = await anonymous.get("/healthz")
         assert answer.status_code == 200
         assert answer.json() == {"status": "ok"}
@@ -793,7 +751,7 @@ async def test_without_redis_readyz_and_jobs_answer_503_problems(settings, keys,
     """With Redis unreachable, /readyz and job calls answer 503 problem+json, no traceback."""
     dead = msgspec.structs.replace(settings, redis_url=f"redis://127.0.0.1:{free_port()}/0")
     caplog.set_level(logging.INFO)
-    async with serve(dead, keys) as api:
+    async with serve_api(dead, keys, TENANT.api_key) as api:
         assert (await api.get("/healthz")).status_code == 200
         ready = await api.get("/readyz")
         assert_problem(ready, 503)
@@ -810,7 +768,7 @@ async def test_without_redis_readyz_and_jobs_answer_503_problems(settings, keys,
 async def test_without_redis_concurrent_submits_each_answer_503(settings, keys):
     """Submits sent at once while Redis is unreachable each answer 503 with Retry-After."""
     dead = msgspec.structs.replace(settings, redis_url=f"redis://127.0.0.1:{free_port()}/0")
-    async with serve(dead, keys) as api:
+    async with serve_api(dead, keys, TENANT.api_key) as api:
         answers = await asyncio.gather(*(api.post("/v1/jobs", json=job_body()) for _ in range(5)))
     for answer in answers:
         assert_problem(answer, 503)
@@ -1066,7 +1024,7 @@ async def test_an_unexpected_error_storing_a_job_answers_500_and_is_logged(
 ):
     """A bug while storing a submit answers 500 problem+json naming nothing internal."""
 
-    async def broken(self, items, *, limits=()):
+    async def broken(self, items, *, limits=(), budgets=()):
         raise RuntimeError("secret internals")
 
     monkeypatch.setattr(JobStore, "create_many", broken)

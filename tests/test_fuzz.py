@@ -567,9 +567,10 @@ def a_job(gateway: Gateway) -> str:
     return job_id
 
 
-BEYOND_THE_DOCUMENT = ("#/input/video_url", "#/webhook/url", "#/metadata")
+BEYOND_THE_DOCUMENT = ("#/input/video_url", "#/webhook/url", "#/metadata", "#/from", "#/to")
 """Fields with a rule no JSON Schema can state: a public address, the tenant's callback
-hosts, metadata's size as JSON and its depth."""
+hosts, metadata's size as JSON and its depth, and usage's range (`from` not after `to`,
+at most 92 days: a rule between two parameters)."""
 WRITTEN_AS_A_FRACTION = "must be an integer, not a number"
 """JSON Schema counts 129.0 as an integer; the API, like RunComfy, wants it written 129."""
 

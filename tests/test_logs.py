@@ -14,7 +14,8 @@ from service.logs import (
     request_id_var,
     tenant_var,
 )
-from tests.test_api import serve
+from tests.support import serve_api
+from tests.test_api import TENANT
 from tests.test_tenants import settings_for
 
 
@@ -53,7 +54,7 @@ def test_text_lines_append_the_ids():
 
 async def test_the_api_echoes_a_request_id_or_makes_one(tmp_path, redis_server, keys):
     """A sane X-Request-Id is echoed back; a missing or hostile one is replaced by a new id."""
-    async with serve(settings_for(tmp_path, redis_server), keys) as api:
+    async with serve_api(settings_for(tmp_path, redis_server), keys, TENANT.api_key) as api:
         given = await api.get("/healthz", headers={"X-Request-Id": "abc-123"})
         made = await api.get("/healthz")
         hostile = await api.get("/healthz", headers={"X-Request-Id": "<script> " + "x" * 100})

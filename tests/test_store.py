@@ -30,6 +30,7 @@ from service.store.jobs import (
 )
 from service.store.limits import Limits
 from service.store.schedules import Schedules
+from service.store.spend import LEDGER_TTL_S
 from service.worker.listings import trim_listings
 from tests.support import new_tenant, tenants_of, wait_for
 
@@ -363,7 +364,8 @@ async def test_a_finished_job_leaves_nothing_that_never_expires(
     """Once a job is final and its webhooks sent, every key it left carries the retention TTL.
 
     Only the shared schedules, leases, counters and the indexes (trimmed by
-    the worker and by listings) have no expiry.
+    the worker and by listings) have no expiry; the tenant's spend of the day and
+    month is kept longer, for usage, and expires too.
     """
     record = make_record(events=["job.started", "job.completed"])
     await jobs.create(record, idempotency=("i" * 64, body_hash(b"b")))
@@ -382,6 +384,9 @@ async def test_a_finished_job_leaves_nothing_that_never_expires(
     left = {k.decode(): await redis.ttl(k) async for k in redis.scan_iter(f"{keys.prefix}:*")}
     assert keys.job(record.id) in left
     assert keys.idempotency("orders", "i" * 64) in left
+    ledger = {k: left.pop(k) for k in list(left) if k.startswith(f"{keys.prefix}:spend:")}
+    assert ledger
+    assert all(0 < ttl <= LEDGER_TTL_S for ttl in ledger.values())
     assert {k for k, ttl in left.items() if not 0 < ttl <= RETENTION} <= shared
     assert await redis.scard(keys.inflight()) == 0
     assert await redis.hlen(keys.lease("submit")) == 0

@@ -8,8 +8,8 @@ import time
 
 from service.config import load_settings
 from service.store.jobs import JobStore
-from tests.support import new_tenant
-from tests.test_api import HOSTS, job_body, serve
+from tests.support import new_tenant, serve_api
+from tests.test_api import HOSTS, job_body
 
 FLOOD = new_tenant("flood")
 QUIET = new_tenant("quiet")
@@ -37,7 +37,7 @@ async def test_a_flood_from_one_tenant_is_throttled_and_another_is_not_slowed(
 ):
     """300 concurrent submits of one tenant get 429s; the other tenant's submits all pass."""
     settings = settings_for(tmp_path, redis_server)
-    async with serve(settings, keys, FLOOD.api_key) as flood:
+    async with serve_api(settings, keys, FLOOD.api_key) as flood:
         quiet_headers = {"Authorization": f"Bearer {QUIET.api_key}"}
 
         async def quiet_submit() -> tuple[int, float]:
@@ -66,7 +66,7 @@ async def test_each_job_records_its_tenant_and_key_id_never_the_key(
 ):
     """The stored job names its tenant and a key id derived from the key's hash, not the key."""
     settings = settings_for(tmp_path, redis_server)
-    async with serve(settings, keys, QUIET.api_key) as api:
+    async with serve_api(settings, keys, QUIET.api_key) as api:
         answer = await api.post("/v1/jobs", json=job_body())
         assert answer.status_code == 202
         job_id = answer.json()["id"]
@@ -83,7 +83,7 @@ async def test_each_job_records_its_tenant_and_key_id_never_the_key(
 async def test_another_tenants_job_is_404_on_every_route(tmp_path, redis_server, keys):
     """Every route that takes a job id answers the same 404 for another tenant's job."""
     settings = settings_for(tmp_path, redis_server)
-    async with serve(settings, keys, QUIET.api_key) as api:
+    async with serve_api(settings, keys, QUIET.api_key) as api:
         job_id = (await api.post("/v1/jobs", json=job_body())).json()["id"]
         headers = {"Authorization": f"Bearer {FLOOD.api_key}"}
         answers = [

@@ -39,6 +39,7 @@ from service.store.jobs import JobStore
 from service.store.keys import Keys
 from service.store.limits import Limits
 from service.store.schedules import Schedules
+from service.store.spend import SpendStore
 from service.tenants_watch import TenantsWatcher
 
 MAX_BODY_BYTES: Final = 1_000_000
@@ -54,7 +55,13 @@ def create_app(settings: Settings, *, keys: Keys | None = None) -> Litestar:
     async def open_redis(app: Litestar) -> AsyncIterator[None]:
         redis = connect(settings.redis_url)
         retention = settings.job_retention_s
-        jobs = JobStore(redis, store_keys, retention_s=retention, on_finish=metrics.job_finished)
+        jobs = JobStore(
+            redis,
+            store_keys,
+            retention_s=retention,
+            on_finish=metrics.job_finished,
+            on_charge=metrics.job_charged,
+        )
         limits = Limits(redis, store_keys)
         create_job = Coalescer(functools.partial(create_jobs, jobs))
         app.state.services = Services(
@@ -66,12 +73,16 @@ def create_app(settings: Settings, *, keys: Keys | None = None) -> Litestar:
             limits=limits,
             metrics=metrics,
             create_job=create_job,
+            spend=SpendStore(redis, store_keys),
         )
         stop = asyncio.Event()
         watching: asyncio.Task[None] | None = None
         if settings.tenants_file:
             watcher = TenantsWatcher(
-                settings.tenants, settings.tenants_file, on_result=metrics.tenants_reloaded
+                settings.tenants,
+                settings.tenants_file,
+                on_result=metrics.tenants_reloaded,
+                budgets_allowed=settings.price_micros > 0,
             )
             watcher.install_sighup()
             watching = asyncio.create_task(watcher.run(stop))

@@ -32,6 +32,7 @@ from service.models import (
     DEFAULT_EVENTS,
     MAX_METADATA_BYTES,
     MODEL,
+    Cost,
     EventType,
     Job,
     JobRequest,
@@ -143,6 +144,7 @@ _EXAMPLE_JOB = Job(
     submitted_at=_EXAMPLE_AT,
     started_at=_EXAMPLE_AT,
     finished_at=_EXAMPLE_AT,
+    cost=Cost(estimate_usd=0.4, charged_usd=0.4),
     upstream_submits=1,
 )
 

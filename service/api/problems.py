@@ -7,7 +7,7 @@ problem body. No answer is ever a traceback.
 
 Exception tree mapped here:
 
-    ProblemError                      its own status (401, 404, 409, 415, 429, 503, ...)
+    ProblemError                      its own status (401, 402, 404, 409, 415, 429, 503, ...)
     validation.MalformedBodyError          400
     validation.InvalidInputError           422, with `errors` naming every field
     litestar ValidationException      422 for query parameters, else 400
@@ -32,7 +32,7 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.types import ExceptionHandlersMap
 
 from service.api.validation import InvalidInputError, MalformedBodyError, readable_error
-from service.models import FieldError, Problem
+from service.models import BudgetProblem, FieldError, Problem
 from service.store.connection import REDIS_UNAVAILABLE
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,7 @@ TYPE_PREFIX: Final = "urn:runcomfy-gateway:problem:"
 _KINDS: Final[Mapping[int, str]] = {
     400: "bad-request",
     401: "unauthorized",
+    402: "payment-required",
     403: "forbidden",
     404: "not-found",
     405: "method-not-allowed",
@@ -73,13 +74,16 @@ class ProblemError(Exception):
         kind: str | None = None,
         errors: Sequence[FieldError] | None = None,
         headers: Mapping[str, str] | None = None,
+        extensions: Mapping[str, Any] | None = None,
     ) -> None:
+        """`extensions` are the problem's own members, at the top level beside `detail`."""
         super().__init__(detail)
         self.status = status
         self.detail = detail
         self.kind = kind
         self.errors = list(errors) if errors is not None else None
         self.headers = dict(headers or {})
+        self.extensions = dict(extensions or {})
 
 
 def problem_response(
@@ -89,8 +93,9 @@ def problem_response(
     kind: str | None = None,
     errors: Sequence[FieldError] | None = None,
     headers: Mapping[str, str] | None = None,
+    extensions: Mapping[str, Any] | None = None,
 ) -> Response[bytes]:
-    """An `application/problem+json` answer with this status and detail."""
+    """An `application/problem+json` answer with this status and detail (and `extensions`)."""
     problem = Problem(
         type=TYPE_PREFIX + (kind or _KINDS.get(status, "error")),
         title=_title(status),
@@ -98,8 +103,11 @@ def problem_response(
         detail=detail,
         errors=list(errors) if errors is not None else msgspec.UNSET,
     )
+    body = _encoder.encode(
+        {**msgspec.to_builtins(problem), **extensions} if extensions else problem
+    )
     return Response(
-        content=_encoder.encode(problem),
+        content=body,
         status_code=status,
         media_type=PROBLEM_JSON,
         headers=dict(headers or {}),
@@ -115,7 +123,12 @@ def _title(status: int) -> str:
 
 def _from_problem_error(_: Request[Any, Any, Any], exc: ProblemError) -> Response[bytes]:
     return problem_response(
-        exc.status, exc.detail, kind=exc.kind, errors=exc.errors, headers=exc.headers
+        exc.status,
+        exc.detail,
+        kind=exc.kind,
+        errors=exc.errors,
+        headers=exc.headers,
+        extensions=exc.extensions,
     )
 
 
@@ -208,6 +221,11 @@ def exception_handlers() -> ExceptionHandlersMap:
 _DESCRIPTIONS: Final[Mapping[int, str]] = {
     400: "The body is not a JSON object, or a header is malformed.",
     401: "No API key, or not a valid one (`WWW-Authenticate: Bearer`).",
+    402: (
+        "The job would take the tenant over a budget (type ending `budget-exceeded`); "
+        "nothing was stored. `budget_usd`, `charged_usd`, `held_usd`, `period` and "
+        "`resets_at` say which budget and when it resets."
+    ),
     404: "No such job for this tenant (another tenant's job answers the same).",
     409: "The request conflicts with the job's current state.",
     413: "The request body is larger than 1 MB.",
@@ -226,7 +244,7 @@ def problem_responses(*statuses: int, **descriptions: str) -> dict[int, Response
     """
     return {
         status: ResponseSpec(
-            data_container=Problem,
+            data_container=BudgetProblem if status == 402 else Problem,
             media_type=PROBLEM_JSON,
             description=descriptions.get(f"s{status}", _DESCRIPTIONS.get(status, _title(status))),
             generate_examples=False,

@@ -13,7 +13,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import date, timedelta
 from typing import Annotated, Any, Final
 
 import redis.asyncio as aioredis
@@ -28,6 +28,7 @@ from redis.exceptions import RedisError
 
 from service.api.auth import Caller, authenticate
 from service.api.problems import RETRY_AFTER_S, ProblemError, problem_responses
+from service.api.usage import MAX_USAGE_DAYS, budget_remaining, usage_of, usage_range
 from service.api.validation import (
     MAX_IDEMPOTENCY_KEY_CHARS,
     idempotency_key_hash,
@@ -46,13 +47,16 @@ from service.models import (
     JobStatus,
     Probe,
     UpstreamPauseInfo,
+    Usage,
+    usd,
     utcnow,
 )
 from service.store.connection import new_id
 from service.store.deliveries import DeliveryStore, Resend
-from service.store.jobs import Created, JobStore, Outcome, StoredJob
+from service.store.jobs import Budgets, Created, JobStore, Outcome, StoredJob
 from service.store.limits import Limits, Take
 from service.store.schedules import Schedules
+from service.store.spend import BudgetRefusal, SpendStore
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +71,9 @@ READY_TIMEOUT_S: Final = 1.0
 """`/readyz` and `/metrics` wait this long for Redis: a probe must answer quickly."""
 
 
-NewJob = tuple[JobRecord, tuple[str, str] | None, Take | None]
-"""A job to create, its `(key hash, body digest)` if idempotent, and its tenant's rate limit."""
+NewJob = tuple[JobRecord, tuple[str, str] | None, Take | None, Budgets]
+"""A job to create, its `(key hash, body digest)` if idempotent, its tenant's rate limit
+and `(day, month)` budgets."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +92,7 @@ class Services:
     limits: Limits
     metrics: ApiMetrics
     create_job: Coalescer[NewJob, Created]
+    spend: SpendStore
 
 
 def provide_services(request: Request[Any, Any, Any]) -> Services:
@@ -154,6 +160,7 @@ _LOCATION = [
         **problem_responses(
             400,
             401,
+            402,
             409,
             413,
             415,
@@ -194,7 +201,11 @@ async def accept_job(
     idempotency = None
     if idempotency_key is not None:
         idempotency = (idempotency_key_hash(idempotency_key), request_digest(job_request))
-    created = await services.create_job((record, idempotency, _submission_limit(caller.tenant)))
+    tenant = caller.tenant
+    budgets = (tenant.budget_micros_per_day, tenant.budget_micros_per_month)
+    created = await services.create_job((record, idempotency, _submission_limit(tenant), budgets))
+    if created.over_budget is not None:
+        raise _over_budget(created.over_budget)
     if created.retry_after_s > 0:
         raise ProblemError(
             429,
@@ -352,6 +363,33 @@ async def resend_delivery(job_id: JobId, call: NamedDependency[Call]) -> Job:
     return _view(await _owned_job(services.jobs, caller, job_id))
 
 
+@get(
+    "/usage",
+    summary="Spend by day, and budgets",
+    description=(
+        "The caller's jobs and spend per UTC day from `from` to `to` (inclusive, at most "
+        f"{MAX_USAGE_DAYS} days; default: this month so far): a job counts in the day it was "
+        "submitted. Amounts are null while the price is unknown. `budget` shows the tenant's "
+        "budgets and what counts against them now."
+    ),
+    responses=problem_responses(401, 422, 503),
+)
+async def get_usage(
+    call: NamedDependency[Call],
+    first: Annotated[
+        date | None, QueryParameter(name="from", description="First day, `YYYY-MM-DD` (UTC).")
+    ] = None,
+    last: Annotated[
+        date | None, QueryParameter(name="to", description="Last day, `YYYY-MM-DD` (UTC).")
+    ] = None,
+) -> Usage:
+    """The caller's usage by day and its budgets."""
+    caller, services = call.caller, call.services
+    first, last = usage_range(first, last, await services.spend.today())
+    price_known = services.settings.price_micros > 0
+    return await usage_of(services.spend, caller.tenant, first, last, price_known=price_known)
+
+
 @get("/healthz", summary="Liveness", description="Answers while the process serves; no I/O.")
 async def healthz() -> Probe:
     """Alive: the process answers HTTP."""
@@ -397,13 +435,20 @@ async def metrics(services: NamedDependency[Services]) -> Response[bytes]:
         depths, pause = None, None  # the API's own counters are still worth scraping
     services.metrics.set_depths(depths)
     services.metrics.set_pause(pause.reason if pause else None)
+    try:
+        remaining = await asyncio.wait_for(
+            budget_remaining(services.spend, services.settings.tenants), READY_TIMEOUT_S
+        )
+    except (RedisError, OSError, TimeoutError):
+        remaining = None
+    services.metrics.set_budget_remaining(remaining)
     return Response(services.metrics.render(), media_type=PROMETHEUS_MEDIA_TYPE)
 
 
 def route_handlers() -> list[ControllerRouterHandler]:
     """The route tree: `/v1` (authenticated) and the probes, with their dependencies."""
     services = Provide(provide_services, sync_to_thread=False)
-    jobs = [submit_job, get_job, cancel_job, list_jobs, list_deliveries, resend_delivery]
+    jobs = [submit_job, get_job, cancel_job, list_jobs, list_deliveries, resend_delivery, get_usage]
     v1 = Router(
         "/v1",
         route_handlers=[*_options_handlers(jobs), *jobs],
@@ -463,8 +508,27 @@ def _submission_limit(tenant: Tenant) -> Take | None:
 async def create_jobs(jobs: JobStore, items: list[NewJob]) -> list[Created]:
     """`JobStore.create_many` of what the `create_job` coalescer gathered."""
     return await jobs.create_many(
-        [(record, idempotency) for record, idempotency, _ in items],
-        limits=[limit for _, _, limit in items],
+        [(record, idempotency) for record, idempotency, _, _ in items],
+        limits=[limit for _, _, limit, _ in items],
+        budgets=[budgets for _, _, _, budgets in items],
+    )
+
+
+def _over_budget(refusal: BudgetRefusal) -> ProblemError:
+    """The 402 of a submit that would go over a budget, with that budget's figures."""
+    return ProblemError(
+        402,
+        f"this job's estimate would take the tenant over its "
+        f"{'daily' if refusal.period == 'day' else 'monthly'} budget of "
+        f"{usd(refusal.budget_micros)} USD; it resets at {refusal.resets_at.isoformat()}",
+        kind="budget-exceeded",
+        extensions={
+            "budget_usd": usd(refusal.budget_micros),
+            "charged_usd": usd(refusal.charged_micros),
+            "held_usd": usd(refusal.held_micros),
+            "period": refusal.period,
+            "resets_at": refusal.resets_at,
+        },
     )
 
 
@@ -490,9 +554,11 @@ def _require_json(request: Request[Any, Any, Any]) -> None:
 
 
 def _new_record(job_request: JobRequest, caller: Caller, settings: Settings) -> JobRecord:
-    """The stored form of a new, pending job."""
+    """The stored form of a new, pending job, with its estimate when the price is known."""
     now = utcnow()
+    price = settings.price_micros
     return JobRecord(
+        estimate_micros=price * (2 if job_request.input.pro_mode else 1) if price else None,
         id=new_id("job_"),
         tenant=caller.tenant.id,
         key_id=caller.key_id,

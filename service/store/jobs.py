@@ -11,16 +11,19 @@ no webhook for a state that did not happen. A job is a hash (see `keys.py`).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import typing
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from enum import Enum
 from typing import Any, Literal
 
 import msgspec
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from service.models import (
     FINAL_STATUSES,
@@ -32,36 +35,53 @@ from service.models import (
     UpstreamRef,
     WebhookEvent,
     WebhookState,
+    usd,
     utcnow,
 )
 from service.store.connection import text
 from service.store.keys import LUA_NOW, Keys
 from service.store.limits import LUA_GCRA, Take
+from service.store.spend import (
+    LEDGER_TTL_S,
+    LUA_HOLD,
+    LUA_SETTLE,
+    NO_PERIOD,
+    BudgetRefusal,
+    Periods,
+)
 
 _record_decoder = msgspec.json.Decoder(JobRecord)
 _encoder = msgspec.json.Encoder()
 
 # A batch of creates, each as a create alone would do it, in order. KEYS: submit-tenants,
 # the backlog, then each job's own in order: its hash, its tenant's pending index and
-# submit schedule, its Idempotency-Key's record (when it has a key) and its submission
-# limit (when it has one). ARGV: retention_s, and the jobs in one string, each a line of
-# eight words then its record JSON (`_create_entry`): one argument rather than eight per
-# job, which redis-py would encode one by one. The answer is one line per job: `C`
-# created, `I <job id> <body hash>` its Idempotency-Key was used already (nothing
-# stored), or `R <ms>` its submission limit refused it for that long (nothing taken,
-# nothing stored).
+# submit schedule, its Idempotency-Key's record (when it has a key), its submission
+# limit (when it has one), and its tenant's spend of each offered day, then month
+# (`spend.Periods.keys`). ARGV: retention_s, the jobs in one string, each a line of
+# eleven words then its record JSON (`_create_entry`): one argument rather than eleven
+# per job, which redis-py would encode one by one; the offered periods
+# (`spend.Periods.script_arg`) and the spend ledger's ttl_s. The answer is one line per
+# job: `C` created, `I <job id> <body hash>` its Idempotency-Key was used already
+# (nothing stored), `R <ms>` its submission limit refused it for that long (nothing
+# taken, nothing stored), or `B <period> <budget> <charged> <held> <resets ms>` it would
+# go over that budget (nothing stored).
 _CREATE = (
     LUA_NOW
     + LUA_GCRA
+    + LUA_HOLD
     + """
-local retention, batch = tonumber(ARGV[1]), ARGV[2]
+local retention, batch, ledger_ttl = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[4])
 local submit_tenants, backlog = KEYS[1], KEYS[2]
 local now = now_ms()
+local days, months = periods_of(ARGV[3])
+local d, day = period_at(days, now)
+local m, month = period_at(months, now)
 local answers, at, k = {}, 1, 3
 while at <= #batch do
   local eol = string.find(batch, '\\n', at, true)
-  local id, tenant, idem, body_hash, interval_ms, burst, cost, size = string.match(
-    string.sub(batch, at, eol - 1), '^(%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%d+)$')
+  local id, tenant, idem, body_hash, interval_ms, burst, cost, estimate, day_budget,
+    month_budget, size = string.match(string.sub(batch, at, eol - 1),
+    '^(%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%d+) (%S+) (%S+) (%d+)$')
   local record = string.sub(batch, eol + 1, eol + tonumber(size))
   at = eol + tonumber(size) + 1
   local job, pending, submit = KEYS[k], KEYS[k + 1], KEYS[k + 2]
@@ -69,18 +89,30 @@ while at <= #batch do
   local idem_key, limit
   if idem ~= '-' then idem_key, k = KEYS[k], k + 1 end
   if interval_ms ~= '-' then limit, k = KEYS[k], k + 1 end
-  local wait, existing = 0, false
+  local day_key, month_key = KEYS[k + d - 1], KEYS[k + #days + m - 1]
+  k = k + #days + #months
+  estimate = tonumber(estimate)
+  local wait, existing, refused = 0, false, nil
   if limit then
     wait = gcra_take(limit, tonumber(interval_ms), tonumber(burst), tonumber(cost), now)
   end
   if wait == 0 and idem_key then existing = redis.call('GET', idem_key) end
+  if wait == 0 and not existing then
+    refused = over_budget(day_key, day_budget, estimate, 'day', day.after)
+      or over_budget(month_key, month_budget, estimate, 'month', month.after)
+  end
   if wait > 0 then
     answers[#answers + 1] = 'R ' .. wait
   elseif existing then
     answers[#answers + 1] = 'I ' .. existing
+  elseif refused then
+    answers[#answers + 1] = refused
   else
     if idem_key then redis.call('SET', idem_key, id .. ' ' .. body_hash, 'EX', retention) end
-    redis.call('HSET', job, 'status', 'pending', 'ver', 1, 'record', record)
+    hold(day_key, estimate, ledger_ttl)
+    hold(month_key, estimate, ledger_ttl)
+    redis.call('HSET', job, 'status', 'pending', 'ver', 1, 'record', record,
+      'hold', day.name .. ' ' .. estimate)
     redis.call('ZADD', submit_tenants, 'NX', 0, tenant)
     redis.call('ZADD', pending, 0, id)
     redis.call('ZADD', submit, now, id)
@@ -96,11 +128,14 @@ return table.concat(answers, '\\n')
 # the new event's body, zlib-compressed ('' when there is none).
 _TRANSITION = (
     LUA_NOW
+    + LUA_SETTLE
     + """
 local job, old_index, new_index, backlog, submit, submit_tenants, inflight, tenant_inflight,
   poll, deliver, fence = unpack(KEYS, 1, 11)
 local leases = {submit = KEYS[12], poll = KEYS[13], deliver = KEYS[14]}
-local delivery = KEYS[15]
+-- A non-final event has a delivery of its own; a change to a final status settles the
+-- job's hold in its day's and month's spend instead. Never both.
+local delivery, spend_day, spend_month = KEYS[15], KEYS[15], KEYS[16]
 local op = cjson.decode(ARGV[1])
 local current = redis.call('HMGET', job, 'ver', 'status')
 if not current[1] then return -2 end
@@ -151,6 +186,7 @@ if op.event_id then
   redis.call('ZADD', deliver, clock(), op.event_id)
 end
 if op.webhook_state then redis.call('HSET', job, 'webhook_state', op.webhook_state) end
+if op.settle then settle(job, spend_day, spend_month, op.status, op.charge, op.ledger_ttl_s) end
 if op.final then redis.call('EXPIRE', job, op.retention_s) end
 return 1
 """
@@ -185,6 +221,9 @@ class _Op(msgspec.Struct, omit_defaults=True):
     final: bool = False
     event_id: str | None = None
     webhook_state: str | None = None
+    settle: bool = False
+    charge: bool = False
+    ledger_ttl_s: int | None = None
 
 
 @dataclass(frozen=True)
@@ -195,6 +234,8 @@ class StoredJob:
     ver: int
     webhook_state: WebhookState
     webhook_attempts: int
+    hold_day: str | None = None
+    """The day (`YYYY-MM-DD`) the job's cost counts in, while it holds its estimate."""
 
     def view_json(self) -> bytes:
         """The job as its tenant sees it, encoded."""
@@ -213,13 +254,15 @@ class Lease:
 class Created:
     """The answer of `JobStore.create`: the new job, or the one an Idempotency-Key names.
 
-    Or, when `retry_after_s > 0`, no job: a submission limit refused it for that long.
+    Or, when `retry_after_s > 0`, no job: a submission limit refused it for that long;
+    or, with `over_budget`, no job: it would have gone over that budget.
     """
 
     job_id: str
     created: bool
     same_body: bool = True
     retry_after_s: float = 0.0
+    over_budget: BudgetRefusal | None = None
 
 
 @dataclass
@@ -254,12 +297,12 @@ def event_body(stored: bytes) -> bytes:
     return zlib.decompress(stored)
 
 
-_JOB_FIELDS: typing.Final = ("ver", "record", "webhook_state", "webhook_attempts")
+_JOB_FIELDS: typing.Final = ("ver", "record", "webhook_state", "webhook_attempts", "hold")
 
 
 def _stored_job(fields: list[bytes | None]) -> StoredJob | None:
     """A job from its `_JOB_FIELDS`, or None when it is gone."""
-    ver, record, state, attempts = fields
+    ver, record, state, attempts, hold = fields
     if ver is None or record is None:
         return None
     return StoredJob(
@@ -267,6 +310,7 @@ def _stored_job(fields: list[bytes | None]) -> StoredJob | None:
         ver=int(ver),
         webhook_state=text(state or b"pending"),  # type: ignore[arg-type]
         webhook_attempts=int(attempts or 0),
+        hold_day=text(hold).partition(" ")[0] if hold else None,
     )
 
 
@@ -288,28 +332,42 @@ def body_hash(body: bytes) -> str:
     return hashlib.sha256(body).hexdigest()
 
 
-def _create_entry(
-    record: JobRecord, idempotency: tuple[str, str] | None, limit: Take | None, keys: Keys
+Budgets = tuple[int | None, int | None]
+"""A tenant's `(day, month)` budgets in micro-dollars, None where it has none."""
+
+
+def _create_entry(  # noqa: PLR0917 - one job's create and what it checks first
+    record: JobRecord,
+    idempotency: tuple[str, str] | None,
+    limit: Take | None,
+    budgets: Budgets,
+    periods: Periods,
+    keys: Keys,
 ) -> tuple[bytes, list[str]]:
     """One job of `_CREATE`'s batch: its line and record JSON, and the keys it adds to KEYS.
 
-    The line's words (id, tenant, key hash, body hash, limit, record size) are free of
-    whitespace: ids, tenant ids (`config`), hex digests, numbers.
+    The line's words (id, tenant, key hash, body hash, limit, estimate, budgets, record
+    size) are free of whitespace: ids, tenant ids (`config`), hex digests, numbers.
     """
     key_hash, digest = idempotency or ("-", "-")
     limit_words = " ".join(map(str, limit.script_args())) if limit else "- 0 0"
+    budget_words = " ".join("-" if b is None else str(b) for b in budgets)
     doc = _encoder.encode(record)
-    head = f"{record.id} {record.tenant} {key_hash} {digest} {limit_words} {len(doc)}\n"
+    head = (
+        f"{record.id} {record.tenant} {key_hash} {digest} {limit_words} "
+        f"{record.estimate_micros or 0} {budget_words} {len(doc)}\n"
+    )
     names = [keys.job(record.id), keys.jobs(record.tenant, "pending"), keys.submit(record.tenant)]
     if idempotency:
         names.append(keys.idempotency(record.tenant, key_hash))
     if limit:
         names.append(keys.rate(limit.name))
+    names += periods.keys(keys, record.tenant)
     return head.encode() + doc, names
 
 
 def _transition_keys(
-    keys: Keys, old_status: str, new: JobRecord, event_id: str | None
+    keys: Keys, old_status: str, new: JobRecord, event_id: str | None, hold_day: str | None
 ) -> list[str]:
     """`_TRANSITION`'s KEYS, in the order the script names them."""
     names = [
@@ -330,6 +388,8 @@ def _transition_keys(
     ]
     if event_id is not None and new.status not in FINAL_STATUSES:
         names.append(keys.delivery(event_id))
+    elif hold_day is not None and new.status in FINAL_STATUSES:
+        names += [keys.spend_day(new.tenant, hold_day), keys.spend_month(new.tenant, hold_day[:7])]
     return names
 
 
@@ -343,11 +403,13 @@ class JobStore:
         *,
         retention_s: int,
         on_finish: Callable[[str, str], None] | None = None,
+        on_charge: Callable[[str, float], None] | None = None,
     ) -> None:
         self._redis = redis
         self._keys = keys
         self._retention_s = retention_s
         self._on_finish = on_finish  # (status, tenant), once per job reaching a final state
+        self._on_charge = on_charge  # (tenant, usd), once per job charged
         self._create = redis.register_script(_CREATE)
         self._transition = redis.register_script(_TRANSITION)
 
@@ -366,26 +428,31 @@ class JobStore:
         items: Sequence[tuple[JobRecord, tuple[str, str] | None]],
         *,
         limits: Sequence[Take | None] = (),
+        budgets: Sequence[Budgets] = (),
     ) -> list[Created]:
         """Create several jobs in one script call, each as `create` would, answers in order.
 
         `limits[i]`, when given, is taken from first (the tenant's submission
-        rate): a job it refuses is not stored and answers `retry_after_s`. The
-        batch is one script: nothing else runs between its creates, which run in
-        list order (a key used twice in a batch answers the first job the second
-        time). An error raised here may leave the batch created or not, as a lost
-        connection may with `create`.
+        rate): a job it refuses is not stored and answers `retry_after_s`. Each
+        job holds its estimate in its tenant's spend of the day and month (Redis's
+        clock); `budgets[i]` are its tenant's, and a job that would go over one is
+        not stored and answers `over_budget`. The batch is one script: nothing
+        else runs between its creates, which run in list order (a key used twice
+        in a batch answers the first job the second time). An error raised here
+        may leave the batch created or not, as a lost connection may with `create`.
         """
         if not items:
             return []
-        names = [self._keys.submit_tenants(), self._keys.backlog()]
-        entries = []
-        for i, (record, idempotency) in enumerate(items):
-            limit = limits[i] if i < len(limits) else None
-            entry, entry_keys = _create_entry(record, idempotency, limit, self._keys)
-            entries.append(entry)
-            names += entry_keys
-        answer = await self._create(keys=names, args=[self._retention_s, b"".join(entries)])
+        try:
+            answer = await self._create_batch(items, limits, budgets, Periods.around(utcnow()))
+        except ResponseError as exc:
+            if NO_PERIOD not in str(exc):
+                raise
+            # This replica's clock is far from Redis's: offer the periods around Redis's
+            # own time instead (the script refused before it changed anything).
+            seconds, micros = await self._redis.time()
+            redis_now = datetime.fromtimestamp(seconds + micros / 1e6, UTC)
+            answer = await self._create_batch(items, limits, budgets, Periods.around(redis_now))
         results = []
         for (record, idempotency), line in zip(items, answer.split(b"\n"), strict=True):
             kind, _, value = line.decode().partition(" ")
@@ -395,12 +462,42 @@ class JobStore:
                 results.append(
                     Created(job_id=record.id, created=False, retry_after_s=float(value) / 1000)
                 )
+            elif kind == "B":
+                refusal = _refusal(value)
+                results.append(Created(job_id=record.id, created=False, over_budget=refusal))
             else:
                 job_id, _, stored_digest = value.partition(" ")
                 digest = idempotency[1] if idempotency else ""
                 same = stored_digest == digest
                 results.append(Created(job_id=job_id, created=False, same_body=same))
         return results
+
+    async def _create_batch(
+        self,
+        items: Sequence[tuple[JobRecord, tuple[str, str] | None]],
+        limits: Sequence[Take | None],
+        budgets: Sequence[Budgets],
+        periods: Periods,
+    ) -> bytes:
+        """`create_many`'s one call of `_CREATE`, offering `periods`; its raw answer."""
+        names = [self._keys.submit_tenants(), self._keys.backlog()]
+        entries = []
+        for i, (record, idempotency) in enumerate(items):
+            limit = limits[i] if i < len(limits) else None
+            budget = budgets[i] if i < len(budgets) else (None, None)
+            entry, entry_keys = _create_entry(
+                record, idempotency, limit, budget, periods, self._keys
+            )
+            entries.append(entry)
+            names += entry_keys
+        args: list[int | bytes | str] = [
+            self._retention_s,
+            b"".join(entries),
+            periods.script_arg(),
+            LEDGER_TTL_S,
+        ]
+        answer: bytes = await self._create(keys=names, args=args)
+        return answer
 
     async def get(self, job_id: str) -> StoredJob | None:
         """The job with this id, or None."""
@@ -520,13 +617,24 @@ class JobStore:
             op.event_id = delivery_id(new.id, event)
         elif final and new.webhook is not None and stored.record.status not in FINAL_STATUSES:
             op.webhook_state = "skipped"
+        if final and stored.hold_day is not None:
+            op.settle, op.charge = True, bool(new.charge_micros())
+            op.ledger_ttl_s = LEDGER_TTL_S
         args = [_encoder.encode(op), _encoder.encode(new), zlib.compress(body) if body else b""]
-        names = _transition_keys(self._keys, stored.record.status, new, op.event_id)
+        names = _transition_keys(
+            self._keys,
+            stored.record.status,
+            new,
+            op.event_id,
+            stored.hold_day if op.settle else None,
+        )
         answer = await self._transition(keys=names, args=args)
         outcome = Outcome(int(answer))
         ends_now = final and stored.record.status not in FINAL_STATUSES
         if outcome is Outcome.DONE and ends_now and self._on_finish is not None:
             self._on_finish(new.status, new.tenant)
+        if outcome is Outcome.DONE and op.charge and self._on_charge is not None:
+            self._on_charge(new.tenant, usd(new.charge_micros() or 0))
         return outcome
 
     # The state machine. Each method names one edge; all go through `_apply`.
@@ -537,9 +645,7 @@ class JobStore:
             stored.record, submits=[*stored.record.submits, SubmitAttempt(at=utcnow())]
         )
         outcome = await self._apply(stored, new, _Change(), lease=lease, event=None)
-        return outcome, StoredJob(
-            new, stored.ver + 1, stored.webhook_state, stored.webhook_attempts
-        )
+        return outcome, dataclasses.replace(stored, record=new, ver=stored.ver + 1)
 
     async def submitted(
         self, stored: StoredJob, lease: Lease, request_id: str, *, poll_in_s: float
@@ -665,6 +771,18 @@ class JobStore:
 
 
 _STATUSES: tuple[JobStatus, ...] = typing.get_args(JobStatus)
+
+
+def _refusal(answer: str) -> BudgetRefusal:
+    """A `B` answer of `_CREATE` (after the `B`): the budget a create would have gone over."""
+    period, budget, charged, held, resets_ms = answer.split()
+    return BudgetRefusal(
+        period=period,  # type: ignore[arg-type]
+        budget_micros=int(budget),
+        charged_micros=int(charged),
+        held_micros=int(held),
+        resets_at=datetime.fromtimestamp(int(resets_ms) / 1000, UTC),
+    )
 
 
 def _ms(seconds: float | None) -> int | None:

@@ -20,6 +20,8 @@ built by `Keys` below; a script never builds a key name itself.
 | `P:rate:<name>` | string | a GCRA limit's theoretical arrival time (ms) |
 | `P:upstream-pause` | hash | `reason`, `until` (ms), `count`; expires with the pause |
 | `P:dlv:<id>` | hash | a non-final event's delivery (`job.started`), fields below |
+| `P:spend:<tenant>:<YYYY-MM-DD>` | hash | a UTC day's spend and jobs (below); expires in 95 days |
+| `P:spend:<tenant>:<YYYY-MM>` | hash | a calendar month's `held` and `charged`; the same |
 
 A job is a hash; read one with `redis-cli HGETALL '{rcg}:job:<id>'`:
 
@@ -35,6 +37,7 @@ A job is a hash; read one with `redis-cli HGETALL '{rcg}:job:<id>'`:
 | `webhook_created_ms` | when it was created (Redis clock, ms) |
 | `event_zlib` | the final event's body, zlib-compressed (plain zlib, no preset dictionary) |
 | `attempt_log` | the latest attempts, one `DeliveryAttempt` JSON object a line, oldest first |
+| `hold` | `<YYYY-MM-DD> <micro-dollars>`: the day its cost counts in, what it holds; until final |
 
 The final event's delivery lives in its job (no key of its own; its id names
 the job, see `jobs.delivery_id`), so a finished job costs one key. The event
@@ -43,6 +46,10 @@ one field compressed (`python -c 'import sys, zlib;
 sys.stdout.buffer.write(zlib.decompress(sys.stdin.buffer.read()))'` reads it
 from `redis-cli --raw HGET ... event_zlib`). A field not yet written reads as
 its zero: no delivery, `pending`, 0 attempts.
+
+A day's spend (`P:spend:<tenant>:<YYYY-MM-DD>`) counts the jobs submitted that UTC
+day (Redis's clock): `held` and `charged` in micro-dollars, and `completed`, `failed`,
+`cancelled` as they end (`spend.py`).
 
 A non-final event's delivery (`P:dlv:<id>`) is a short-lived hash with the same
 `webhook_*`, `event_zlib` and `attempt_log` fields; its body is dropped once the
@@ -113,6 +120,14 @@ class Keys:
     def fence(self) -> str:
         """The counter fencing tokens are drawn from."""
         return f"{self.prefix}:fence"
+
+    def spend_day(self, tenant: str, day: str) -> str:
+        """A tenant's jobs and spend of one UTC day (`YYYY-MM-DD`)."""
+        return f"{self.prefix}:spend:{tenant}:{day}"
+
+    def spend_month(self, tenant: str, month: str) -> str:
+        """A tenant's spend of one calendar month (`YYYY-MM`)."""
+        return f"{self.prefix}:spend:{tenant}:{month}"
 
     def round_robin(self) -> str:
         """The counter of turns that orders `submit-tenants` (least recently served first)."""

@@ -133,7 +133,11 @@ async def run_worker(
     dispatcher = Dispatcher(settings, deliveries, schedules, hooks, heartbeat, metrics=metrics)
 
     jobs = JobStore(
-        redis, keys, retention_s=settings.job_retention_s, on_finish=metrics.job_finished
+        redis,
+        keys,
+        retention_s=settings.job_retention_s,
+        on_finish=metrics.job_finished,
+        on_charge=metrics.job_charged,
     )
     client = RunComfyClient(
         upstream,
@@ -161,7 +165,10 @@ async def run_worker(
     tasks.append(trim_listings(jobs, settings, stop))
     if settings.tenants_file:
         watcher = TenantsWatcher(
-            settings.tenants, settings.tenants_file, on_result=metrics.tenants_reloaded
+            settings.tenants,
+            settings.tenants_file,
+            on_result=metrics.tenants_reloaded,
+            budgets_allowed=settings.price_micros > 0,
         )
         watcher.install_sighup()
         tasks.append(watcher.run(stop))
