@@ -6,6 +6,7 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import json
 import os
 import secrets
 import select
@@ -337,3 +338,37 @@ def inet_aton_spelling(value: int, parts: int, bases: list[int]) -> str:
     numbers.append(value & ((1 << (8 * (5 - parts))) - 1))
     forms = {8: lambda n: f"0{n:o}", 10: str, 16: lambda n: f"0x{n:x}"}
     return ".".join(forms[base](n) for n, base in zip(numbers, bases, strict=False))
+
+
+@dataclass
+class ServerEvent:
+    """One event of a `text/event-stream`, its data decoded as JSON."""
+
+    event: str
+    id: str
+    data: dict[str, Any]
+
+
+async def server_events(answer: httpx.Response) -> AsyncIterator[ServerEvent]:
+    """The events of a streamed answer as they arrive (comments skipped), until it ends."""
+    fields: dict[str, str] = {}
+    async for line in answer.aiter_lines():
+        if line.startswith(":"):
+            continue
+        if line:
+            name, _, value = line.partition(":")
+            fields[name] = value.removeprefix(" ")
+        elif fields:
+            yield ServerEvent(fields["event"], fields["id"], json.loads(fields["data"]))
+            fields = {}
+
+
+@asynccontextmanager
+async def job_stream(
+    client: httpx.AsyncClient, job_id: str, **headers: str
+) -> AsyncIterator[AsyncIterator[ServerEvent]]:
+    """`GET /v1/jobs/{id}/events` as a stream of its events."""
+    async with client.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers) as answer:
+        assert answer.status_code == 200, await answer.aread()
+        assert answer.headers["content-type"].startswith("text/event-stream")
+        yield server_events(answer)

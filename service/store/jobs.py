@@ -34,6 +34,7 @@ from service.models import (
     WebhookState,
     utcnow,
 )
+from service.store.changes import JobChange, publish_change
 from service.store.connection import text
 from service.store.keys import LUA_NOW, Keys
 from service.store.limits import LUA_GCRA, Take
@@ -433,7 +434,7 @@ class JobStore:
             entries.append(entry)
             names += entry_keys
         answer = await self._create(keys=names, args=[self._retention_s, b"".join(entries)])
-        results = []
+        results: list[Created] = []
         for (record, idempotency), line in zip(items, answer.split(b"\n"), strict=True):
             kind, _, value = line.decode().partition(" ")
             if kind == "C":
@@ -447,7 +448,24 @@ class JobStore:
                 digest = idempotency[1] if idempotency else ""
                 same = stored_digest == digest
                 results.append(Created(job_id=job_id, created=False, same_body=same))
+        await self._watch_deadlines(
+            [record for (record, _), result in zip(items, results, strict=True) if result.created]
+        )
         return results
+
+    async def _watch_deadlines(self, records: Sequence[JobRecord]) -> None:
+        """Put new pending jobs in the poll schedule at their deadline, so one fails on time.
+
+        Without this a pending job waiting for an upstream slot would be looked at
+        only when a slot frees. `NX`: a job already submitted and polled keeps its
+        own next poll. A job created but never added here (the process died in
+        between) is still failed by the submitter when it claims the job late.
+        """
+        if not records:
+            return
+        poll = self._keys.schedule("poll")
+        deadlines = {r.id: int(r.deadline_at.timestamp() * 1000) for r in records}
+        await self._redis.zadd(poll, deadlines, nx=True)
 
     async def get(self, job_id: str) -> StoredJob | None:
         """The job with this id, or None."""
@@ -574,6 +592,8 @@ class JobStore:
         answer = await self._transition(keys=names, args=args)
         outcome = Outcome(int(answer[0] if isinstance(answer, list) else answer))
         if outcome is Outcome.DONE:
+            published = JobChange(id=new.id, status=new.status, ver=stored.ver + 1)
+            await publish_change(self._redis, self._keys, new.tenant, published)
             if final and stored.record.status not in FINAL_STATUSES and self._on_finish:
                 self._on_finish(new.status, new.tenant)
             token = text(answer[1]) if isinstance(answer, list) else None

@@ -13,13 +13,14 @@ built by `Keys` below; a script never builds a key name itself.
 | `P:backlog` | zset | every pending job, all tenants (KEDA scales workers on its ZCARD) |
 | `P:submit-tenants` | zset | tenants with pending work, least recently served first |
 | `P:rr` | counter | round-robin ticket for `submit-tenants` |
-| `P:poll` / `P:deliver` | zset | job ids / delivery ids by due time (ms) |
+| `P:poll` / `P:deliver` | zset | job ids (pending: at deadline) / delivery ids, by due time (ms) |
 | `P:lease:<schedule>` | hash | member -> fencing token of its current claim |
 | `P:fence` | counter | fencing tokens |
 | `P:inflight`, `P:inflight:<tenant>` | set | jobs holding an upstream slot |
 | `P:rate:<name>` | string | a GCRA limit's theoretical arrival time (ms) |
 | `P:upstream-pause` | hash | `reason`, `until` (ms), `count`; expires with the pause |
 | `P:dlv:<id>` | hash | a non-final event's delivery (`job.started`), fields below |
+| `P:changes:<tenant>` | channel | `{"id", "status", "ver"}` after each change of a tenant's job |
 
 A job is a hash; read one with `redis-cli HGETALL '{rcg}:job:<id>'`:
 
@@ -51,9 +52,12 @@ delivery ends (only a final event can be sent again).
 
 from __future__ import annotations
 
+import re
 from typing import Final
 
 DEFAULT_PREFIX: Final = "{rcg}"
+_GLOB: Final = re.compile(r"[*?\[\]\\]")
+"""What a Redis pattern reads as glob syntax, escaped in a prefix."""
 
 
 class Keys:
@@ -113,6 +117,14 @@ class Keys:
     def fence(self) -> str:
         """The counter fencing tokens are drawn from."""
         return f"{self.prefix}:fence"
+
+    def changes(self, tenant: str) -> str:
+        """The pub/sub channel of a tenant's job changes."""
+        return f"{self.prefix}:changes:{tenant}"
+
+    def all_changes(self) -> str:
+        """The pattern (PSUBSCRIBE) of every tenant's changes channel."""
+        return _GLOB.sub(r"\\\g<0>", self.prefix) + ":changes:*"
 
     def round_robin(self) -> str:
         """The counter of turns that orders `submit-tenants` (least recently served first)."""
