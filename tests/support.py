@@ -225,6 +225,34 @@ class Process:
         return self.proc.returncode
 
 
+def gateway_processes(
+    ports: dict[str, int], env: dict[str, str], logs: Path, emulator_args: list[str]
+) -> dict[str, Process]:
+    """The emulator, the API and a worker as processes on `ports`, each up and answering."""
+    procs = {
+        "emulator": Process(
+            ["emulator", "--port", str(ports["emulator"]), *emulator_args],
+            env,
+            logs / "emulator.log",
+        ),
+        "api": Process(
+            ["api", "--host", "127.0.0.1", "--port", str(ports["api"])], env, logs / "api.log"
+        ),
+        "worker": Process(
+            ["worker", "--metrics-port", str(ports["worker"])], env, logs / "worker.log"
+        ),
+    }
+    try:
+        wait_http(f"http://127.0.0.1:{ports['emulator']}/_emulator/requests")
+        wait_http(f"http://127.0.0.1:{ports['api']}/healthz")
+        wait_http(f"http://127.0.0.1:{ports['worker']}/healthz")
+    except AssertionError:
+        for proc in procs.values():
+            proc.stop()
+        raise
+    return procs
+
+
 def wait_http(url: str, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while True:

@@ -13,7 +13,15 @@ import httpx
 import pytest
 
 from service.localredis import LocalRedis, free_port
-from tests.support import Process, gateway_env, job_stream, new_tenant, wait_for, wait_http
+from tests.support import (
+    Process,
+    gateway_env,
+    gateway_processes,
+    job_stream,
+    new_tenant,
+    wait_for,
+    wait_http,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -34,19 +42,8 @@ def stack(tmp_path_factory) -> Iterator[dict[str, Any]]:
     ports = {name: free_port() for name in ("emulator", "api", "worker")}
     urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
     env = gateway_env(redis.url, urls["emulator"], tenants)
-    emulator_args = ["--port", str(ports["emulator"]), "--queue-s", "0.5", "--run-s", "0.5"]
-    procs = {
-        "emulator": Process(["emulator", *emulator_args], env, tmp / "emulator.log"),
-        "api": Process(
-            ["api", "--host", "127.0.0.1", "--port", str(ports["api"])], env, tmp / "api.log"
-        ),
-        "worker": Process(
-            ["worker", "--metrics-port", str(ports["worker"])], env, tmp / "worker.log"
-        ),
-    }
+    procs = gateway_processes(ports, env, tmp, ["--queue-s", "0.5", "--run-s", "0.5"])
     try:
-        for name in ("emulator", "api", "worker"):
-            wait_http(urls[name] + ("/_emulator/requests" if name == "emulator" else "/healthz"))
         yield {**urls, "redis": redis, "env": env, "tmp": tmp}
     finally:
         for proc in procs.values():
@@ -230,27 +227,29 @@ async def test_a_pending_job_fails_at_its_timeout_without_a_submit(emulator, sta
 
 async def test_a_queued_job_is_cancelled_upstream_at_its_timeout(api, emulator):
     """A job still in RunComfy's queue at 10 s is cancelled there, then fails with `timeout`."""
-    await emulator.post("/_emulator/config", json={"queue_s": 60})
-    prompt = "queued too long"
-    job = await submitted(api, timeout_s=10, input={**job_body()["input"], "prompt": prompt})
-    failed = (await api.get(f"/v1/jobs/{job['id']}", headers={"Prefer": "wait=20"})).json()
-    assert (failed["status"], failed["error"]["code"]) == ("failed", "timeout")
+    failed, request = await timed_out(api, emulator, "queued too long", queue_s=60)
     assert "nothing was paid" in failed["error"]["message"]
-    [request] = await upstream_requests(emulator, prompt)
     assert request["status"] == "cancelled"
-    assert failed["upstream_submits"] == 1
 
 
 async def test_a_running_job_fails_at_its_timeout_and_says_the_run_went_on(api, emulator):
     """A job running at 10 s fails with `timeout`; RunComfy's run carries on, submitted once."""
-    await emulator.post("/_emulator/config", json={"queue_s": 0.2, "run_s": 60})
-    prompt = "running too long"
+    failed, request = await timed_out(api, emulator, "running too long", queue_s=0.2, run_s=60)
+    assert "the RunComfy run went on" in failed["error"]["message"]
+    assert request["status"] == "in_progress"
+
+
+async def timed_out(
+    api: httpx.AsyncClient, emulator: httpx.AsyncClient, prompt: str, **config: float
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A job with a 10 s timeout_s, once failed with `timeout`, and its one upstream request."""
+    await emulator.post("/_emulator/config", json=config)
     job = await submitted(api, timeout_s=10, input={**job_body()["input"], "prompt": prompt})
     failed = (await api.get(f"/v1/jobs/{job['id']}", headers={"Prefer": "wait=20"})).json()
     assert (failed["status"], failed["error"]["code"]) == ("failed", "timeout")
-    assert "the RunComfy run went on" in failed["error"]["message"]
+    assert failed["upstream_submits"] == 1
     [request] = await upstream_requests(emulator, prompt)
-    assert request["status"] == "in_progress"
+    return failed, request
 
 
 async def solo_status(api: httpx.AsyncClient, job_id: str, status: str) -> bool:

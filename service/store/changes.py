@@ -110,11 +110,6 @@ class JobChanges:
                 if not held:
                     del self._watches[job_id]
 
-    @property
-    def watching(self) -> int:
-        """How many watches this process holds."""
-        return sum(len(held) for held in self._watches.values())
-
     def stop(self) -> None:
         """The process is shutting down: wake every watch to answer what it has."""
         self.stopping = True
