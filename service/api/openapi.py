@@ -35,6 +35,7 @@ from service.models import (
     EventType,
     Job,
     JobRequest,
+    JobStatus,
     UpstreamRef,
     VideoInput,
     WebhookEvent,
@@ -220,8 +221,22 @@ def _describe_event_stream(answer: dict[str, Any]) -> None:
         "Server-sent events: `event: job.<status>`, `id: <n>`, `data: <the job>`, one per "
         "status change; `: keep-alive` comments; the stream ends after a final event."
     )
+    statuses = get_args(JobStatus)
     answer["content"]["text/event-stream"] = {
-        "schema": {"type": "string"},
+        # One event, as OpenAPI 3.2 (`itemSchema`) and schemathesis read an event stream.
+        "schema": {
+            "type": "object",
+            "required": ["event", "id", "data"],
+            "properties": {
+                "event": {"type": "string", "enum": [f"job.{s}" for s in statuses]},
+                "id": {"type": "string", "pattern": "^[1-4]$"},
+                "data": {
+                    "type": "string",
+                    "contentMediaType": "application/json",
+                    "contentSchema": {"$ref": "#/components/schemas/Job"},
+                },
+            },
+        },
         "example": "\r\n".join(lines) + "\r\n",
     }
 
