@@ -47,8 +47,7 @@ def preferred_wait_s(prefer: str | None) -> int | None:
     if not prefer:
         return None
     for preference in prefer.split(","):
-        token, _, params = preference.partition(";")
-        del params  # no parameter of `wait` is defined
+        token = preference.split(";", 1)[0]  # `wait` defines no parameters
         name, equals, value = token.partition("=")
         if name.strip().lower() != "wait":
             continue
