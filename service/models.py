@@ -22,6 +22,8 @@ _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 MAX_PROMPT_CHARS: Final = 4000
 MAX_URL_CHARS: Final = 2048
 MAX_METADATA_BYTES: Final = 4096
+MIN_TIMEOUT_S: Final = 10
+MAX_TIMEOUT_S: Final = 86_400
 
 JobStatus = Literal["pending", "in_queue", "in_progress", "completed", "failed", "cancelled"]
 FINAL_STATUSES: Final = frozenset({"completed", "failed", "cancelled"})
@@ -65,6 +67,8 @@ class JobRequest(Base):
     model: Literal["tencent/hunyuan/video-to-video"] = MODEL
     webhook: WebhookSpec | None = None
     metadata: dict[str, Any] | None = None
+    timeout_s: Annotated[int, Meta(ge=MIN_TIMEOUT_S, le=MAX_TIMEOUT_S)] | None = None
+    """Seconds the job may take before it fails with `timeout`; default GATEWAY_JOB_TIMEOUT_S."""
 
 
 class FieldError(Struct):
@@ -177,6 +181,8 @@ class Job(Struct):
     cost: Cost
     upstream_submits: int = 0
     """Submits that may have created a paid run: accepted, or sent with no answer known."""
+    timeout_s: int = 0
+    """Seconds the job may take from its creation before it fails with `timeout`."""
 
 
 class JobRecord(Struct, kw_only=True, omit_defaults=True):
@@ -254,7 +260,13 @@ class JobRecord(Struct, kw_only=True, omit_defaults=True):
             finished_at=self.finished_at,
             cost=self.cost(),
             upstream_submits=sum(1 for s in self.submits if s.outcome in _MAY_HAVE_PAID),
+            timeout_s=self.timeout_s,
         )
+
+    @property
+    def timeout_s(self) -> int:
+        """The job's own timeout: its deadline is that long after its creation."""
+        return round((self.deadline_at - self.created_at).total_seconds())
 
 
 class UpstreamPauseInfo(Struct):

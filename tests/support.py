@@ -6,6 +6,7 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import json
 import os
 import secrets
 import select
@@ -284,6 +285,34 @@ class Process:
         return self.proc.returncode
 
 
+def gateway_processes(
+    ports: dict[str, int], env: dict[str, str], logs: Path, emulator_args: list[str]
+) -> dict[str, Process]:
+    """The emulator, the API and a worker as processes on `ports`, each up and answering."""
+    procs = {
+        "emulator": Process(
+            ["emulator", "--port", str(ports["emulator"]), *emulator_args],
+            env,
+            logs / "emulator.log",
+        ),
+        "api": Process(
+            ["api", "--host", "127.0.0.1", "--port", str(ports["api"])], env, logs / "api.log"
+        ),
+        "worker": Process(
+            ["worker", "--metrics-port", str(ports["worker"])], env, logs / "worker.log"
+        ),
+    }
+    try:
+        wait_http(f"http://127.0.0.1:{ports['emulator']}/_emulator/requests")
+        wait_http(f"http://127.0.0.1:{ports['api']}/healthz")
+        wait_http(f"http://127.0.0.1:{ports['worker']}/healthz")
+    except AssertionError:
+        for proc in procs.values():
+            proc.stop()
+        raise
+    return procs
+
+
 def wait_http(url: str, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -408,3 +437,37 @@ def inet_aton_spelling(value: int, parts: int, bases: list[int]) -> str:
     numbers.append(value & ((1 << (8 * (5 - parts))) - 1))
     forms = {8: lambda n: f"0{n:o}", 10: str, 16: lambda n: f"0x{n:x}"}
     return ".".join(forms[base](n) for n, base in zip(numbers, bases, strict=False))
+
+
+@dataclass
+class ServerEvent:
+    """One event of a `text/event-stream`, its data decoded as JSON."""
+
+    event: str
+    id: str
+    data: dict[str, Any]
+
+
+async def server_events(answer: httpx.Response) -> AsyncIterator[ServerEvent]:
+    """The events of a streamed answer as they arrive (comments skipped), until it ends."""
+    fields: dict[str, str] = {}
+    async for line in answer.aiter_lines():
+        if line.startswith(":"):
+            continue
+        if line:
+            name, _, value = line.partition(":")
+            fields[name] = value.removeprefix(" ")
+        elif fields:
+            yield ServerEvent(fields["event"], fields["id"], json.loads(fields["data"]))
+            fields = {}
+
+
+@asynccontextmanager
+async def job_stream(
+    client: httpx.AsyncClient, job_id: str, **headers: str
+) -> AsyncIterator[AsyncIterator[ServerEvent]]:
+    """`GET /v1/jobs/{id}/events` as a stream of its events."""
+    async with client.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers) as answer:
+        assert answer.status_code == 200, await answer.aread()
+        assert answer.headers["content-type"].startswith("text/event-stream")
+        yield server_events(answer)

@@ -1032,3 +1032,18 @@ async def test_an_unexpected_error_storing_a_job_answers_500_and_is_logged(
     assert_problem(answer, 500)
     assert "secret internals" not in answer.text
     assert [r.exc_info[0] for r in caplog.records if r.exc_info] == [RuntimeError]
+
+
+@pytest.mark.parametrize("timeout_s", [9, 86_401, 60.5, "60"])
+async def test_a_timeout_s_out_of_range_answers_422_naming_it(api, timeout_s):
+    """timeout_s must be a whole number of seconds from 10 to 86,400."""
+    answer = await api.post("/v1/jobs", json=job_body(timeout_s=timeout_s))
+    assert pointers(answer) == {"#/timeout_s"}
+
+
+async def test_a_job_carries_its_timeout_s_or_the_default(api):
+    """The job answers the timeout_s it was given, else GATEWAY_JOB_TIMEOUT_S."""
+    given = await api.post("/v1/jobs", json=job_body(timeout_s=600))
+    default = await api.post("/v1/jobs", json=job_body())
+    assert given.json()["timeout_s"] == 600
+    assert default.json()["timeout_s"] == 7200

@@ -22,6 +22,7 @@ from tests.support import (
     Process,
     api_client,
     gateway_env,
+    gateway_processes,
     new_tenant,
     wait_for,
     wait_http,
@@ -43,33 +44,9 @@ def stack(tmp_path_factory) -> Iterator[dict[str, Any]]:
     ports = {name: free_port() for name in ("emulator", "api", "worker")}
     emulator_url = f"http://127.0.0.1:{ports['emulator']}"
     env = gateway_env(redis.url, emulator_url, tenants, token="e2e-token", SHUTDOWN_S="5")  # noqa: S106
-    procs = {
-        "emulator": Process(
-            [
-                "emulator",
-                "--port",
-                str(ports["emulator"]),
-                "--queue-s",
-                "0.5",
-                "--run-s",
-                "0.5",
-                "--token",
-                "e2e-token",
-            ],
-            env,
-            tmp / "emulator.log",
-        ),
-        "api": Process(
-            ["api", "--host", "127.0.0.1", "--port", str(ports["api"])], env, tmp / "api.log"
-        ),
-        "worker": Process(
-            ["worker", "--metrics-port", str(ports["worker"])], env, tmp / "worker.log"
-        ),
-    }
+    emulator_args = ["--queue-s", "0.5", "--run-s", "0.5", "--token", "e2e-token"]
+    procs = gateway_processes(ports, env, tmp, emulator_args)
     try:
-        wait_http(f"http://127.0.0.1:{ports['emulator']}/_emulator/requests")
-        wait_http(f"http://127.0.0.1:{ports['api']}/healthz")
-        wait_http(f"http://127.0.0.1:{ports['worker']}/healthz")
         yield {
             "api": f"http://127.0.0.1:{ports['api']}",
             "emulator": f"http://127.0.0.1:{ports['emulator']}",

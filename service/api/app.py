@@ -33,6 +33,7 @@ from service.batching import Coalescer
 from service.config import Settings
 from service.logs import request_id_var
 from service.metrics import ApiMetrics
+from service.store.changes import JobChanges
 from service.store.connection import REDIS_UNAVAILABLE, connect
 from service.store.deliveries import DeliveryStore
 from service.store.jobs import JobStore
@@ -64,6 +65,8 @@ def create_app(settings: Settings, *, keys: Keys | None = None) -> Litestar:
         )
         limits = Limits(redis, store_keys)
         create_job = Coalescer(functools.partial(create_jobs, jobs))
+        changes = JobChanges(redis, store_keys)
+        app.state.stop_waiting = changes.stop
         app.state.services = Services(
             settings=settings,
             redis=redis,
@@ -74,7 +77,9 @@ def create_app(settings: Settings, *, keys: Keys | None = None) -> Litestar:
             metrics=metrics,
             create_job=create_job,
             spend=SpendStore(redis, store_keys),
+            changes=changes,
         )
+        following = asyncio.create_task(changes.run())
         stop = asyncio.Event()
         watching: asyncio.Task[None] | None = None
         if settings.tenants_file:
@@ -92,13 +97,16 @@ def create_app(settings: Settings, *, keys: Keys | None = None) -> Litestar:
             stop.set()
             if watching is not None:
                 await watching
+            changes.close()
+            await following
             await create_job.aclose()
             await redis.aclose()
 
     app = Litestar(
         route_handlers=[*route_handlers(), serve_openapi],
         lifespan=[open_redis],
-        state=State({"settings": settings, "metrics": metrics}),
+        # `stop_waiting` is what the server calls at SIGTERM: waits answer, streams end.
+        state=State({"settings": settings, "metrics": metrics, "stop_waiting": _nothing}),
         exception_handlers=exception_handlers(),
         request_max_body_size=MAX_BODY_BYTES,
         openapi_config=None,  # the document is built by service.api.openapi and served as is
@@ -110,6 +118,10 @@ def create_app(settings: Settings, *, keys: Keys | None = None) -> Litestar:
     # requests that match no route are counted here too.
     app.asgi_handler = RequestMetrics(app.asgi_handler, metrics)
     return app
+
+
+def _nothing() -> None:
+    """No waiters before the lifespan opened the subscription."""
 
 
 class RequestMetrics:

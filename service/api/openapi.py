@@ -36,6 +36,7 @@ from service.models import (
     EventType,
     Job,
     JobRequest,
+    JobStatus,
     UpstreamRef,
     VideoInput,
     WebhookEvent,
@@ -105,6 +106,7 @@ def openapi_document() -> dict[str, Any]:
     body["content"]["application/json"]["example"] = msgspec.to_builtins(_EXAMPLE_REQUEST)
     paths["/v1/jobs"]["post"]["requestBody"] = body
     document["webhooks"] = _webhooks()
+    _describe_event_stream(paths["/v1/jobs/{job_id}/events"]["get"]["responses"]["200"])
     for path_item in paths.values():
         for operation in path_item.values():
             if isinstance(operation, dict) and "responses" in operation:
@@ -201,6 +203,43 @@ def _webhooks() -> dict[str, Any]:
                 "responses": {"2XX": {"description": "Delivered: no more attempts."}},
             }
         }
+    }
+
+
+def _describe_event_stream(answer: dict[str, Any]) -> None:
+    """Say what the event stream carries: Litestar knows only its media type."""
+    running = msgspec.structs.replace(
+        _EXAMPLE_JOB, status="in_progress", output=None, finished_at=None
+    )
+    lines = [
+        "id: 3",
+        "event: job.in_progress",
+        "data: " + msgspec.json.encode(running).decode(),
+        "",
+        ": keep-alive",
+        "",
+    ]
+    answer["description"] = (
+        "Server-sent events: `event: job.<status>`, `id: <n>`, `data: <the job>`, one per "
+        "status change; `: keep-alive` comments; the stream ends after a final event."
+    )
+    statuses = get_args(JobStatus)
+    answer["content"]["text/event-stream"] = {
+        # One event, as OpenAPI 3.2 (`itemSchema`) and schemathesis read an event stream.
+        "schema": {
+            "type": "object",
+            "required": ["event", "id", "data"],
+            "properties": {
+                "event": {"type": "string", "enum": [f"job.{s}" for s in statuses]},
+                "id": {"type": "string", "pattern": "^[1-4]$"},
+                "data": {
+                    "type": "string",
+                    "contentMediaType": "application/json",
+                    "contentSchema": {"$ref": "#/components/schemas/Job"},
+                },
+            },
+        },
+        "example": "\r\n".join(lines) + "\r\n",
     }
 
 

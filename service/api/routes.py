@@ -23,6 +23,7 @@ from litestar.di import NamedDependency, Provide
 from litestar.handlers import HTTPRouteHandler
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import HeaderParameter, PathParameter, QueryParameter
+from litestar.response import ServerSentEvent
 from litestar.types import ControllerRouterHandler
 from redis.exceptions import RedisError
 
@@ -34,6 +35,13 @@ from service.api.validation import (
     idempotency_key_hash,
     parse_job_request,
     request_digest,
+)
+from service.api.watching import (
+    MAX_WAIT_S,
+    job_events,
+    preference_applied,
+    preferred_wait_s,
+    until_final,
 )
 from service.batching import Coalescer
 from service.config import Settings, Tenant
@@ -51,6 +59,7 @@ from service.models import (
     usd,
     utcnow,
 )
+from service.store.changes import JobChanges
 from service.store.connection import new_id
 from service.store.deliveries import DeliveryStore, Resend
 from service.store.jobs import Budgets, Created, JobStore, Outcome, StoredJob
@@ -93,6 +102,7 @@ class Services:
     metrics: ApiMetrics
     create_job: Coalescer[NewJob, Created]
     spend: SpendStore
+    changes: JobChanges
 
 
 def provide_services(request: Request[Any, Any, Any]) -> Services:
@@ -135,10 +145,35 @@ IdempotencyKey = Annotated[
         ),
     ),
 ]
+Prefer = Annotated[
+    str | None,
+    HeaderParameter(
+        name="Prefer",
+        description=(
+            f"`wait=N` (RFC 7240; 1 ≤ N ≤ {MAX_WAIT_S}, `wait` alone means {MAX_WAIT_S}): "
+            "hold the answer until the job is final or N seconds have passed, then answer "
+            "the job as it stands, with `Preference-Applied: wait=N`. An invalid value is "
+            "ignored."
+        ),
+    ),
+]
+LastEventId = Annotated[
+    str | None,
+    HeaderParameter(
+        name="Last-Event-ID",
+        description="The `id` of the last event received: only newer events are sent.",
+    ),
+]
+_PREFERENCE_APPLIED = ResponseHeader(
+    name="Preference-Applied",
+    description="`wait=N` when the request's `Prefer: wait` was honoured.",
+    documentation_only=True,
+)
 _LOCATION = [
     ResponseHeader(
         name="Location", description="`/v1/jobs/{id}` of the job.", documentation_only=True
-    )
+    ),
+    _PREFERENCE_APPLIED,
 ]
 
 
@@ -148,7 +183,8 @@ _LOCATION = [
     summary="Submit a job",
     description=(
         "Validates the request (every offending field is named in one 422), stores the job "
-        "as `pending` and queues it for RunComfy. Nothing is sent upstream for invalid input."
+        "as `pending` and queues it for RunComfy. Nothing is sent upstream for invalid input. "
+        "With `Prefer: wait=N` the answer waits up to N seconds for the job to be final."
     ),
     response_headers=_LOCATION,
     responses={
@@ -175,6 +211,7 @@ async def submit_job(
     request: Request[Any, Any, Any],
     call: NamedDependency[Call],
     idempotency_key: IdempotencyKey = None,
+    prefer: Prefer = None,
 ) -> Response[Job]:
     """Validate and store a new job, or answer the one an Idempotency-Key names."""
     caller, services = call.caller, call.services
@@ -186,7 +223,13 @@ async def submit_job(
         input_hosts=services.settings.preflight_allow_hosts,
     )
     job, status = await accept_job(services, caller, job_request, idempotency_key)
-    return Response(job, status_code=status, headers={"Location": f"/v1/jobs/{job.id}"})
+    headers = {"Location": f"/v1/jobs/{job.id}"}
+    wait_s = preferred_wait_s(prefer)
+    if wait_s is not None:
+        stored = await _owned_job(services.jobs, caller, job.id)
+        job = _view(await until_final(services.changes, services.jobs, stored, wait_s))
+        headers |= preference_applied(wait_s)
+    return Response(job, status_code=status, headers=headers)
 
 
 async def accept_job(
@@ -231,11 +274,46 @@ async def accept_job(
     return _view(stored), 200
 
 
-@get("/jobs/{job_id:str}", summary="Get a job", responses=problem_responses(401, 404, 503))
-async def get_job(job_id: JobId, call: NamedDependency[Call]) -> Job:
-    """The job, if it is the caller's."""
+@get(
+    "/jobs/{job_id:str}",
+    summary="Get a job",
+    description="With `Prefer: wait=N` the answer waits up to N seconds for the job to be final.",
+    response_headers=[_PREFERENCE_APPLIED],
+    responses=problem_responses(401, 404, 503),
+)
+async def get_job(
+    job_id: JobId, call: NamedDependency[Call], prefer: Prefer = None
+) -> Response[Job]:
+    """The job, if it is the caller's; when asked, once final or after a wait."""
     caller, services = call.caller, call.services
-    return _view(await _owned_job(services.jobs, caller, job_id))
+    stored = await _owned_job(services.jobs, caller, job_id)
+    wait_s = preferred_wait_s(prefer)
+    if wait_s is None:
+        return Response(_view(stored))
+    stored = await until_final(services.changes, services.jobs, stored, wait_s)
+    return Response(_view(stored), headers=preference_applied(wait_s))
+
+
+@get(
+    "/jobs/{job_id:str}/events",
+    summary="Follow a job's events",
+    description=(
+        "A `text/event-stream`: first the job as it stands, then one event per status change "
+        "(`event: job.<status>`, `id: <n>` increasing, `data:` the job as one line of JSON), "
+        "a `: keep-alive` comment at least every 15 s; it ends after the final event. "
+        "`Last-Event-ID: <n>` resumes with newer events only; a final job answers its final "
+        "event and ends."
+    ),
+    media_type="text/event-stream",
+    responses=problem_responses(401, 404, 503),
+)
+async def follow_job(
+    job_id: JobId, call: NamedDependency[Call], last_event_id: LastEventId = None
+) -> ServerSentEvent:
+    """The job's events, if it is the caller's (a 404 problem otherwise, not a stream)."""
+    caller, services = call.caller, call.services
+    stored = await _owned_job(services.jobs, caller, job_id)
+    return job_events(services.changes, services.jobs, stored, last_event_id)
 
 
 @post(
@@ -448,7 +526,16 @@ async def metrics(services: NamedDependency[Services]) -> Response[bytes]:
 def route_handlers() -> list[ControllerRouterHandler]:
     """The route tree: `/v1` (authenticated) and the probes, with their dependencies."""
     services = Provide(provide_services, sync_to_thread=False)
-    jobs = [submit_job, get_job, cancel_job, list_jobs, list_deliveries, resend_delivery, get_usage]
+    jobs = [
+        submit_job,
+        get_job,
+        follow_job,
+        cancel_job,
+        list_jobs,
+        list_deliveries,
+        resend_delivery,
+        get_usage,
+    ]
     v1 = Router(
         "/v1",
         route_handlers=[*_options_handlers(jobs), *jobs],
@@ -566,7 +653,7 @@ def _new_record(job_request: JobRequest, caller: Caller, settings: Settings) -> 
         webhook=job_request.webhook,
         metadata=job_request.metadata,
         created_at=now,
-        deadline_at=now + timedelta(seconds=settings.job_timeout_s),
+        deadline_at=now + timedelta(seconds=job_request.timeout_s or settings.job_timeout_s),
     )
 
 

@@ -16,9 +16,11 @@ import contextlib
 import logging
 from collections.abc import Iterator
 from http import HTTPStatus
+from types import FrameType
 
 import msgspec
 import uvicorn
+from litestar import Litestar
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from service.api.app import create_app
@@ -158,6 +160,23 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
+class ApiServer(uvicorn.Server):
+    """uvicorn's server, which also tells waiters and event streams to end at SIGTERM.
+
+    uvicorn drains in-flight requests for `GATEWAY_SHUTDOWN_S`; a wait of up to
+    60 s or an endless stream would run into that limit and be cut. Told at the
+    signal, a wait answers the job as it stands and a stream closes.
+    """
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        """Stop as uvicorn does, and wake every waiter of the app."""
+        super().handle_exit(sig, frame)
+        app = self.config.app
+        if isinstance(app, Litestar):
+            # A signal handler runs between two steps of the loop: schedule, do not call.
+            asyncio.get_running_loop().call_soon_threadsafe(app.state.stop_waiting)
+
+
 def _config(settings: Settings, host: str, port: int, keys: Keys | None) -> uvicorn.Config:
     return uvicorn.Config(
         create_app(settings, keys=keys),
@@ -185,10 +204,10 @@ def run_server(config: uvicorn.Config) -> None:
     """Serve `config`'s app in this process, with what lives for good out of the GC's sight."""
     config.load()  # the app wrapped, the server's protocol classes imported
     freeze_what_startup_made()
-    uvicorn.Server(config).run()
+    ApiServer(config).run()
 
 
-class EmbeddedServer(uvicorn.Server):
+class EmbeddedServer(ApiServer):
     """A uvicorn server that leaves signals to its host process (`dev` handles Ctrl-C)."""
 
     @contextlib.contextmanager

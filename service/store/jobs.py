@@ -38,6 +38,7 @@ from service.models import (
     usd,
     utcnow,
 )
+from service.store.changes import JobChange, publish_change
 from service.store.connection import text
 from service.store.keys import LUA_NOW, Keys
 from service.store.limits import LUA_GCRA, Take
@@ -453,7 +454,7 @@ class JobStore:
             seconds, micros = await self._redis.time()
             redis_now = datetime.fromtimestamp(seconds + micros / 1e6, UTC)
             answer = await self._create_batch(items, limits, budgets, Periods.around(redis_now))
-        results = []
+        results: list[Created] = []
         for (record, idempotency), line in zip(items, answer.split(b"\n"), strict=True):
             kind, _, value = line.decode().partition(" ")
             if kind == "C":
@@ -470,6 +471,9 @@ class JobStore:
                 digest = idempotency[1] if idempotency else ""
                 same = stored_digest == digest
                 results.append(Created(job_id=job_id, created=False, same_body=same))
+        await self._watch_deadlines(
+            [record for (record, _), result in zip(items, results, strict=True) if result.created]
+        )
         return results
 
     async def _create_batch(
@@ -498,6 +502,20 @@ class JobStore:
         ]
         answer: bytes = await self._create(keys=names, args=args)
         return answer
+
+    async def _watch_deadlines(self, records: Sequence[JobRecord]) -> None:
+        """Put new pending jobs in the poll schedule at their deadline, so one fails on time.
+
+        Without this a pending job waiting for an upstream slot would be looked at
+        only when a slot frees. `NX`: a job already submitted and polled keeps its
+        own next poll. A job created but never added here (the process died in
+        between) is still failed by the submitter when it claims the job late.
+        """
+        if not records:
+            return
+        poll = self._keys.schedule("poll")
+        deadlines = {r.id: int(r.deadline_at.timestamp() * 1000) for r in records}
+        await self._redis.zadd(poll, deadlines, nx=True)
 
     async def get(self, job_id: str) -> StoredJob | None:
         """The job with this id, or None."""
@@ -630,6 +648,9 @@ class JobStore:
         )
         answer = await self._transition(keys=names, args=args)
         outcome = Outcome(int(answer))
+        if outcome is Outcome.DONE:
+            published = JobChange(id=new.id, status=new.status, ver=stored.ver + 1)
+            await publish_change(self._redis, self._keys, new.tenant, published)
         ends_now = final and stored.record.status not in FINAL_STATUSES
         if outcome is Outcome.DONE and ends_now and self._on_finish is not None:
             self._on_finish(new.status, new.tenant)

@@ -13,7 +13,7 @@ built by `Keys` below; a script never builds a key name itself.
 | `P:backlog` | zset | every pending job, all tenants (KEDA scales workers on its ZCARD) |
 | `P:submit-tenants` | zset | tenants with pending work, least recently served first |
 | `P:rr` | counter | round-robin ticket for `submit-tenants` |
-| `P:poll` / `P:deliver` | zset | job ids / delivery ids by due time (ms) |
+| `P:poll` / `P:deliver` | zset | job ids (pending: at deadline) / delivery ids, by due time (ms) |
 | `P:lease:<schedule>` | hash | member -> fencing token of its current claim |
 | `P:fence` | counter | fencing tokens |
 | `P:inflight`, `P:inflight:<tenant>` | set | jobs holding an upstream slot |
@@ -22,6 +22,7 @@ built by `Keys` below; a script never builds a key name itself.
 | `P:dlv:<id>` | hash | a non-final event's delivery (`job.started`), fields below |
 | `P:spend:<tenant>:<YYYY-MM-DD>` | hash | a UTC day's spend and jobs (below); expires in 95 days |
 | `P:spend:<tenant>:<YYYY-MM>` | hash | a calendar month's `held` and `charged`; the same |
+| `P:changes:<tenant>` | channel | `{"id", "status", "ver"}` after each change of a tenant's job |
 
 A job is a hash; read one with `redis-cli HGETALL '{rcg}:job:<id>'`:
 
@@ -58,9 +59,12 @@ delivery ends (only a final event can be sent again).
 
 from __future__ import annotations
 
+import re
 from typing import Final
 
 DEFAULT_PREFIX: Final = "{rcg}"
+_GLOB: Final = re.compile(r"[*?\[\]\\]")
+"""What a Redis pattern reads as glob syntax, escaped in a prefix."""
 
 
 class Keys:
@@ -128,6 +132,14 @@ class Keys:
     def spend_month(self, tenant: str, month: str) -> str:
         """A tenant's spend of one calendar month (`YYYY-MM`)."""
         return f"{self.prefix}:spend:{tenant}:{month}"
+
+    def changes(self, tenant: str) -> str:
+        """The pub/sub channel of a tenant's job changes."""
+        return f"{self.prefix}:changes:{tenant}"
+
+    def all_changes(self) -> str:
+        """The pattern (PSUBSCRIBE) of every tenant's changes channel."""
+        return _GLOB.sub(r"\\\g<0>", self.prefix) + ":changes:*"
 
     def round_robin(self) -> str:
         """The counter of turns that orders `submit-tenants` (least recently served first)."""

@@ -4,9 +4,15 @@ Each job in `in_queue` or `in_progress` is a member of the poll schedule. The
 interval grows with the time since the job's last change, from
 `GATEWAY_POLL_INTERVAL_MIN_S` to `_MAX_S` (a tenth of that age, clamped), so a
 fresh job is seen quickly and a long one costs few calls. Unknown upstream
-statuses keep polling until the job deadline (`GATEWAY_JOB_TIMEOUT_S`), then
-the job fails with `timeout`. Upstream errors back off, jittered, and never
-end a job by themselves: only its deadline does.
+statuses keep polling until the job deadline (its `timeout_s`, by default
+`GATEWAY_JOB_TIMEOUT_S`). Upstream errors back off, jittered, and never end a
+job by themselves: only its deadline does.
+
+The deadline fails the job with `timeout`: a queued one is cancelled upstream
+first (nothing paid), a running one is left to RunComfy (it cannot be stopped)
+and its error says so. A poll is never due after the deadline, and a pending
+job sits in the poll schedule at its deadline (`JobStore.create`), so a job
+waiting for an upstream slot fails on time too.
 
 Polls keep their cadence: a job whose status did not change is due again one
 interval after it was last due (never earlier than now), so the time a poll
@@ -20,7 +26,7 @@ import logging
 from datetime import UTC, datetime
 
 from service.config import Settings
-from service.models import UPSTREAM_STATUSES, JobErrorInfo
+from service.models import UPSTREAM_STATUSES, JobErrorInfo, JobRecord
 from service.runcomfy.client import RunComfyClient, UpstreamError
 from service.store.jobs import JobStore, Outcome, StoredJob
 from service.store.schedules import Claim, Schedules
@@ -83,9 +89,10 @@ class Poller(ClaimLoop):
         """How long until the next poll: a tenth of the time since the last change, clamped."""
         record = stored.record
         since = record.started_at or record.submitted_at or record.created_at
-        age = (datetime.now(UTC) - since).total_seconds()
+        now = datetime.now(UTC)
+        age = (now - since).total_seconds()
         low, high = self.settings.poll_interval_min_s, self.settings.poll_interval_max_s
-        return min(high, max(low, age / 10))
+        return min(high, max(low, age / 10), max(0.0, (record.deadline_at - now).total_seconds()))
 
     async def work(self, claim: Claim) -> None:
         """Poll one job and record what changed."""
@@ -93,6 +100,9 @@ class Poller(ClaimLoop):
             stored = self._read.pop(claim.member)
         else:
             stored = await self.jobs.get(claim.member)
+        if stored is not None and stored.record.status == "pending":
+            await self._pending_deadline(stored, claim)
+            return
         if stored is None or stored.record.status not in UPSTREAM_STATUSES:
             self._errors.pop(claim.member, None)
             await self._requeue(claim, None)
@@ -188,19 +198,44 @@ class Poller(ClaimLoop):
                 stored, claim.lease, poll_in_s=self.settings.poll_interval_min_s
             )
 
-    async def _timeout(self, stored: StoredJob, claim: Claim) -> None:
-        """The job outlived GATEWAY_JOB_TIMEOUT_S: fail it, and cancel it upstream if queued."""
+    async def _pending_deadline(self, stored: StoredJob, claim: Claim) -> None:
+        """A pending job's deadline came before any upstream slot: fail it, nothing was paid."""
         record = stored.record
-        error = JobErrorInfo(
-            code="timeout",
-            message=f"not finished within {self.settings.job_timeout_s:g}s",
-        )
+        left_s = (record.deadline_at - datetime.now(UTC)).total_seconds()
+        if left_s > 0:
+            await self._requeue(claim, left_s)
+            return
+        if record.submits and record.submits[-1].outcome == "sent":
+            # A submit is on its way: its answer decides; look again after it.
+            await self._requeue(claim, self.settings.poll_interval_min_s)
+            return
+        message = f"{_limit(record)}; no upstream slot came free: nothing was sent to RunComfy"
+        error = JobErrorInfo(code="timeout", message=message)
         done = await self.jobs.finish(stored, "failed", lease=claim.lease, error=error)
-        if done is Outcome.DONE and record.status == "in_queue" and record.upstream:
+        if done is Outcome.STALE:  # changed meanwhile (e.g. just submitted): decide again
+            await self._requeue(claim, 0)
+
+    async def _timeout(self, stored: StoredJob, claim: Claim) -> None:
+        """The job reached its deadline: cancel it upstream while queued, then fail it."""
+        record = stored.record
+        message = f"{_limit(record)}; the RunComfy run went on (RunComfy cannot stop it)"
+        if record.status == "in_queue":
             try:
-                await self.client.cancel(record.upstream.request_id)
+                answer = await self.client.cancel(_request_id(stored))
+                outcome = (answer.outcome or answer.status or "unknown").lower()
             except UpstreamError as exc:
-                log.warning("poller: %s timed out; upstream cancel failed: %s", record.id, exc)
+                outcome = f"failed ({type(exc).__name__})"
+            if outcome in CANCELLED:
+                message = f"{_limit(record)}; cancelled in RunComfy's queue: nothing was paid"
+            else:
+                message = f"{_limit(record)}; RunComfy's cancel {outcome}: the run may go on"
+            log.info("poller: %s timed out in_queue; upstream cancel: %s", record.id, outcome)
+        error = JobErrorInfo(code="timeout", message=message)
+        await self.jobs.finish(stored, "failed", lease=claim.lease, error=error)
+
+
+def _limit(record: JobRecord) -> str:
+    return f"not finished within its timeout_s of {record.timeout_s}s"
 
 
 def _request_id(stored: StoredJob) -> str:
