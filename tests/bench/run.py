@@ -1,15 +1,16 @@
-"""The benchmarks of issue 12, one after the other, and their figures side by side.
+"""The benchmarks of issues 12 and 14, one after the other, and their figures side by side.
 
 `python tests/bench/run.py [--only A,B,C1,C2,D,E] [--profile]` runs A (submit
 throughput against a bare Litestar app, and a burst's p99), B (end to end
 against arq peers on httpx and on aiohttp), C1 (worker CPU per finished job at
 real load, against the arq + httpx peer), C2 (the most in-flight jobs one
-worker keeps polled every second, against plain GETs) and D (Redis memory per
-kept finished job), and E (issue 14: 1,000 `Prefer: wait` reads and 1,000
+worker keeps polled every second, against plain GETs), D (Redis memory per
+kept finished job) and E (issue 14: 1,000 `Prefer: wait` reads and 1,000
 event streams on one API process while a worker finishes their jobs), each
-on its own private Redis, emulator and processes on 127.0.0.1, and prints each section as it ends, then every goal and key figure
-in one summary. `--profile` also samples the API (A) and the worker (C2, at
-the step it missed) with py-spy and prints their hottest functions. The whole
+on its own private Redis, emulator and processes on 127.0.0.1, and prints
+each section as it ends, then every goal and key figure in one summary.
+`--profile` also samples the API (A) and the worker (C2, at the step it
+missed) with py-spy and prints their hottest functions. The whole
 run takes about five minutes on 2 cores.
 """
 
