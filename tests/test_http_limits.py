@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import select
 import socket
 import time
@@ -18,6 +17,7 @@ from service.api import server
 from service.localredis import LocalRedis, free_port
 from tests.support import (
     Process,
+    gateway_env,
     new_tenant,
     read_until_closed,
     send_raw,
@@ -39,12 +39,7 @@ def api(tmp_path_factory, redis_server: LocalRedis) -> Iterator[tuple[str, int]]
     tmp = tmp_path_factory.mktemp("http-limits")
     tenants = tmp / "tenants.toml"
     tenants.write_text(TENANT.toml())
-    env = {
-        **os.environ,
-        "REDIS_URL": redis_server.url,
-        "RUNCOMFY_API_TOKEN": "unused",
-        "GATEWAY_TENANTS_FILE": str(tenants),
-    }
+    env = gateway_env(redis_server.url, "http://127.0.0.1:9", tenants)  # no upstream call
     port = free_port()
     proc = Process(["api", "--host", "127.0.0.1", "--port", str(port)], env, tmp / "api.log")
     try:

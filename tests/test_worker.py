@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import socket
 import subprocess
@@ -41,6 +40,7 @@ from tests.support import (
     NO_PREFLIGHT,
     HangingReceiver,
     Receiver,
+    gateway_env,
     job_record,
     new_tenant,
     tenants_of,
@@ -668,12 +668,7 @@ def test_a_worker_whose_metrics_port_is_taken_says_so_in_one_line_and_exits_2(
     """A worker that cannot bind its metrics port prints one line, no traceback, and exits 2."""
     tenants = tmp_path / "tenants.toml"
     tenants.write_text(TENANT.toml())
-    env = {
-        **os.environ,
-        "REDIS_URL": redis_server.url,
-        "RUNCOMFY_API_TOKEN": "test-token",
-        "GATEWAY_TENANTS_FILE": str(tenants),
-    }
+    env = gateway_env(redis_server.url, "http://127.0.0.1:9", tenants)  # it never gets that far
     # Every address, as the worker binds: a socket on 127.0.0.1 alone would conflict too.
     with socket.create_server(("0.0.0.0", 0)) as taken:  # noqa: S104
         port = taken.getsockname()[1]
