@@ -55,11 +55,12 @@ _record_decoder = msgspec.json.Decoder(JobRecord)
 _encoder = msgspec.json.Encoder()
 
 # A batch of creates, each as a create alone would do it, in order. KEYS: submit-tenants,
-# the backlog, then each job's own in order: its hash, its tenant's pending index and
+# the backlog, the poll schedule (a new job is due there at its deadline), then each job's
+# own in order: its hash, its tenant's pending index and
 # submit schedule, its Idempotency-Key's record (when it has a key), its submission
 # limit (when it has one), and its tenant's spend of each offered day, then month
 # (`spend.Periods.keys`). ARGV: retention_s, the jobs in one string, each a line of
-# eleven words then its record JSON (`_create_entry`): one argument rather than eleven
+# twelve words then its record JSON (`_create_entry`): one argument rather than twelve
 # per job, which redis-py would encode one by one; the offered periods
 # (`spend.Periods.script_arg`) and the spend ledger's ttl_s. The answer is one line per
 # job: `C` created, `I <job id> <body hash>` its Idempotency-Key was used already
@@ -72,17 +73,17 @@ _CREATE = (
     + LUA_HOLD
     + """
 local retention, batch, ledger_ttl = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[4])
-local submit_tenants, backlog = KEYS[1], KEYS[2]
+local submit_tenants, backlog, poll = KEYS[1], KEYS[2], KEYS[3]
 local now = now_ms()
 local days, months = periods_of(ARGV[3])
 local d, day = period_at(days, now)
 local m, month = period_at(months, now)
-local answers, at, k = {}, 1, 3
+local answers, at, k = {}, 1, 4
 while at <= #batch do
   local eol = string.find(batch, '\\n', at, true)
   local id, tenant, idem, body_hash, interval_ms, burst, cost, estimate, day_budget,
-    month_budget, size = string.match(string.sub(batch, at, eol - 1),
-    '^(%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%d+) (%S+) (%S+) (%d+)$')
+    month_budget, deadline_ms, size = string.match(string.sub(batch, at, eol - 1),
+    '^(%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%d+) (%S+) (%S+) (%d+) (%d+)$')
   local record = string.sub(batch, eol + 1, eol + tonumber(size))
   at = eol + tonumber(size) + 1
   local job, pending, submit = KEYS[k], KEYS[k + 1], KEYS[k + 2]
@@ -118,6 +119,8 @@ while at <= #batch do
     redis.call('ZADD', pending, 0, id)
     redis.call('ZADD', submit, now, id)
     redis.call('ZADD', backlog, now, id)
+    -- Looked at by the poller at its deadline, in case no upstream slot frees before then.
+    redis.call('ZADD', poll, tonumber(deadline_ms), id)
     answers[#answers + 1] = 'C'
   end
 end
@@ -347,8 +350,8 @@ def _create_entry(  # noqa: PLR0917 - one job's create and what it checks first
 ) -> tuple[bytes, list[str]]:
     """One job of `_CREATE`'s batch: its line and record JSON, and the keys it adds to KEYS.
 
-    The line's words (id, tenant, key hash, body hash, limit, estimate, budgets, record
-    size) are free of whitespace: ids, tenant ids (`config`), hex digests, numbers.
+    The line's words (id, tenant, key hash, body hash, limit, estimate, budgets, deadline
+    in ms, record size) are free of whitespace: ids, tenant ids (`config`), hex digests, numbers.
     """
     key_hash, digest = idempotency or ("-", "-")
     limit_words = " ".join(map(str, limit.script_args())) if limit else "- 0 0"
@@ -356,7 +359,8 @@ def _create_entry(  # noqa: PLR0917 - one job's create and what it checks first
     doc = _encoder.encode(record)
     head = (
         f"{record.id} {record.tenant} {key_hash} {digest} {limit_words} "
-        f"{record.estimate_micros or 0} {budget_words} {len(doc)}\n"
+        f"{record.estimate_micros or 0} {budget_words} "
+        f"{int(record.deadline_at.timestamp() * 1000)} {len(doc)}\n"
     )
     names = [keys.job(record.id), keys.jobs(record.tenant, "pending"), keys.submit(record.tenant)]
     if idempotency:
@@ -471,9 +475,6 @@ class JobStore:
                 digest = idempotency[1] if idempotency else ""
                 same = stored_digest == digest
                 results.append(Created(job_id=job_id, created=False, same_body=same))
-        await self._watch_deadlines(
-            [record for (record, _), result in zip(items, results, strict=True) if result.created]
-        )
         return results
 
     async def _create_batch(
@@ -484,7 +485,7 @@ class JobStore:
         periods: Periods,
     ) -> bytes:
         """`create_many`'s one call of `_CREATE`, offering `periods`; its raw answer."""
-        names = [self._keys.submit_tenants(), self._keys.backlog()]
+        names = [self._keys.submit_tenants(), self._keys.backlog(), self._keys.schedule("poll")]
         entries = []
         for i, (record, idempotency) in enumerate(items):
             limit = limits[i] if i < len(limits) else None
@@ -502,20 +503,6 @@ class JobStore:
         ]
         answer: bytes = await self._create(keys=names, args=args)
         return answer
-
-    async def _watch_deadlines(self, records: Sequence[JobRecord]) -> None:
-        """Put new pending jobs in the poll schedule at their deadline, so one fails on time.
-
-        Without this a pending job waiting for an upstream slot would be looked at
-        only when a slot frees. `NX`: a job already submitted and polled keeps its
-        own next poll. A job created but never added here (the process died in
-        between) is still failed by the submitter when it claims the job late.
-        """
-        if not records:
-            return
-        poll = self._keys.schedule("poll")
-        deadlines = {r.id: int(r.deadline_at.timestamp() * 1000) for r in records}
-        await self._redis.zadd(poll, deadlines, nx=True)
 
     async def get(self, job_id: str) -> StoredJob | None:
         """The job with this id, or None."""
