@@ -118,11 +118,15 @@ class Submitter(ClaimLoop):
         self._read: dict[str, _Read] = {}  # by the claim's fencing token, until work() takes it
 
     def _tenant_caps(self) -> dict[str, int]:
-        # Read each time: the tenants file may have been reloaded.
+        """Every tenant's cap on jobs inside RunComfy (its `max_in_flight`, else the global one).
+
+        Read each time: the tenants file may have been reloaded. A tenant missing here
+        was removed from it.
+        """
+        cap = self.settings.upstream_max_in_flight
         return {
-            t.id: t.max_in_flight
+            t.id: cap if t.max_in_flight is None else t.max_in_flight
             for t in self.settings.tenants.by_id.values()
-            if t.max_in_flight is not None
         }
 
     async def claim(self, max_items: int) -> list[Claim]:
@@ -138,13 +142,10 @@ class Submitter(ClaimLoop):
             self._stall_checked_at = now
         if self._paused:
             return []
-        global_cap = self.settings.upstream_max_in_flight
         claims = await self.schedules.claim_submits(
             max_items,
-            global_cap=global_cap,
-            tenant_caps={
-                t.id: t.max_in_flight or global_cap for t in self.settings.tenants.by_id.values()
-            },
+            global_cap=self.settings.upstream_max_in_flight,
+            tenant_caps=self._tenant_caps(),
             every_tenant=True,
         )
         if claims:
