@@ -194,8 +194,3 @@ class ApiMetrics(_Common):
         self.budget_remaining.clear()
         for (tenant, period), left in (remaining or {}).items():
             self.budget_remaining.labels(tenant=tenant, period=period).set(left)
-
-    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
-        """Count one answered request and its latency."""
-        self.requests.labels(route=route, method=method, status=str(status)).inc()
-        self.latency.labels(route=route, method=method).observe(seconds)
