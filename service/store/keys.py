@@ -23,6 +23,7 @@ built by `Keys` below; a script never builds a key name itself.
 | `P:spend:<tenant>:<YYYY-MM-DD>` | hash | a UTC day's spend and jobs (below); expires in 95 days |
 | `P:spend:<tenant>:<YYYY-MM>` | hash | a calendar month's `held` and `charged`; the same |
 | `P:changes:<tenant>` | channel | `{"id", "status", "ver"}` after each change of a tenant's job |
+| `P:runlen:<class>:<phase>` | zset | recent queue or run lengths (ms) of an input class, by time |
 
 A job is a hash; read one with `redis-cli HGETALL '{rcg}:job:<id>'`:
 
@@ -39,6 +40,7 @@ A job is a hash; read one with `redis-cli HGETALL '{rcg}:job:<id>'`:
 | `event_zlib` | the final event's body, zlib-compressed (plain zlib, no preset dictionary) |
 | `attempt_log` | the latest attempts, one `DeliveryAttempt` JSON object a line, oldest first |
 | `hold` | `<YYYY-MM-DD> <micro-dollars>`: the day its cost counts in, what it holds; until final |
+| `polls` | how many status polls it has had (the poller counts them) |
 
 The final event's delivery lives in its job (no key of its own; its id names
 the job, see `jobs.delivery_id`), so a finished job costs one key. The event
@@ -140,6 +142,10 @@ class Keys:
     def all_changes(self) -> str:
         """The pattern (PSUBSCRIBE) of every tenant's changes channel."""
         return _GLOB.sub(r"\\\g<0>", self.prefix) + ":changes:*"
+
+    def run_lengths(self, input_class: str, phase: str) -> str:
+        """Recent queue (`phase` queue) or run (`run`) seconds of one input class."""
+        return f"{self.prefix}:runlen:{input_class}:{phase}"
 
     def round_robin(self) -> str:
         """The counter of turns that orders `submit-tenants` (least recently served first)."""
