@@ -79,14 +79,19 @@ def quantile(ordered: Sequence[float], q: float) -> float:
 def current_regime(lengths: Sequence[float]) -> Sequence[float]:
     """The samples (oldest first) since RunComfy's speed last changed clearly.
 
-    A change is the longest run of newest samples, at least `CHANGE_MIN`, that
-    all lie above every older sample or all below: after it only they count.
+    A change splits the samples into older ones and at least `CHANGE_MIN` newest
+    ones that all lie above every older one, or all below. Of the splits that do,
+    the one with the widest gap between the two sides is the change (a split a
+    little earlier can also pass by chance, with a gap no wider than the spread);
+    after it only the newest count.
     """
-    for newest in range(len(lengths) - 2, CHANGE_MIN - 1, -1):
+    best, widest = 0, 0.0
+    for newest in range(CHANGE_MIN, len(lengths) - 1):
         older, recent = lengths[:-newest], lengths[-newest:]
-        if min(recent) > max(older) or max(recent) < min(older):
-            return recent
-    return lengths
+        gap = max(min(recent) - max(older), min(older) - max(recent))
+        if gap > widest:
+            best, widest = newest, gap
+    return lengths[-best:] if best else lengths
 
 
 def learn_window(
