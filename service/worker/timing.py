@@ -9,8 +9,8 @@ its next status poll. Polls are spent where an end is likely:
   learned use.
 * `learn_window` turns recent lengths of one phase (queue: submit to start; run:
   start to RunComfy's end) into a `Window`: its 5th and 95th percentiles and the
-  spacing of polls between them, chosen so that a job ending at the median is
-  polled about as often as the rule would have (`BUDGET_SHARE` of it).
+  spacing of polls between them, chosen so that jobs of those lengths are polled
+  on average no more than the rule would poll them (`BUDGET_SHARE` of it).
 * `next_poll_s` then gives sparse polls before the window (equal gaps of at most
   max, landing on its start), `step_s` inside it, and the rule after it.
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -80,16 +81,19 @@ def current_regime(lengths: Sequence[float]) -> Sequence[float]:
     """The samples (oldest first) since RunComfy's speed last changed clearly.
 
     A change splits the samples into older ones and at least `CHANGE_MIN` newest
-    ones that all lie above every older one, or all below. Of the splits that do,
-    the one with the widest gap between the two sides is the change (a split a
-    little earlier can also pass by chance, with a gap no wider than the spread);
-    after it only the newest count.
+    ones that all lie above every older one, or all below, by a clear gap: a
+    quarter of the older ones' spread and of their median at least.
+    Jobs submitted together end shortest first, so without the gap a batch alone
+    would look like a slowdown. Of the splits that pass, the widest gap is the
+    change (a split a little earlier can pass too, by chance); after it only the
+    newest count.
     """
     best, widest = 0, 0.0
     for newest in range(CHANGE_MIN, len(lengths) - 1):
         older, recent = lengths[:-newest], lengths[-newest:]
         gap = max(min(recent) - max(older), min(older) - max(recent))
-        if gap > widest:
+        clear = max(0.25 * (max(older) - min(older)), 0.25 * statistics.median(older))
+        if gap > clear and gap > widest:
             best, widest = newest, gap
     return lengths[-best:] if best else lengths
 
@@ -102,9 +106,12 @@ def learn_window(
     if len(recent) < max(1, min_samples):
         return None
     low, median, high = (quantile(recent, q) for q in (LOW_Q, 0.5, HIGH_Q))
-    sparse = math.ceil(low / max_s)
-    budget = BUDGET_SHARE * rule_polls(median, min_s, max_s) - sparse
-    step = (median - low) / budget if budget >= 1 else max_s
+    # Polls a job of each recent length would get: the sparse ones up to `low`, then one
+    # per step for the part of its phase inside the window (about one more past it).
+    rule_mean = sum(rule_polls(length, min_s, max_s) for length in recent) / len(recent)
+    dense_mean = sum(max(0.0, min(length, high) - low) for length in recent) / len(recent)
+    budget = BUDGET_SHARE * rule_mean - math.ceil(low / max_s) - 1
+    step = dense_mean / budget if budget >= 1 else max_s
     return Window(
         low_s=low,
         median_s=median,
