@@ -11,6 +11,7 @@ import redis.asyncio as aioredis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from service.config import ConfigError, load_settings
 from service.store.keys import Keys
 from service.store.runlengths import INPUT_CLASSES, RunLengths
 from service.worker.timing import (
@@ -23,6 +24,7 @@ from service.worker.timing import (
     rule_polls,
 )
 from tests.support import job_record
+from tests.test_config import base_env
 
 BOUNDED = settings(max_examples=300, deadline=None, derandomize=True)
 
@@ -66,6 +68,16 @@ def test_a_cold_policy_is_the_interval_rule(elapsed, limits):
     """With nothing learned the next poll is a tenth of the job's age, clamped."""
     low, high = limits
     assert next_poll_s(elapsed, None, min_s=low, max_s=high) == rule_interval_s(elapsed, low, high)
+
+
+@BOUNDED
+@given(st.floats(0, 1e5, allow_nan=False), windows(), bounds)
+def test_inside_the_window_polls_are_never_sparser_than_the_rule(elapsed, window, limits):
+    """Where runs end, a job is polled at least as often as the interval rule polls it."""
+    low, high = limits
+    if window.low_s - low <= elapsed:
+        interval = next_poll_s(elapsed, window, min_s=low, max_s=high)
+        assert interval <= rule_interval_s(elapsed, low, high)
 
 
 @BOUNDED
@@ -178,3 +190,36 @@ async def test_the_worker_cache_reads_redis_only_every_refresh(redis: aioredis.R
     assert window is not None
     assert (window.low_s, window.high_s) == (pytest.approx(4.1), pytest.approx(5.9))
     assert seen == [0, 2]
+
+
+def test_the_poll_policy_is_learned_by_default_and_can_be_the_interval_rule(tmp_path):
+    """GATEWAY_POLL_POLICY defaults to learned; interval and the learning knobs are read."""
+    env = base_env(tmp_path)
+    assert load_settings(env).poll_policy == "learned"
+    settings = load_settings(
+        {
+            **env,
+            "GATEWAY_POLL_POLICY": "interval",
+            "GATEWAY_POLL_LEARN_SAMPLES": "40",
+            "GATEWAY_POLL_LEARN_MIN_SAMPLES": "10",
+            "GATEWAY_POLL_LEARN_MAX_AGE_S": "600",
+            "GATEWAY_POLL_LEARN_REFRESH_S": "2",
+        }
+    )
+    assert (settings.poll_policy, settings.poll_learn_samples) == ("interval", 40)
+    assert (settings.poll_learn_min_samples, settings.poll_learn_max_age_s) == (10, 600)
+    assert settings.poll_learn_refresh_s == 2
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("GATEWAY_POLL_POLICY", "smart"),
+        ("GATEWAY_POLL_LEARN_SAMPLES", "1"),
+        ("GATEWAY_POLL_LEARN_MIN_SAMPLES", "30"),
+    ],
+)
+def test_a_bad_poll_setting_is_named(tmp_path, name, value):
+    """A bad poll policy or learning knob stops the process with a line naming it."""
+    with pytest.raises(ConfigError, match=name):
+        load_settings({**base_env(tmp_path), name: value})

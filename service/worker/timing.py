@@ -12,7 +12,9 @@ its next status poll. Polls are spent where an end is likely:
   spacing of polls between them, chosen so that jobs of those lengths are polled
   on average no more than the rule would poll them (`BUDGET_SHARE` of it).
 * `next_poll_s` then gives sparse polls before the window (equal gaps of at most
-  max, landing on its start), `step_s` inside it, and the rule after it.
+  max, landing on its start), `step_s` inside it (never sparser than the rule:
+  a short phase has too few polls to budget, and its end decides when the next
+  phase's polls start), and the rule after it.
 
 Every interval stays within [min, max]: a job is polled at least every max.
 `LearnedTiming` is the worker's cache of windows, read from Redis
@@ -37,8 +39,8 @@ log = logging.getLogger(__name__)
 
 LOW_Q: Final = 0.05
 HIGH_Q: Final = 0.95
-BUDGET_SHARE: Final = 0.9
-"""Of the polls today's rule makes in a median-length phase, how many the window may spend."""
+BUDGET_SHARE: Final = 1.0
+"""Of the polls the interval rule makes on average, the share the learned policy may spend."""
 CHANGE_MIN: Final = 4
 """The newest samples that, all beyond every older one, mark a change of RunComfy's speed."""
 _MAX_RULE_POLLS: Final = 10_000
@@ -128,7 +130,7 @@ def next_poll_s(elapsed_s: float, window: Window | None, *, min_s: float, max_s:
     if elapsed_s < window.low_s - min_s:
         left = window.low_s - elapsed_s
         return min(max_s, max(min_s, left / math.ceil(left / max_s)))
-    return min(max_s, max(min_s, window.step_s))
+    return min(rule_interval_s(elapsed_s, min_s, max_s), max(min_s, window.step_s))
 
 
 class LearnedTiming:
