@@ -1,4 +1,4 @@
-"""F. Poll timing (issue 17): detection delay and polls per job, learned policy vs interval rule.
+"""G. Poll timing (issue 17): detection delay and polls per job, learned policy vs interval rule.
 
 Two scales of run, each scaled down in time by a factor, with the poll bounds
 (2 s and 15 s) scaled by the same factor so every ratio is kept: runs of ~40 s
@@ -264,7 +264,7 @@ def _report(
     )
     section.goals.append(
         Goal(
-            f"F {scale.name}: p50 to webhook",
+            f"G {scale.name}: p50 to webhook",
             f"<= {GOAL_P50_S:g} s",
             f"{p50:.2f} s",
             p50 <= GOAL_P50_S,
@@ -272,7 +272,7 @@ def _report(
     )
     section.goals.append(
         Goal(
-            f"F {scale.name}: polls per job",
+            f"G {scale.name}: polls per job",
             f"<= interval's {rule_polls:.1f}",
             f"{polls:.1f}",
             polls <= rule_polls,
@@ -290,7 +290,7 @@ def _report(
     section.summary.append((f"{scale.name}: jobs until back in goal after speed halves", str(back)))
     section.goals.append(
         Goal(
-            f"F {scale.name}: back in goal after the speed halves",
+            f"G {scale.name}: back in goal after the speed halves",
             f"<= {scale.speed_jobs // 2} jobs",
             verdict,
             back is not None and back <= scale.speed_jobs // 2,
@@ -301,7 +301,7 @@ def _report(
 async def run(scales: Sequence[Scale] = SCALES) -> Section:
     """Every scale, one after the other."""
     tenant = bench_tenant()
-    section = Section("F. Poll timing: delay from RunComfy's end, and polls per job")
+    section = Section("G. Poll timing: delay from RunComfy's end, and polls per job")
     started = time.monotonic()
     parts = [Section(section.title) for _ in scales]
     await asyncio.gather(*(run_scale(s, tenant, p) for s, p in zip(scales, parts, strict=True)))
