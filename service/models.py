@@ -158,6 +158,22 @@ class Cost(Struct):
     charged_usd: float | None
 
 
+class OutputFile(Struct, kw_only=True):
+    """One output of a job whose tenant keeps its outputs (README, Durable outputs).
+
+    `url` is where the copy is (a presigned GET URL, or `s3://bucket/key`) and `upstream_url`
+    RunComfy's URL it was copied from; on a job failed with `output_copy_failed`, the
+    outputs not copied have only their `upstream_url`.
+    """
+
+    url: str | None
+    upstream_url: str
+    bytes: int | None = None
+    sha256: str | None = None
+    """Lowercase hex digest of the bytes stored."""
+    content_type: str | None = None
+
+
 _MAY_HAVE_PAID: Final = frozenset({"sent", "accepted", "unknown"})
 """Submit outcomes after which a paid run may exist; rejected and unreachable ones created none."""
 
@@ -183,6 +199,8 @@ class Job(Struct):
     """Submits that may have created a paid run: accepted, or sent with no answer known."""
     timeout_s: int = 0
     """Seconds the job may take from its creation before it fails with `timeout`."""
+    output_files: list[OutputFile] | None = None
+    """Each output copied into the tenant's store; null when the tenant keeps none."""
 
 
 class JobRecord(Struct, kw_only=True, omit_defaults=True):
@@ -212,6 +230,11 @@ class JobRecord(Struct, kw_only=True, omit_defaults=True):
     cancel_requested_at: datetime | None = None
     estimate_micros: int | None = None
     """What the job is held and charged at (micro-dollars); None while the price is unknown."""
+    output_files: list[OutputFile] | None = None
+    upstream_output: dict[str, Any] | None = None
+    """RunComfy's output while its files are copied into the tenant's store (not shown)."""
+    copy_attempts: int = 0
+    """Copies of the outputs tried and failed for a passing reason, for the backoff."""
 
     def charge_micros(self) -> int | None:
         """What the job is charged: None until it is final, then its estimate if it ran, else 0.
@@ -261,6 +284,7 @@ class JobRecord(Struct, kw_only=True, omit_defaults=True):
             cost=self.cost(),
             upstream_submits=sum(1 for s in self.submits if s.outcome in _MAY_HAVE_PAID),
             timeout_s=self.timeout_s,
+            output_files=self.output_files,
         )
 
     @property

@@ -31,6 +31,7 @@ from service.models import (
     JobErrorInfo,
     JobRecord,
     JobStatus,
+    OutputFile,
     SubmitAttempt,
     UpstreamRef,
     WebhookEvent,
@@ -136,10 +137,11 @@ _TRANSITION = (
     + """
 local job, old_index, new_index, backlog, submit, submit_tenants, inflight, tenant_inflight,
   poll, deliver, fence = unpack(KEYS, 1, 11)
-local leases = {submit = KEYS[12], poll = KEYS[13], deliver = KEYS[14]}
+local leases = {submit = KEYS[12], poll = KEYS[13], deliver = KEYS[14], copy = KEYS[15]}
+local copy = KEYS[16]
 -- A non-final event has a delivery of its own; a change to a final status settles the
 -- job's hold in its day's and month's spend instead. Never both.
-local delivery, spend_day, spend_month = KEYS[15], KEYS[15], KEYS[16]
+local delivery, spend_day, spend_month = KEYS[17], KEYS[17], KEYS[18]
 local op = cjson.decode(ARGV[1])
 local current = redis.call('HMGET', job, 'ver', 'status')
 if not current[1] then return -2 end
@@ -166,6 +168,14 @@ end
 if op.leave_poll then
   redis.call('ZREM', poll, op.id)
   redis.call('HDEL', leases.poll, op.id)
+end
+if op.leave_copy then
+  redis.call('ZREM', copy, op.id)
+  redis.call('HDEL', leases.copy, op.id)
+end
+if op.copy_in_ms then
+  redis.call('ZADD', copy, clock() + op.copy_in_ms, op.id)
+  redis.call('HDEL', leases.copy, op.id)
 end
 if op.submit_in_ms then
   redis.call('ZADD', submit, clock() + op.submit_in_ms, op.id)
@@ -221,6 +231,8 @@ class _Op(msgspec.Struct, omit_defaults=True):
     leave_poll: bool = False
     submit_in_ms: int | None = None
     poll_in_ms: int | None = None
+    leave_copy: bool = False
+    copy_in_ms: int | None = None
     release_slot: bool = False
     final: bool = False
     event_id: str | None = None
@@ -250,7 +262,7 @@ class StoredJob:
 class Lease:
     """A claim on a schedule item: its schedule and fencing token."""
 
-    schedule: Literal["submit", "poll", "deliver"]
+    schedule: Literal["submit", "poll", "deliver", "copy"]
     token: str
 
 
@@ -278,6 +290,8 @@ class _Change:
     submit_in_s: float | None = None
     poll_in_s: float | None = None
     release_slot: bool = False
+    leave_copy: bool = False
+    copy_in_s: float | None = None
 
 
 def delivery_id(job_id: str, event: EventType) -> str:
@@ -390,6 +404,8 @@ def _transition_keys(
         keys.lease("submit"),
         keys.lease("poll"),
         keys.lease("deliver"),
+        keys.lease("copy"),
+        keys.schedule("copy"),
     ]
     if event_id is not None and new.status not in FINAL_STATUSES:
         names.append(keys.delivery(event_id))
@@ -613,6 +629,8 @@ class JobStore:
             submit_in_ms=_ms(change.submit_in_s),
             poll_in_ms=_ms(change.poll_in_s),
             release_slot=change.release_slot,
+            leave_copy=change.leave_copy,
+            copy_in_ms=_ms(change.copy_in_s),
             final=final,
         )
         if event is not None and new.webhook is not None and event in new.webhook.events:
@@ -719,6 +737,24 @@ class JobStore:
             stored, new, _Change(poll_in_s=poll_in_s), lease=lease, event="job.started"
         )
 
+    async def copy_outputs(
+        self, stored: StoredJob, lease: Lease, upstream_output: dict[str, Any]
+    ) -> Outcome:
+        """RunComfy completed the job: keep its output and queue the copy into the store.
+
+        The job stays `in_progress` until every output is stored (`finish`); it leaves
+        the poll schedule for the copy schedule, due at once.
+        """
+        new = msgspec.structs.replace(stored.record, upstream_output=upstream_output)
+        change = _Change(leave_poll=True, copy_in_s=0)
+        return await self._apply(stored, new, change, lease=lease, event=None)
+
+    async def copy_later(self, stored: StoredJob, lease: Lease, *, delay_s: float) -> Outcome:
+        """A copy failed for a passing reason: count it and copy again after `delay_s`."""
+        new = msgspec.structs.replace(stored.record, copy_attempts=stored.record.copy_attempts + 1)
+        change = _Change(copy_in_s=delay_s)
+        return await self._apply(stored, new, change, lease=lease, event=None)
+
     async def cancel_requested(self, stored: StoredJob) -> Outcome:
         """A caller asked to cancel a queued job: poll it now so a worker cancels upstream."""
         new = msgspec.structs.replace(stored.record, cancel_requested_at=utcnow())
@@ -752,6 +788,7 @@ class JobStore:
         output: dict[str, Any] | None = None,
         error: JobErrorInfo | None = None,
         submit_outcome: str | None = None,
+        output_files: list[OutputFile] | None = None,
     ) -> Outcome:
         """End the job: final status, slot freed, out of every schedule, webhook queued."""
         record = stored.record
@@ -765,11 +802,13 @@ class JobStore:
             error=error,
             finished_at=utcnow(),
             submits=submits,
+            output_files=output_files,
+            upstream_output=None,
             upstream=UpstreamRef(request_id=record.upstream.request_id)
             if record.upstream
             else None,
         )
-        change = _Change(leave_submit=True, leave_poll=True, release_slot=True)
+        change = _Change(leave_submit=True, leave_poll=True, release_slot=True, leave_copy=True)
         event: EventType = {
             "completed": "job.completed",
             "failed": "job.failed",

@@ -14,6 +14,7 @@ built by `Keys` below; a script never builds a key name itself.
 | `P:submit-tenants` | zset | tenants with pending work, least recently served first |
 | `P:rr` | counter | round-robin ticket for `submit-tenants` |
 | `P:poll` / `P:deliver` | zset | job ids (pending: at deadline) / delivery ids, by due time (ms) |
+| `P:copy` | zset | jobs RunComfy completed whose outputs are being copied, by due time (ms) |
 | `P:lease:<schedule>` | hash | member -> fencing token of its current claim |
 | `P:fence` | counter | fencing tokens |
 | `P:inflight`, `P:inflight:<tenant>` | set | jobs holding an upstream slot |
@@ -90,7 +91,7 @@ class Keys:
         return f"{self.prefix}:submit:{tenant}"
 
     def schedule(self, name: str) -> str:
-        """The `poll` or `deliver` schedule."""
+        """The `poll`, `deliver` or `copy` schedule."""
         return f"{self.prefix}:{name}"
 
     def backlog(self) -> str:
