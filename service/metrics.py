@@ -29,6 +29,8 @@ PROMETHEUS_MEDIA_TYPE: Final = CONTENT_TYPE_LATEST.replace("; charset=utf-8", ""
 _LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # RunComfy calls cross the internet: tens of milliseconds to the timeout.
 _UPSTREAM_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# One output copied into a tenant's store: a small video in a second, 2 GiB in minutes.
+_COPY_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 # Event to delivery: milliseconds when the receiver is up, hours along the retry schedule.
 _DELIVERY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 7200, 36000)
 
@@ -144,6 +146,24 @@ class WorkerMetrics(_Common):
             buckets=_DELIVERY_BUCKETS,
             registry=self.registry,
         )
+
+        self.output_copy_bytes = Counter(
+            "rcg_output_copy_bytes",
+            "Output bytes streamed from RunComfy into tenants' stores (as they pass), by tenant.",
+            ["tenant"],
+            registry=self.registry,
+        )
+        self.output_copy_latency = Histogram(
+            "rcg_output_copy_duration_seconds",
+            "Time to copy one output into its tenant's store, by tenant and outcome.",
+            ["tenant", "outcome"],
+            buckets=_COPY_BUCKETS,
+            registry=self.registry,
+        )
+
+    def output_copied(self, tenant: str, seconds: float, outcome: str) -> None:
+        """Record one output copy: `stored`, `retry` (a passing failure) or `failed`."""
+        self.output_copy_latency.labels(tenant=tenant, outcome=outcome).observe(seconds)
 
     def upstream_call(self, call: str, seconds: float, error: str | None) -> None:
         """Record one RunComfy call (the client's `on_call`)."""

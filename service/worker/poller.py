@@ -8,6 +8,9 @@ statuses keep polling until the job deadline (its `timeout_s`, by default
 `GATEWAY_JOB_TIMEOUT_S`). Upstream errors back off, jittered, and never end a
 job by themselves: only its deadline does.
 
+A completed job whose tenant keeps its outputs (`output_store`) is not completed here:
+it moves to the copy schedule, still `in_progress`, and the copier completes it.
+
 The deadline fails the job with `timeout`: a queued one is cancelled upstream
 first (nothing paid), a running one is left to RunComfy (it cannot be stopped)
 and its error says so. A poll is never due after the deadline, and a pending
@@ -24,9 +27,11 @@ from __future__ import annotations
 
 import logging
 from datetime import UTC, datetime
+from typing import Any
 
 from service.config import Settings
 from service.models import UPSTREAM_STATUSES, JobErrorInfo, JobRecord
+from service.outputs import output_urls
 from service.runcomfy.client import RunComfyClient, UpstreamError
 from service.store.jobs import JobStore, Outcome, StoredJob
 from service.store.schedules import Claim, Schedules
@@ -168,7 +173,13 @@ class Poller(ClaimLoop):
         """Fetch the result of an ended request and end the job with it."""
         result = await self.client.result(_request_id(stored))
         status = (result.status or "").lower()
-        if status in COMPLETED:
+        if status in COMPLETED and self._keeps_outputs(stored, result.output):
+            if stored.record.status == "in_queue":
+                # A job is copied while `in_progress`: start it, and see the result again.
+                await self.jobs.started(stored, claim.lease, poll_in_s=0)
+            else:
+                await self.jobs.copy_outputs(stored, claim.lease, result.output or {})
+        elif status in COMPLETED:
             await self.jobs.finish(stored, "completed", lease=claim.lease, output=result.output)
         elif status in FAILED:
             code, message = result.error_parts()
@@ -182,6 +193,11 @@ class Poller(ClaimLoop):
         else:
             # The result lags the status: look again soon.
             await self._requeue(claim, self.settings.poll_interval_min_s)
+
+    def _keeps_outputs(self, stored: StoredJob, output: dict[str, Any] | None) -> bool:
+        """Whether the job's outputs are to be copied into its tenant's store (the copier)."""
+        tenant = self.settings.tenants.by_id.get(stored.record.tenant)
+        return tenant is not None and tenant.output_store is not None and bool(output_urls(output))
 
     async def _cancel(self, stored: StoredJob, claim: Claim) -> None:
         """A caller asked to cancel this queued job: ask RunComfy, record what it said."""
