@@ -235,6 +235,8 @@ class JobRecord(Struct, kw_only=True, omit_defaults=True):
     """RunComfy's output while its files are copied into the tenant's store (not shown)."""
     copy_attempts: int = 0
     """Copies of the outputs tried and failed for a passing reason, for the backoff."""
+    copy_error: str | None = None
+    """Why the last of those failed: the job's error says it if its deadline comes first."""
 
     def charge_micros(self) -> int | None:
         """What the job is charged: None until it is final, then its estimate if it ran, else 0.

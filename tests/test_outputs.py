@@ -11,11 +11,13 @@ from datetime import timedelta
 
 import httpx
 import pytest
+from obstore.exceptions import GenericError
 
 from service.config import ConfigError, OutputStore, load_settings, parse_tenants
 from service.localredis import free_port
 from service.models import utcnow
 from service.outputs import object_path, output_urls, replace_urls
+from service.storage.objects import describe_store_error
 from service.store.connection import connect
 from service.store.jobs import JobStore
 from service.store.schedules import Schedules
@@ -206,3 +208,17 @@ async def test_a_store_that_stays_down_fails_the_job_after_retries(
     assert stored.record.copy_attempts >= 1  # tried again before giving up
     assert stored.record.finished_at <= record.deadline_at + timedelta(seconds=3)
     assert utcnow() >= stored.record.finished_at
+
+
+def test_a_store_error_keeps_its_s3_code_and_masks_access_key_ids():
+    """What a store answered is kept as its code; an access key id in it is masked."""
+    answer = (
+        "Generic S3 error: Error performing PUT http://s3/b/k for AKIAIOSFODNN7EXAMPLE: "
+        "Client error with status 403 Forbidden: <?xml version='1.0'?><Error>"
+        "<Code>InvalidAccessKeyId</Code><AWSAccessKeyId>AKIAIOSFODNN7EXAMPLE</AWSAccessKeyId>"
+        "</Error>"
+    )
+    described = describe_store_error(GenericError(answer))
+    assert "AKIAIOSFODNN7EXAMPLE" not in described
+    assert described.startswith("GenericError: Generic S3 error")
+    assert described.endswith("(S3 InvalidAccessKeyId)")

@@ -228,7 +228,6 @@ async def test_a_worker_killed_mid_copy_leaves_it_to_another(stack, emulator, re
     await wait_for(lambda: _more_than(copied_bytes(stack), 10 * MB), timeout=20)
     stack["procs"]["worker"].stop(signal.SIGKILL)
     assert (await _get_job(stack, KEPT, job_id))["status"] == "in_progress"
-    await emulator.post("/_emulator/config", json={"output_bytes_per_s": 0})
     port = free_port()
     second = Process(["worker", "--metrics-port", str(port)], stack["env"], stack["tmp"] / "w2.log")
     stack["procs"]["worker"] = second

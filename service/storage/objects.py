@@ -14,6 +14,7 @@ with `AWS_ROLE_ARN`), else the instance's metadata service.
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Final
@@ -24,7 +25,7 @@ from obstore.store import S3Store
 
 from service.config import OutputStore
 
-__all__ = ["PARTS_IN_FLIGHT", "PART_BYTES", "OutputStores", "StoreError"]
+__all__ = ["PARTS_IN_FLIGHT", "PART_BYTES", "OutputStores", "StoreError", "describe_store_error"]
 
 PART_BYTES: Final = 8 * 1024 * 1024
 """One part of a multipart upload (S3's least is 5 MiB but for the last)."""
@@ -32,6 +33,8 @@ PARTS_IN_FLIGHT: Final = 2
 """Parts of one object uploaded at once: what a copy holds in memory is about this many parts."""
 _RETRIES: Final = 3
 _RETRY_WINDOW: Final = timedelta(seconds=30)
+_S3_CODE: Final = re.compile(r"<Code>(\w+)</Code>")
+_KEY_ID: Final = re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{12,}\b")
 
 
 class StoreError(Exception):
@@ -92,7 +95,7 @@ class OutputStores:
                 max_concurrency=PARTS_IN_FLIGHT,
             )
         except BaseError as exc:
-            raise StoreError(_describe(exc)) from exc
+            raise StoreError(describe_store_error(exc)) from exc
 
     async def url(self, config: OutputStore, path: str) -> str:
         """Where a stored object is: a presigned GET URL with `presign_s`, else `s3://`."""
@@ -103,7 +106,7 @@ class OutputStores:
                 self._client(config), "GET", path, timedelta(seconds=config.presign_s)
             )
         except BaseError as exc:
-            raise StoreError(_describe(exc)) from exc
+            raise StoreError(describe_store_error(exc)) from exc
 
 
 def full_key(config: OutputStore, path: str) -> str:
@@ -111,7 +114,13 @@ def full_key(config: OutputStore, path: str) -> str:
     return f"{config.prefix}/{path}" if config.prefix else path
 
 
-def _describe(exc: BaseError) -> str:
-    """The store's error in one line: its class and first line (no credentials are in either)."""
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {first[:300]}"
+def describe_store_error(exc: BaseError) -> str:
+    """The store's error in one line, safe to log and to put in a job's error.
+
+    The error class, the message up to any XML body the store answered, and that body's
+    S3 error code; an access key id that slipped into the message is masked.
+    """
+    text = " ".join(str(exc).split())
+    code = _S3_CODE.search(text)
+    head = _KEY_ID.sub("[access key id]", text.split("<", 1)[0].strip())[:240]
+    return f"{type(exc).__name__}: {head}" + (f" (S3 {code[1]})" if code else "")

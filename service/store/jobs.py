@@ -749,9 +749,15 @@ class JobStore:
         change = _Change(leave_poll=True, copy_in_s=0)
         return await self._apply(stored, new, change, lease=lease, event=None)
 
-    async def copy_later(self, stored: StoredJob, lease: Lease, *, delay_s: float) -> Outcome:
-        """A copy failed for a passing reason: count it and copy again after `delay_s`."""
-        new = msgspec.structs.replace(stored.record, copy_attempts=stored.record.copy_attempts + 1)
+    async def copy_later(
+        self, stored: StoredJob, lease: Lease, reason: str, *, delay_s: float
+    ) -> Outcome:
+        """A copy failed for a passing reason: count it, keep why, copy again after `delay_s`."""
+        new = msgspec.structs.replace(
+            stored.record,
+            copy_attempts=stored.record.copy_attempts + 1,
+            copy_error=reason[:500],
+        )
         change = _Change(copy_in_s=delay_s)
         return await self._apply(stored, new, change, lease=lease, event=None)
 

@@ -38,7 +38,7 @@ from redis.exceptions import RedisError
 
 from service.config import OutputStore, Settings
 from service.metrics import WorkerMetrics
-from service.models import JobErrorInfo, OutputFile
+from service.models import JobErrorInfo, JobRecord, OutputFile
 from service.outputs import object_path, output_urls, replace_urls
 from service.storage.objects import OutputStores, StoreError
 from service.store.jobs import JobStore, Outcome, StoredJob
@@ -137,7 +137,7 @@ class Copier(ClaimLoop):
             return
         left_s = (record.deadline_at - datetime.now(UTC)).total_seconds()
         if left_s <= 0:
-            message = f"not copied within the job's timeout_s of {record.timeout_s}s"
+            message = _late(record)
             await self._fail(stored, claim, message, [])
             return
         done: list[OutputFile] = []
@@ -147,7 +147,7 @@ class Copier(ClaimLoop):
             async with asyncio.timeout(left_s):
                 held = await self._hold(claim, copy)
         except TimeoutError:
-            refused = f"not copied within the job's timeout_s of {record.timeout_s}s"
+            refused = _late(record)
         except CopyRefused as exc:
             refused = str(exc)
         except CopyFailed as exc:
@@ -302,7 +302,7 @@ class Copier(ClaimLoop):
             await self._fail(stored, claim, f"{reason} (gave up after {attempts} tries)", done)
             return
         log.warning("copier: %s: %s; copying again in %.1fs", record.id, reason, delay)
-        await self.jobs.copy_later(stored, claim.lease, delay_s=delay)
+        await self.jobs.copy_later(stored, claim.lease, reason, delay_s=delay)
 
     async def _fail(
         self, stored: StoredJob, claim: Claim, reason: str, done: Sequence[OutputFile]
@@ -355,6 +355,14 @@ def _network_failure(url: str, exc: httpx.HTTPError) -> CopyFailed | CopyRefused
     if kind in {"forbidden_address", "invalid_url"}:
         return CopyRefused(f"{url} leads to an address the gateway may not reach")
     return CopyFailed(f"reading {url} failed ({kind}: {type(exc).__name__})")
+
+
+def _late(record: JobRecord) -> str:
+    """Why a copy ended at the job's deadline, with the last passing failure if there was one."""
+    late = f"not copied within the job's timeout_s of {record.timeout_s}s"
+    if record.copy_error:
+        late += f" (tried {record.copy_attempts} times; the last: {record.copy_error})"
+    return late
 
 
 def _too_large(url: str, limit: int, size: int | None) -> str:
