@@ -486,6 +486,23 @@ S3_ENV = {
 """Credentials a worker's environment holds for the S3 server (moto takes any)."""
 
 
+def outputs_env(
+    redis_url: str, emulator_url: str, tenants_file: Path, **settings: str
+) -> dict[str, str]:
+    """`gateway_env` for durable outputs: the emulator's host allowed, S3 credentials set."""
+    return {
+        **gateway_env(
+            redis_url,
+            emulator_url,
+            tenants_file,
+            OUTPUT_HOSTS="127.0.0.1",
+            PREFLIGHT_ALLOW_HOSTS="127.0.0.1",
+            **settings,
+        ),
+        **S3_ENV,
+    }
+
+
 @dataclass
 class S3Server:
     """moto's S3 server as a process on 127.0.0.1 (`python -m moto.server`), for real S3 calls."""

@@ -14,14 +14,13 @@ import pytest
 
 from service.localredis import LocalRedis, free_port
 from tests.support import (
-    S3_ENV,
     Process,
     S3Server,
     api_client,
     emulator_output,
-    gateway_env,
     gateway_processes,
     new_tenant,
+    outputs_env,
     process_rss_bytes,
     wait_for,
     wait_http,
@@ -53,18 +52,13 @@ def stack(tmp_path_factory, s3_server: S3Server) -> Iterator[dict[str, Any]]:
     )
     redis = LocalRedis().start()
     ports = {name: free_port() for name in ("emulator", "api", "worker")}
-    env = {
-        **gateway_env(
-            redis.url,
-            f"http://127.0.0.1:{ports['emulator']}",
-            tenants,
-            LEASE_S="3",
-            OUTPUT_HOSTS="127.0.0.1",
-            PREFLIGHT_ALLOW_HOSTS="127.0.0.1",
-            OUTPUT_MAX_BYTES=str(MAX_BYTES),
-        ),
-        **S3_ENV,
-    }
+    env = outputs_env(
+        redis.url,
+        f"http://127.0.0.1:{ports['emulator']}",
+        tenants,
+        LEASE_S="3",
+        OUTPUT_MAX_BYTES=str(MAX_BYTES),
+    )
     procs = gateway_processes(ports, env, tmp, ["--queue-s", "0.2", "--run-s", "0.2"])
     try:
         yield {

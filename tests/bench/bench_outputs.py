@@ -23,12 +23,11 @@ sys.path.insert(0, str(ROOT))
 
 from service.localredis import LocalRedis, free_port  # noqa: E402
 from tests.support import (  # noqa: E402
-    S3_ENV,
     S3Server,
     api_client,
-    gateway_env,
     gateway_processes,
     new_tenant,
+    outputs_env,
     process_rss_bytes,
 )
 
@@ -85,16 +84,7 @@ async def main() -> None:
                 + s3.store_toml(bucket, "bench", presign_s=3600)
             )
             ports = {name: free_port() for name in ("emulator", "api", "worker")}
-            env = {
-                **gateway_env(
-                    redis.url,
-                    f"http://127.0.0.1:{ports['emulator']}",
-                    tenants,
-                    OUTPUT_HOSTS="127.0.0.1",
-                    PREFLIGHT_ALLOW_HOSTS="127.0.0.1",
-                ),
-                **S3_ENV,
-            }
+            env = outputs_env(redis.url, f"http://127.0.0.1:{ports['emulator']}", tenants)
             procs = gateway_processes(ports, env, tmp, ["--queue-s", "0.1", "--run-s", "0.1"])
             stack: dict[str, object] = {
                 "api": f"http://127.0.0.1:{ports['api']}",
