@@ -257,9 +257,14 @@ class Dispatcher(ClaimLoop):
         )
         if self.metrics is not None:
             since_event = time.time() - delivery.created_ms / 1000 if state == "delivered" else None
-            self.metrics.webhook_attempt(result.error or "delivered", since_event)
+            self.metrics.webhook_attempt(result.error or "delivered", since_event, delivery.tenant)
         recorded = await self.deliveries.record_attempt(
-            delivery.id, claim.lease, attempt, state=state, retry_in_s=retry_in
+            delivery.id,
+            claim.lease,
+            attempt,
+            tenant=delivery.tenant,
+            state=state,
+            retry_in_s=retry_in,
         )
         if not recorded:
             log.warning("dispatcher: %s: lease lost, attempt not recorded", delivery.id)
