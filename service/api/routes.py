@@ -472,7 +472,9 @@ async def resend(deliveries: DeliveryStore, read: ReadJob) -> Job:
     ),
     responses=problem_responses(400, 401, 422, 503),
 )
-async def recover_deliveries(data: JSONBody[RecoverRequest], call: NamedDependency[Call]) -> Recovering:
+async def recover_deliveries(
+    data: JSONBody[RecoverRequest], call: NamedDependency[Call]
+) -> Recovering:
     """Queue the caller's failed final webhooks of jobs finished in the window again."""
     since_ms, until_ms = recovery_window(data)
     count = await call.services.deliveries.recover(
