@@ -399,11 +399,15 @@ def utcnow() -> datetime:
 # Operating it (DESIGN §10): recovery of failed deliveries and the admin API.
 
 
+RFC3339 = Annotated[str, Meta(extra_json_schema={"format": "date-time"})]
+"""An RFC 3339 time as sent; read as one where it is used (a number is not a time)."""
+
+
 class RecoverRequest(Base):
     """The body of `POST /v1/deliveries/recover`: a window of finish times (RFC 3339)."""
 
-    since: datetime
-    until: datetime | None = None
+    since: RFC3339
+    until: RFC3339 | None = None
 
 
 class AdminRecoverRequest(RecoverRequest, kw_only=True):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Annotated, Any, Final
 
+import msgspec
 import redis.asyncio as aioredis
 from litestar import HttpMethod, Request, Response, Router, get, post, route
 from litestar.datastructures import ResponseHeader
@@ -485,13 +486,21 @@ async def recover_deliveries(
 
 def recovery_window(request: RecoverRequest) -> tuple[int, int | None]:
     """The window of a recovery, in ms since the epoch; a 422 when it is not one."""
-    since, until = request.since, request.until
-    for name, at in (("since", since), ("until", until)):
-        if at is not None and at.tzinfo is None:
-            raise _invalid(name, "must be an RFC 3339 time with a time zone offset")
+    since = _time_of("since", request.since)
+    until = None if request.until is None else _time_of("until", request.until)
     if until is not None and until < since:
         raise _invalid("until", "must not be before `since`")
     return _epoch_ms(since), None if until is None else _epoch_ms(until)
+
+
+def _time_of(field: str, value: str) -> datetime:
+    try:
+        at = msgspec.convert(value, datetime)
+    except msgspec.ValidationError:
+        at = None
+    if at is None or at.tzinfo is None:
+        raise _invalid(field, "must be an RFC 3339 time with a time zone offset")
+    return at
 
 
 def _epoch_ms(at: datetime) -> int:
