@@ -110,21 +110,23 @@ return 1
 )
 
 # Re-queues failed final-event deliveries, each once: one that is still `failed` goes back
-# to `pending`, due now, its retry schedule started over; every job named leaves the index
-# (one gone or already re-sent has nothing to recover). KEYS: the tenant's failed
-# deliveries, the deliver schedule, then each job. ARGV: the job ids, in KEYS' order.
-# The answer: how many were re-queued.
+# to `pending`, its retry schedule started over, due `spacing_ms` after the one queued
+# before it (the first of the recovery `start` places after now); every job named leaves
+# the index (one gone or already re-sent has nothing to recover). KEYS: the tenant's failed
+# deliveries, the deliver schedule, then each job. ARGV: spacing_ms, start, then the job
+# ids in KEYS' order. The answer: how many were re-queued.
 _RECOVER = (
     LUA_NOW
     + """
 local failed, deliver = KEYS[1], KEYS[2]
+local spacing, start = tonumber(ARGV[1]), tonumber(ARGV[2])
 local now, queued = now_ms(), 0
-for i, id in ipairs(ARGV) do
-  local job = KEYS[i + 2]
+for i = 3, #ARGV do
+  local id, job = ARGV[i], KEYS[i]
   local row = redis.call('HMGET', job, 'webhook_state', 'webhook_id', 'webhook_attempts')
   if row[1] == 'failed' and row[2] then
     redis.call('HSET', job, 'webhook_state', 'pending', 'webhook_base', row[3] or 0)
-    redis.call('ZADD', deliver, now, row[2])
+    redis.call('ZADD', deliver, now + (start + queued) * spacing, row[2])
     queued = queued + 1
   end
   redis.call('ZREM', failed, id)
@@ -135,6 +137,10 @@ return queued
 
 RECOVER_BATCH: Final = 200
 """Jobs one recovery script call looks at: each call is short, whatever the window holds."""
+RECOVER_SPACING_MS: Final = 2
+"""Recovered deliveries fall due this far apart (500 over a second): a large recovery
+enters the schedule as a stream, not a wall the dispatcher must claim and hand back
+whole, and other tenants' new webhooks, due meanwhile, are claimed first."""
 
 
 class Resend(Enum):
@@ -296,8 +302,9 @@ class DeliveryStore:
         """Re-queue the tenant's failed final deliveries of jobs finished in the window.
 
         The window is inclusive, in ms since the epoch; `until_ms=None` has no end.
-        Each is queued once, due now, in the normal delivery schedule (the dispatcher's
-        per-tenant and per-host limits pace it); the answer is how many were queued.
+        Each is queued once, in the normal delivery schedule, `RECOVER_SPACING_MS` after
+        the one before (the dispatcher's per-tenant and per-host limits pace them from
+        there); the answer is how many were queued.
         """
         index = self._keys.failed_deliveries(tenant)
         until: int | str = "+inf" if until_ms is None else until_ms
@@ -313,7 +320,8 @@ class DeliveryStore:
             names = [index, self._keys.schedule("deliver")]
             names += [self._keys.job(job_id) for job_id in job_ids]
             # Each call takes the jobs it looked at out of the index: the loop always ends.
-            queued += int(await self._recover(keys=names, args=job_ids))
+            args: list[int | str] = [RECOVER_SPACING_MS, queued, *job_ids]
+            queued += int(await self._recover(keys=names, args=args))
 
     async def failed(self, tenant: str, limit: int) -> list[tuple[str, int]]:
         """The tenant's latest failed final deliveries: `(job id, finished ms)`, newest first."""
