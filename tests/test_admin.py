@@ -327,3 +327,11 @@ async def test_recovery_refuses_a_window_that_is_not_one(api):
     answer = await api.post(path, json={})
     assert answer.status_code in {400, 422}
     assert answer.headers["content-type"].startswith("application/problem+json")
+
+
+def test_a_reloaded_tenants_file_brings_its_admin_keys():
+    """Replacing the tenants (a reload) replaces the admin keys too: a removed one stops."""
+    tenants = parse_tenants(TENANT.toml() + admins_toml(ADMIN_KEY))
+    tenants.replace_with(parse_tenants(TENANT.toml() + admins_toml("adm_other_key")))
+    assert tenants.authenticate_admin(ADMIN_KEY) is None
+    assert tenants.authenticate_admin("adm_other_key") is not None
