@@ -335,3 +335,28 @@ def test_a_reloaded_tenants_file_brings_its_admin_keys():
     tenants.replace_with(parse_tenants(TENANT.toml() + admins_toml("adm_other_key")))
     assert tenants.authenticate_admin(ADMIN_KEY) is None
     assert tenants.authenticate_admin("adm_other_key") is not None
+
+
+async def test_the_dashboard_is_served_with_its_assets_and_a_strict_policy(api):
+    """/ui and its two assets answer without a key, from this origin only; others are 404."""
+    page = await api.get("/ui", headers={"Authorization": ""})
+    assert page.status_code == 200
+    assert page.headers["content-type"].startswith("text/html")
+    policy = page.headers["content-security-policy"]
+    assert "default-src 'none'" in policy
+    assert "script-src 'self'" in policy
+    assert '<script src="/ui/app.js"' in page.text
+    for name, kind in (("app.js", "text/javascript"), ("app.css", "text/css")):
+        asset = await api.get(f"/ui/{name}")
+        assert asset.status_code == 200
+        assert asset.headers["content-type"].startswith(kind)
+    assert "http" not in (await api.get("/ui/app.js")).text.replace("http://www.w3.org", "")
+    assert_problem(await api.get("/ui/secrets.txt"), 404)
+    assert_problem(await api.get("/ui/index.html"), 404)
+
+
+async def test_admin_routes_answer_options_with_every_method(admin):
+    """OPTIONS names every method of an admin path, as on the tenant routes."""
+    answer = await admin.options("/v1/admin/jobs/job_01KAWJ6X3Z8Q4N5R7T9V2W4Y6A/deliveries")
+    assert answer.status_code == 204
+    assert answer.headers["allow"] == "OPTIONS, POST"

@@ -26,6 +26,7 @@ from service.api.routes import (
     JobId,
     Services,
     cancel,
+    options_handlers,
     recovery_window,
     resend,
 )
@@ -290,18 +291,19 @@ async def admin_recover_deliveries(
 
 def admin_router() -> ControllerRouterHandler:
     """`/v1/admin`: every handler behind the admin key."""
+    handlers = [
+        admin_overview,
+        admin_activity,
+        admin_list_jobs,
+        admin_get_job,
+        admin_cancel_job,
+        admin_resend_delivery,
+        admin_failed_deliveries,
+        admin_recover_deliveries,
+    ]
     return Router(
         "/v1/admin",
-        route_handlers=[
-            admin_overview,
-            admin_activity,
-            admin_list_jobs,
-            admin_get_job,
-            admin_cancel_job,
-            admin_resend_delivery,
-            admin_failed_deliveries,
-            admin_recover_deliveries,
-        ],
+        route_handlers=[*options_handlers(handlers), *handlers],
         dependencies={"admin": Provide(provide_admin, sync_to_thread=False)},
         security=[{"adminKey": []}],
         tags=["admin"],

@@ -13,6 +13,7 @@ from importlib import resources
 from typing import Annotated, Final
 
 from litestar import Response, get
+from litestar.exceptions import NotFoundException
 from litestar.handlers import HTTPRouteHandler
 from litestar.params import PathParameter
 
@@ -51,7 +52,7 @@ def dashboard() -> Response[bytes]:
 def dashboard_asset(name: Annotated[str, PathParameter()]) -> Response[bytes]:
     """The page's script and style sheet; anything else is a 404."""
     if name not in _FILES or name == "index.html":
-        return Response(b"not found", status_code=404, media_type="text/plain")
+        raise NotFoundException
     return _file(name)
 
 

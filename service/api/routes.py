@@ -609,7 +609,7 @@ def route_handlers() -> list[ControllerRouterHandler]:
     ]
     v1 = Router(
         "/v1",
-        route_handlers=[*_options_handlers(jobs), *jobs],
+        route_handlers=[*options_handlers(jobs), *jobs],
         dependencies={
             "call": Provide(provide_call, sync_to_thread=False),
         },
@@ -619,14 +619,14 @@ def route_handlers() -> list[ControllerRouterHandler]:
     probes = [healthz, readyz, metrics]
     operations = Router(
         "/",
-        route_handlers=[*_options_handlers(probes), *probes],
+        route_handlers=[*options_handlers(probes), *probes],
         dependencies={"services": services},
         tags=["operations"],
     )
     return [v1, operations]
 
 
-def _options_handlers(handlers: Sequence[HTTPRouteHandler]) -> list[HTTPRouteHandler]:
+def options_handlers(handlers: Sequence[HTTPRouteHandler]) -> list[HTTPRouteHandler]:
     """One OPTIONS handler per path, whose `Allow` names every method of that path.
 
     Litestar 2's own OPTIONS answer names only the methods of the first handler
