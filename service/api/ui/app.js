@@ -56,7 +56,7 @@ function el(tag, attributes = {}, ...children) {
 function when(iso, withMs = false) {
   if (!iso) return "";
   const text = iso.replace("T", " ").replace(/\+00:00$/, "Z");
-  return withMs ? text : text.replace(/\.\d+Z$/, "Z");
+  return withMs ? text.replace(/(\.\d{3})\d*Z$/, "$1Z") : text.replace(/\.\d+Z$/, "Z");
 }
 
 function badge(status) {
