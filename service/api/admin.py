@@ -24,7 +24,10 @@ from service.api.problems import ProblemError, problem_responses
 from service.api.routes import (
     JOB_ID_PATTERN,
     JobId,
+    PageCursor,
+    PageLimit,
     Services,
+    StatusFilter,
     cancel,
     options_handlers,
     recovery_window,
@@ -38,7 +41,6 @@ from service.models import (
     AdminJobList,
     AdminRecoverRequest,
     Job,
-    JobStatus,
     Overview,
     Recovering,
     StatusCounts,
@@ -154,17 +156,9 @@ async def admin_list_jobs(
     admin: NamedDependency[AdminCall],
     *,
     tenant: TenantId = None,
-    status: Annotated[
-        JobStatus | None, QueryParameter(description="Only jobs with this status.")
-    ] = None,
-    limit: Annotated[int, QueryParameter(ge=1, le=100, description="Jobs per page.")] = 20,
-    cursor: Annotated[
-        str | None,
-        QueryParameter(
-            pattern=JOB_ID_PATTERN,
-            description="`next_cursor` of the previous page; omit for the first page.",
-        ),
-    ] = None,
+    status: StatusFilter = None,
+    limit: PageLimit = 20,
+    cursor: PageCursor = None,
     q: Annotated[
         str | None,
         QueryParameter(

@@ -139,6 +139,17 @@ def provide_call(request: Request[Any, Any, Any]) -> Call:
 
 
 JobId = Annotated[str, PathParameter(description="The job's id, as answered by `POST /v1/jobs`.")]
+StatusFilter = Annotated[
+    JobStatus | None, QueryParameter(description="Only jobs with this status.")
+]
+PageLimit = Annotated[int, QueryParameter(ge=1, le=100, description="Jobs per page.")]
+PageCursor = Annotated[
+    str | None,
+    QueryParameter(
+        pattern=JOB_ID_PATTERN,
+        description="`next_cursor` of the previous page; omit for the first page.",
+    ),
+]
 IdempotencyKey = Annotated[
     str | None,
     HeaderParameter(
@@ -384,17 +395,9 @@ async def cancel(jobs: JobStore, read: ReadJob) -> Response[Job]:
 )
 async def list_jobs(
     call: NamedDependency[Call],
-    status: Annotated[
-        JobStatus | None, QueryParameter(description="Only jobs with this status.")
-    ] = None,
-    limit: Annotated[int, QueryParameter(ge=1, le=100, description="Jobs per page.")] = 20,
-    cursor: Annotated[
-        str | None,
-        QueryParameter(
-            pattern=JOB_ID_PATTERN,
-            description="`next_cursor` of the previous page; omit for the first page.",
-        ),
-    ] = None,
+    status: StatusFilter = None,
+    limit: PageLimit = 20,
+    cursor: PageCursor = None,
 ) -> JobList:
     """A page of the caller's jobs, newest first."""
     caller, services = call.caller, call.services
