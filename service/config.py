@@ -96,10 +96,12 @@ class Tenants(msgspec.Struct):
     """
 
     by_id: dict[str, Tenant]
+    admin_key_hashes: tuple[str, ...] = ()
+    """`[admins] api_keys`: keys of the operators' admin API (`/v1/admin`), never a tenant's."""
 
     def replace_with(self, other: Tenants) -> None:
-        """Take `other`'s tenants (one assignment: callers never see half a file)."""
-        self.by_id = other.by_id
+        """Take `other`'s tenants and admins (callers never see half a file)."""
+        self.by_id, self.admin_key_hashes = other.by_id, other.admin_key_hashes
 
     def authenticate(self, api_key: str) -> tuple[Tenant, str] | None:
         """The tenant and key id (a hash prefix, never the key) for `api_key`, or None.
@@ -113,6 +115,18 @@ class Tenants(msgspec.Struct):
             for stored in tenant.api_key_hashes:
                 if hmac.compare_digest(stored, digest):
                     found = (tenant, "key_" + stored[:12])
+        return found
+
+    def authenticate_admin(self, api_key: str) -> str | None:
+        """The key id (a hash prefix) of `api_key` if it is an admin key, else None.
+
+        Compared in constant time, as `authenticate` does.
+        """
+        digest = hashlib.sha256(api_key.encode()).hexdigest()
+        found: str | None = None
+        for stored in self.admin_key_hashes:
+            if hmac.compare_digest(stored, digest):
+                found = "key_" + stored[:12]
         return found
 
 
@@ -385,7 +399,7 @@ def parse_tenants(
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{where}: not valid TOML ({exc})") from None
-    unknown = sorted(set(document) - {"tenants"})
+    unknown = sorted(set(document) - {"tenants", "admins"})
     if unknown:
         raise ConfigError(f"{where}: unknown top-level key {unknown[0]!r}")
     tables = document.get("tenants")
@@ -403,7 +417,29 @@ def parse_tenants(
                 f"{where}: tenants.{tenant.id} has a budget but GATEWAY_PRICE_USD is not set: "
                 "a budget needs the price of a run"
             )
-    return Tenants(by_id=tenants)
+    admins = _admin_key_hashes(document.get("admins", {}), where)
+    if set(admins) & set(seen):
+        raise ConfigError(f"{where}: one API key hash is listed for a tenant and an admin")
+    return Tenants(by_id=tenants, admin_key_hashes=admins)
+
+
+def _admin_key_hashes(table: object, where: str) -> tuple[str, ...]:
+    """The `[admins]` table: `api_keys`, sha256 hex digests of the operators' keys."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: admins must be a table")
+    unknown = sorted(set(table) - {"api_keys"})
+    if unknown:
+        raise ConfigError(f"{where}: admins has unknown key {unknown[0]!r}")
+    keys = table.get("api_keys", [])
+    if not isinstance(keys, list) or not all(
+        isinstance(key, str) and _SHA256_HEX.match(key.lower()) for key in keys
+    ):
+        # Never echo the value: it might be a plain key pasted by mistake.
+        raise ConfigError(
+            f"{where}: admins.api_keys must hold sha256 hex digests (64 hex characters), "
+            "not plain keys"
+        )
+    return tuple(key.lower() for key in keys)
 
 
 def load_tenants(path: str, *, budgets_allowed: bool = True) -> Tenants:

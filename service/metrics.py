@@ -131,8 +131,8 @@ class WorkerMetrics(_Common):
         )
         self.webhook_attempts = Counter(
             "rcg_webhook_attempts",
-            "Webhook delivery attempts by outcome: delivered, or the error class.",
-            ["outcome"],
+            "Webhook delivery attempts by tenant and outcome: delivered, or the error class.",
+            ["tenant", "outcome"],
             registry=self.registry,
         )
         self.submit_stall = Gauge(
@@ -142,7 +142,8 @@ class WorkerMetrics(_Common):
         )
         self.webhook_latency = Histogram(
             "rcg_webhook_delivery_seconds",
-            "From the event (a job's state change) to its successful delivery.",
+            "From the event (a job's state change) to its successful delivery, by tenant.",
+            ["tenant"],
             buckets=_DELIVERY_BUCKETS,
             registry=self.registry,
         )
@@ -171,11 +172,11 @@ class WorkerMetrics(_Common):
         if error is not None:
             self.upstream_errors.labels(call=call, kind=error).inc()
 
-    def webhook_attempt(self, outcome: str, since_event_s: float | None) -> None:
-        """Record one delivery attempt; `since_event_s` is set when it delivered."""
-        self.webhook_attempts.labels(outcome=outcome).inc()
+    def webhook_attempt(self, outcome: str, since_event_s: float | None, tenant: str) -> None:
+        """Record one delivery attempt of `tenant`; `since_event_s` is set when it delivered."""
+        self.webhook_attempts.labels(tenant=tenant, outcome=outcome).inc()
         if since_event_s is not None:
-            self.webhook_latency.observe(since_event_s)
+            self.webhook_latency.labels(tenant=tenant).observe(since_event_s)
 
 
 class ApiMetrics(_Common):

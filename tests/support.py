@@ -91,6 +91,12 @@ def new_tenant(tenant_id: str = "orders") -> TestTenant:
     )
 
 
+def admins_toml(*api_keys: str) -> str:
+    """The tenants file's `[admins]` table for these plain admin keys."""
+    digests = ", ".join(f'"{hashlib.sha256(key.encode()).hexdigest()}"' for key in api_keys)
+    return f"[admins]\napi_keys = [{digests}]\n"
+
+
 def tenants_of(*tenants: Tenant) -> Tenants:
     return Tenants(by_id={t.id: t for t in tenants})
 

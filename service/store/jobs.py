@@ -39,6 +39,7 @@ from service.models import (
     usd,
     utcnow,
 )
+from service.store.activity import LUA_ACTIVITY
 from service.store.changes import JobChange, publish_change
 from service.store.connection import text
 from service.store.keys import LUA_NOW, Keys
@@ -67,11 +68,12 @@ _encoder = msgspec.json.Encoder()
 # job: `C` created, `I <job id> <body hash>` its Idempotency-Key was used already
 # (nothing stored), `R <ms>` its submission limit refused it for that long (nothing
 # taken, nothing stored), or `B <period> <budget> <charged> <held> <resets ms>` it would
-# go over that budget (nothing stored).
+# go over that budget (nothing stored). The last key is the activity counts (`activity.py`).
 _CREATE = (
     LUA_NOW
     + LUA_GCRA
     + LUA_HOLD
+    + LUA_ACTIVITY
     + """
 local retention, batch, ledger_ttl = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[4])
 local submit_tenants, backlog, poll = KEYS[1], KEYS[2], KEYS[3]
@@ -79,7 +81,7 @@ local now = now_ms()
 local days, months = periods_of(ARGV[3])
 local d, day = period_at(days, now)
 local m, month = period_at(months, now)
-local answers, at, k = {}, 1, 4
+local answers, at, k, created = {}, 1, 4, 0
 while at <= #batch do
   local eol = string.find(batch, '\\n', at, true)
   local id, tenant, idem, body_hash, interval_ms, burst, cost, estimate, day_budget,
@@ -123,8 +125,10 @@ while at <= #batch do
     -- Looked at by the poller at its deadline, in case no upstream slot frees before then.
     redis.call('ZADD', poll, tonumber(deadline_ms), id)
     answers[#answers + 1] = 'C'
+    created = created + 1
   end
 end
+if created > 0 then count_activity(KEYS[#KEYS], 'created', created, now) end
 return table.concat(answers, '\\n')
 """
 )
@@ -134,6 +138,7 @@ return table.concat(answers, '\\n')
 _TRANSITION = (
     LUA_NOW
     + LUA_SETTLE
+    + LUA_ACTIVITY
     + """
 local job, old_index, new_index, backlog, submit, submit_tenants, inflight, tenant_inflight,
   poll, deliver, fence = unpack(KEYS, 1, 11)
@@ -202,6 +207,9 @@ end
 if op.webhook_state then redis.call('HSET', job, 'webhook_state', op.webhook_state) end
 if op.settle then settle(job, spend_day, spend_month, op.status, op.charge, op.ledger_ttl_s) end
 if op.final then redis.call('EXPIRE', job, op.retention_s) end
+-- The last keys: the job's RunComfy request id (when it got one), then the activity counts.
+if op.request_ttl_s then redis.call('SET', KEYS[#KEYS - 1], op.id, 'EX', op.request_ttl_s) end
+if op.ends then count_activity(KEYS[#KEYS], op.status, 1, clock()) end
 return 1
 """
 )
@@ -240,6 +248,14 @@ class _Op(msgspec.Struct, omit_defaults=True):
     settle: bool = False
     charge: bool = False
     ledger_ttl_s: int | None = None
+    request_ttl_s: int | None = None
+    """Set when the job got a RunComfy request id: index it (for the admin search) this long."""
+    ends: bool = False
+    """The job reaches a final state now: count it in the activity."""
+
+
+REQUEST_INDEX_EXTRA_S: typing.Final = 86_400
+"""How much longer than retention a request id stays findable: a job's longest timeout."""
 
 
 @dataclass(frozen=True)
@@ -385,8 +401,13 @@ def _create_entry(  # noqa: PLR0917 - one job's create and what it checks first
     return head.encode() + doc, names
 
 
-def _transition_keys(
-    keys: Keys, old_status: str, new: JobRecord, event_id: str | None, hold_day: str | None
+def _transition_keys(  # noqa: PLR0917 - the script's optional keys, each from its own fact
+    keys: Keys,
+    old_status: str,
+    new: JobRecord,
+    event_id: str | None,
+    hold_day: str | None,
+    request_id: str | None,
 ) -> list[str]:
     """`_TRANSITION`'s KEYS, in the order the script names them."""
     names = [
@@ -411,6 +432,9 @@ def _transition_keys(
         names.append(keys.delivery(event_id))
     elif hold_day is not None and new.status in FINAL_STATUSES:
         names += [keys.spend_day(new.tenant, hold_day), keys.spend_month(new.tenant, hold_day[:7])]
+    if request_id is not None:
+        names.append(keys.upstream_request(request_id))
+    names.append(keys.activity())
     return names
 
 
@@ -511,6 +535,7 @@ class JobStore:
             )
             entries.append(entry)
             names += entry_keys
+        names.append(self._keys.activity())
         args: list[int | bytes | str] = [
             self._retention_s,
             b"".join(entries),
@@ -530,10 +555,17 @@ class JobStore:
         return await stored_jobs(self._redis, self._keys, job_ids)
 
     async def page(
-        self, tenant: str, *, status: JobStatus | None, limit: int, cursor: str | None
+        self,
+        tenant: str | Sequence[str],
+        *,
+        status: JobStatus | None,
+        limit: int,
+        cursor: str | None,
     ) -> tuple[list[StoredJob], str | None]:
-        """A page of the tenant's jobs, newest first, and the cursor of the next page."""
-        indexes = [self._keys.jobs(tenant, s) for s in ([status] if status else _STATUSES)]
+        """A page of the tenant's jobs (or several tenants'), newest first, and the next cursor."""
+        tenants = [tenant] if isinstance(tenant, str) else list(tenant)
+        statuses = [status] if status else _STATUSES
+        indexes = [self._keys.jobs(t, s) for t in tenants for s in statuses]
         start = f"({cursor}" if cursor else "+"
         jobs: list[StoredJob] = []
         while True:
@@ -546,21 +578,22 @@ class JobStore:
             jobs.extend(job for job in found if job is not None)
             gone = [job_id for job_id, job in zip(batch, found, strict=True) if job is None]
             if gone:  # expired since they were listed: read once, then never again
-                await self._forget(tenant, gone)
+                await self._forget(tenants, gone)
             start = f"({batch[-1]}"
             if len(ids) <= want:
                 return jobs, None
             if len(jobs) == limit:
                 return jobs, batch[-1]
 
-    async def _forget(self, tenant: str, job_ids: list[str]) -> None:
-        """Drop expired jobs' ids from the tenant's indexes (only final jobs expire).
+    async def _forget(self, tenants: list[str], job_ids: list[str]) -> None:
+        """Drop expired jobs' ids from the tenants' indexes (only final jobs expire).
 
         An id never comes back once its job is gone, so this needs no script.
         """
         async with self._redis.pipeline(transaction=False) as pipe:
-            for status in FINAL_STATUSES:
-                pipe.zrem(self._keys.jobs(tenant, status), *job_ids)
+            for tenant in tenants:
+                for status in FINAL_STATUSES:
+                    pipe.zrem(self._keys.jobs(tenant, status), *job_ids)
             await pipe.execute()
 
     async def trim_indexes(self, tenant: str, *, batch: int = 200, most: int = 5000) -> int:
@@ -643,6 +676,11 @@ class JobStore:
         if final and stored.hold_day is not None:
             op.settle, op.charge = True, bool(new.charge_micros())
             op.ledger_ttl_s = LEDGER_TTL_S
+        ends_now = final and stored.record.status not in FINAL_STATUSES
+        op.ends = ends_now
+        request_id = _new_request_id(stored.record, new)
+        if request_id is not None:
+            op.request_ttl_s = self._retention_s + REQUEST_INDEX_EXTRA_S
         args = [_encoder.encode(op), _encoder.encode(new), zlib.compress(body) if body else b""]
         names = _transition_keys(
             self._keys,
@@ -650,13 +688,13 @@ class JobStore:
             new,
             op.event_id,
             stored.hold_day if op.settle else None,
+            request_id,
         )
         answer = await self._transition(keys=names, args=args)
         outcome = Outcome(int(answer))
         if outcome is Outcome.DONE:
             published = JobChange(id=new.id, status=new.status, ver=stored.ver + 1)
             await publish_change(self._redis, self._keys, new.tenant, published)
-        ends_now = final and stored.record.status not in FINAL_STATUSES
         if outcome is Outcome.DONE and ends_now and self._on_finish is not None:
             self._on_finish(new.status, new.tenant)
         if outcome is Outcome.DONE and op.charge and self._on_charge is not None:
@@ -836,6 +874,14 @@ def _refusal(answer: str) -> BudgetRefusal:
         held_micros=int(held),
         resets_at=datetime.fromtimestamp(int(resets_ms) / 1000, UTC),
     )
+
+
+def _new_request_id(old: JobRecord, new: JobRecord) -> str | None:
+    """The RunComfy request id `new` carries and `old` did not, if any."""
+    request_id = new.upstream.request_id if new.upstream else ""
+    if not request_id or (old.upstream and old.upstream.request_id == request_id):
+        return None
+    return request_id
 
 
 def _ms(seconds: float | None) -> int | None:

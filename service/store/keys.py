@@ -24,6 +24,9 @@ built by `Keys` below; a script never builds a key name itself.
 | `P:spend:<tenant>:<YYYY-MM-DD>` | hash | a UTC day's spend and jobs (below); expires in 95 days |
 | `P:spend:<tenant>:<YYYY-MM>` | hash | a calendar month's `held` and `charged`; the same |
 | `P:changes:<tenant>` | channel | `{"id", "status", "ver"}` after each change of a tenant's job |
+| `P:failed:<tenant>` | zset | jobs whose final webhook failed, by when the job finished (ms) |
+| `P:request:<request id>` | string | the job of a RunComfy request id; expires after the job |
+| `P:activity` | hash | per-minute counts of the last day, a ring of 1440 slots (`activity.py`) |
 
 A job is a hash; read one with `redis-cli HGETALL '{rcg}:job:<id>'`:
 
@@ -141,6 +144,21 @@ class Keys:
     def all_changes(self) -> str:
         """The pattern (PSUBSCRIBE) of every tenant's changes channel."""
         return _GLOB.sub(r"\\\g<0>", self.prefix) + ":changes:*"
+
+    def failed_deliveries(self, tenant: str) -> str:
+        """A tenant's jobs whose final-event delivery failed, scored by their finish (ms).
+
+        Kept by the scripts that end and re-send deliveries; what recovery reads.
+        """
+        return f"{self.prefix}:failed:{tenant}"
+
+    def upstream_request(self, request_id: str) -> str:
+        """The job a RunComfy request id belongs to: the admin search by request id."""
+        return f"{self.prefix}:request:{request_id}"
+
+    def activity(self) -> str:
+        """Per-minute counts of jobs and deliveries (the dashboard's charts)."""
+        return f"{self.prefix}:activity"
 
     def round_robin(self) -> str:
         """The counter of turns that orders `submit-tenants` (least recently served first)."""

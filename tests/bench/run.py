@@ -1,17 +1,19 @@
 """The benchmarks of issues 12 and 14, one after the other, and their figures side by side.
 
-`python tests/bench/run.py [--only A,B,C1,C2,D,E] [--profile]` runs A (submit
+`python tests/bench/run.py [--only A,B,C1,C2,D,E,F] [--profile]` runs A (submit
 throughput against a bare Litestar app, and a burst's p99), B (end to end
 against arq peers on httpx and on aiohttp), C1 (worker CPU per finished job at
 real load, against the arq + httpx peer), C2 (the most in-flight jobs one
 worker keeps polled every second, against plain GETs), D (Redis memory per
 kept finished job) and E (issue 14: 1,000 `Prefer: wait` reads and 1,000
-event streams on one API process while a worker finishes their jobs), each
+event streams on one API process while a worker finishes their jobs) and F
+(issue 16: 500 failed webhooks recovered by one call while another tenant's
+webhooks keep arriving), each
 on its own private Redis, emulator and processes on 127.0.0.1, and prints
 each section as it ends, then every goal and key figure in one summary.
 `--profile` also samples the API (A) and the worker (C2, at the step it
 missed) with py-spy and prints their hottest functions. The whole
-run takes about five minutes on 2 cores.
+run takes about six minutes on 2 cores.
 """
 
 import argparse
@@ -24,6 +26,7 @@ import bench_cost
 import bench_e2e
 import bench_load
 import bench_poll
+import bench_recover
 import bench_submit
 import bench_watch
 from harness import ROOT, Section, machine, run_async, table
@@ -50,7 +53,7 @@ def revision() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--only", default="A,B,C1,C2,D,E", help="comma list of benchmarks to run")
+    parser.add_argument("--only", default="A,B,C1,C2,D,E,F", help="comma list of benchmarks to run")
     parser.add_argument("--profile", action="store_true", help="profile the API (A), worker (C2)")
     args = parser.parse_args()
     profile_s = PROFILE_S if args.profile else 0.0
@@ -61,6 +64,7 @@ def main() -> None:
         "C2": lambda: bench_poll.run(profile_s=profile_s),
         "D": bench_cost.run,
         "E": bench_watch.run,
+        "F": bench_recover.run,
     }
     chosen = [name.strip().upper() for name in args.only.split(",") if name.strip()]
     started = time.monotonic()
