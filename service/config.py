@@ -28,6 +28,10 @@ DEFAULT_BASE_URL: Final = "https://model-api.runcomfy.net"
 DEFAULT_RETRY_SCHEDULE: Final = "5,300,1800,7200,18000,36000,36000"
 DEFAULT_INPUT_MAX_BYTES: Final = 104_857_600
 MAX_PREFLIGHT_TIMEOUT_S: Final = 10.0
+DEFAULT_OUTPUT_HOSTS: Final = "*.runcomfy.net,*.runcomfy.com"
+DEFAULT_OUTPUT_MAX_BYTES: Final = 2 * 1024**3
+MAX_PRESIGN_S: Final = 604_800
+"""SigV4 presigned URLs live at most 7 days."""
 
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 _TENANT_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -40,13 +44,31 @@ _TENANT_KEYS: Final = frozenset(
         "rate_per_s",
         "budget_usd_per_day",
         "budget_usd_per_month",
+        "output_store",
     }
 )
+_OUTPUT_STORE_KEYS: Final = frozenset({"url", "endpoint_url", "region", "presign_s"})
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_REGION = re.compile(r"^[a-z0-9-]{1,32}$")
 _MICROS: Final = Decimal(1_000_000)
 
 
 class ConfigError(Exception):
     """The configuration cannot be used; the message is one line and holds no secret."""
+
+
+class OutputStore(msgspec.Struct, frozen=True, kw_only=True):
+    """A tenant's S3-compatible store for durable outputs (`[tenants.<id>.output_store]`).
+
+    No credentials: the worker's AWS environment or web identity supplies them.
+    """
+
+    bucket: str
+    prefix: str = ""
+    endpoint_url: str | None = None
+    region: str | None = None
+    presign_s: int | None = None
+    """Answer presigned GET URLs valid this long; None: `s3://bucket/key` URLs."""
 
 
 class Tenant(msgspec.Struct, frozen=True):
@@ -60,6 +82,7 @@ class Tenant(msgspec.Struct, frozen=True):
     rate_per_s: float | None = None
     budget_micros_per_day: int | None = None
     budget_micros_per_month: int | None = None
+    output_store: OutputStore | None = None
 
     def __repr__(self) -> str:
         return f"Tenant(id={self.id!r}, keys={len(self.api_key_hashes)})"
@@ -73,10 +96,12 @@ class Tenants(msgspec.Struct):
     """
 
     by_id: dict[str, Tenant]
+    admin_key_hashes: tuple[str, ...] = ()
+    """`[admins] api_keys`: keys of the operators' admin API (`/v1/admin`), never a tenant's."""
 
     def replace_with(self, other: Tenants) -> None:
-        """Take `other`'s tenants (one assignment: callers never see half a file)."""
-        self.by_id = other.by_id
+        """Take `other`'s tenants and admins (callers never see half a file)."""
+        self.by_id, self.admin_key_hashes = other.by_id, other.admin_key_hashes
 
     def authenticate(self, api_key: str) -> tuple[Tenant, str] | None:
         """The tenant and key id (a hash prefix, never the key) for `api_key`, or None.
@@ -90,6 +115,18 @@ class Tenants(msgspec.Struct):
             for stored in tenant.api_key_hashes:
                 if hmac.compare_digest(stored, digest):
                     found = (tenant, "key_" + stored[:12])
+        return found
+
+    def authenticate_admin(self, api_key: str) -> str | None:
+        """The key id (a hash prefix) of `api_key` if it is an admin key, else None.
+
+        Compared in constant time, as `authenticate` does.
+        """
+        digest = hashlib.sha256(api_key.encode()).hexdigest()
+        found: str | None = None
+        for stored in self.admin_key_hashes:
+            if hmac.compare_digest(stored, digest):
+                found = "key_" + stored[:12]
         return found
 
 
@@ -136,6 +173,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """`GATEWAY_INPUT_MAX_BYTES`: the largest input accepted, when it states its size."""
     price_micros: int = 0
     """One standard run's price in micro-dollars; 0 = unknown (no costs, no budgets)."""
+    output_hosts: tuple[str, ...] = ("*.runcomfy.net", "*.runcomfy.com")
+    """`GATEWAY_OUTPUT_HOSTS`: the only hosts outputs are copied from."""
+    output_max_bytes: int = DEFAULT_OUTPUT_MAX_BYTES
+    """`GATEWAY_OUTPUT_MAX_BYTES`: the largest output copied into a tenant's store."""
 
     def __repr__(self) -> str:
         tenants = list(self.tenants.by_id)
@@ -162,14 +203,15 @@ def _integer(env: Mapping[str, str], name: str, default: int, *, minimum: int = 
     return int(value)
 
 
-def _allow_hosts(env: Mapping[str, str]) -> tuple[str, ...]:
-    """`GATEWAY_PREFLIGHT_ALLOW_HOSTS`: host names, `*.suffix` wildcards or addresses.
+def _allow_hosts(
+    env: Mapping[str, str], name: str = "GATEWAY_PREFLIGHT_ALLOW_HOSTS", default: str = ""
+) -> tuple[str, ...]:
+    """A comma list of host names, `*.suffix` wildcards or addresses (`name`, else `default`).
 
     A link-local or metadata address is refused here too: no setting may open those.
     """
-    name = "GATEWAY_PREFLIGHT_ALLOW_HOSTS"
     hosts: list[str] = []
-    for entry in (item.strip() for item in env.get(name, "").split(",")):
+    for entry in (item.strip() for item in (env.get(name) or default).split(",")):
         if not entry:
             continue
         bare = entry.removeprefix("*.")
@@ -225,6 +267,62 @@ def _poll_learn_settings(env: Mapping[str, str]) -> dict[str, Any]:
         "poll_learn_max_age_s": _number(env, "GATEWAY_POLL_LEARN_MAX_AGE_S", 1800.0, minimum=1),
         "poll_learn_refresh_s": _number(env, "GATEWAY_POLL_LEARN_REFRESH_S", 5.0, minimum=0.05),
     }
+
+
+def _output_settings(env: Mapping[str, str]) -> dict[str, Any]:
+    """The durable outputs' settings (README, Durable outputs), as `Settings` fields."""
+    hosts = _allow_hosts(env, "GATEWAY_OUTPUT_HOSTS", DEFAULT_OUTPUT_HOSTS)
+    if not hosts:
+        raise ConfigError("GATEWAY_OUTPUT_HOSTS must name at least one host")
+    return {
+        "output_hosts": hosts,
+        "output_max_bytes": _integer(env, "GATEWAY_OUTPUT_MAX_BYTES", DEFAULT_OUTPUT_MAX_BYTES),
+    }
+
+
+def _output_store(table: object, where: str) -> OutputStore:  # noqa: C901 - one flat check per field
+    """A tenant's `output_store` table; `where` names it (`tenants.<id>.output_store`)."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where} must be a table")
+    unknown = sorted(set(table) - _OUTPUT_STORE_KEYS)
+    if unknown:
+        # Never echo a value: a credential pasted here would end up in a log.
+        raise ConfigError(
+            f"{where} has unknown key {unknown[0]!r} (credentials come from the worker's "
+            "environment or web identity, never from the tenants file)"
+        )
+    url = table.get("url")
+    if not isinstance(url, str) or not url.startswith("s3://"):
+        raise ConfigError(f"{where}.url must be an s3://bucket/prefix URL")
+    bucket, _, prefix = url.removeprefix("s3://").partition("/")
+    if not _BUCKET.match(bucket) or ".." in bucket:
+        raise ConfigError(f"{where}.url: {bucket!r} is not a valid bucket name")
+    prefix = prefix.strip("/")
+    if prefix and any(part in {"", ".", ".."} for part in prefix.split("/")):
+        raise ConfigError(f"{where}.url: the key prefix {prefix!r} has an empty or dot segment")
+    endpoint = table.get("endpoint_url")
+    if endpoint is not None:
+        if not isinstance(endpoint, str) or not endpoint.startswith(("http://", "https://")):
+            raise ConfigError(f"{where}.endpoint_url must be an http(s) URL")
+        if "@" in endpoint.partition("://")[2].partition("/")[0]:
+            raise ConfigError(f"{where}.endpoint_url must not carry user:password")
+    region = table.get("region")
+    if region is not None and (not isinstance(region, str) or not _REGION.match(region)):
+        raise ConfigError(f"{where}.region must be a region name like 'eu-west-1'")
+    presign = table.get("presign_s")
+    if presign is not None and (
+        isinstance(presign, bool)
+        or not isinstance(presign, int)
+        or not 1 <= presign <= MAX_PRESIGN_S
+    ):
+        raise ConfigError(f"{where}.presign_s must be a whole number of seconds, 1-{MAX_PRESIGN_S}")
+    return OutputStore(
+        bucket=bucket,
+        prefix=prefix,
+        endpoint_url=endpoint.rstrip("/") if endpoint else None,
+        region=region,
+        presign_s=presign,
+    )
 
 
 def usd_to_micros(value: object) -> int | None:
@@ -299,6 +397,7 @@ def _tenant(tenant_id: str, table: object, where: str) -> Tenant:  # noqa: C901,
         isinstance(rate, bool) or not isinstance(rate, int | float) or rate <= 0
     ):
         raise ConfigError(f"{where}: tenants.{tenant_id}.rate_per_s must be a number > 0")
+    store = table.get("output_store")
     return Tenant(
         id=tenant_id,
         api_key_hashes=tuple(hashes),
@@ -310,6 +409,9 @@ def _tenant(tenant_id: str, table: object, where: str) -> Tenant:  # noqa: C901,
         budget_micros_per_month=_budget(
             table, "budget_usd_per_month", f"{where}: tenants.{tenant_id}"
         ),
+        output_store=None
+        if store is None
+        else _output_store(store, f"{where}: tenants.{tenant_id}.output_store"),
     )
 
 
@@ -325,7 +427,7 @@ def parse_tenants(
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{where}: not valid TOML ({exc})") from None
-    unknown = sorted(set(document) - {"tenants"})
+    unknown = sorted(set(document) - {"tenants", "admins"})
     if unknown:
         raise ConfigError(f"{where}: unknown top-level key {unknown[0]!r}")
     tables = document.get("tenants")
@@ -343,7 +445,29 @@ def parse_tenants(
                 f"{where}: tenants.{tenant.id} has a budget but GATEWAY_PRICE_USD is not set: "
                 "a budget needs the price of a run"
             )
-    return Tenants(by_id=tenants)
+    admins = _admin_key_hashes(document.get("admins", {}), where)
+    if set(admins) & set(seen):
+        raise ConfigError(f"{where}: one API key hash is listed for a tenant and an admin")
+    return Tenants(by_id=tenants, admin_key_hashes=admins)
+
+
+def _admin_key_hashes(table: object, where: str) -> tuple[str, ...]:
+    """The `[admins]` table: `api_keys`, sha256 hex digests of the operators' keys."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: admins must be a table")
+    unknown = sorted(set(table) - {"api_keys"})
+    if unknown:
+        raise ConfigError(f"{where}: admins has unknown key {unknown[0]!r}")
+    keys = table.get("api_keys", [])
+    if not isinstance(keys, list) or not all(
+        isinstance(key, str) and _SHA256_HEX.match(key.lower()) for key in keys
+    ):
+        # Never echo the value: it might be a plain key pasted by mistake.
+        raise ConfigError(
+            f"{where}: admins.api_keys must hold sha256 hex digests (64 hex characters), "
+            "not plain keys"
+        )
+    return tuple(key.lower() for key in keys)
 
 
 def load_tenants(path: str, *, budgets_allowed: bool = True) -> Tenants:
@@ -434,6 +558,7 @@ def load_settings(  # noqa: C901 - one flat check per variable reads best
         funds_pause_s=_number(env, "GATEWAY_FUNDS_PAUSE_S", 60.0, minimum=0.1),
         **_preflight_settings(env, lease_s=lease_s, upstream_timeout_s=upstream_timeout_s),
         price_micros=price_micros,
+        **_output_settings(env),
     )
 
 

@@ -88,15 +88,20 @@ def _local_app(secrets_: tuple[bytes, ...] | None) -> Litestar:
     return Litestar(route_handlers=handlers, openapi_config=None, logging_config=None, debug=False)
 
 
-def _demo_tenant() -> tuple[Tenants, str]:
+def _demo_tenant(host: str, port: int, notes: list[str]) -> tuple[Tenants, str]:
+    """The demo tenant and its API key, and an admin key for the dashboard (in `notes`)."""
     api_key = "rcg_demo_" + secrets.token_urlsafe(18)
+    admin_key = "rcg_admin_" + secrets.token_urlsafe(18)
+    shown = "127.0.0.1" if host in {"0.0.0.0", ""} else host  # noqa: S104 - shown, not bound
+    notes.append(f"Dashboard http://{shown}:{port}/ui (admin key {admin_key})")
     tenant = Tenant(
         id=DEMO_TENANT,
         api_key_hashes=(hashlib.sha256(api_key.encode()).hexdigest(),),
         webhook_secrets=(secrets.token_bytes(24),),
         callback_hosts=("127.0.0.1", "localhost"),
     )
-    return Tenants(by_id={DEMO_TENANT: tenant}), api_key
+    admins = (hashlib.sha256(admin_key.encode()).hexdigest(),)
+    return Tenants(by_id={DEMO_TENANT: tenant}, admin_key_hashes=admins), api_key
 
 
 def _banner(
@@ -162,7 +167,7 @@ async def dev_main(env: Mapping[str, str], *, host: str, port: int) -> None:
         if env.get("GATEWAY_TENANTS_FILE"):
             settings = load_settings(overrides)
         else:
-            tenants, api_key = _demo_tenant()
+            tenants, api_key = _demo_tenant(host, port, notes)
             settings = load_settings(overrides, tenants=tenants)
             secrets_ = tenants.by_id[DEMO_TENANT].webhook_secrets
         sample_url, hook_url = await _start_local(stack, secrets_, notes)

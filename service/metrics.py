@@ -29,6 +29,8 @@ PROMETHEUS_MEDIA_TYPE: Final = CONTENT_TYPE_LATEST.replace("; charset=utf-8", ""
 _LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # RunComfy calls cross the internet: tens of milliseconds to the timeout.
 _UPSTREAM_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# One output copied into a tenant's store: a small video in a second, 2 GiB in minutes.
+_COPY_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 # Event to delivery: milliseconds when the receiver is up, hours along the retry schedule.
 _DELIVERY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 7200, 36000)
 # Status polls of one job: a handful for short runs, dozens for long ones.
@@ -153,8 +155,8 @@ class WorkerMetrics(_Common):
         )
         self.webhook_attempts = Counter(
             "rcg_webhook_attempts",
-            "Webhook delivery attempts by outcome: delivered, or the error class.",
-            ["outcome"],
+            "Webhook delivery attempts by tenant and outcome: delivered, or the error class.",
+            ["tenant", "outcome"],
             registry=self.registry,
         )
         self.submit_stall = Gauge(
@@ -164,11 +166,25 @@ class WorkerMetrics(_Common):
         )
         self.webhook_latency = Histogram(
             "rcg_webhook_delivery_seconds",
-            "From the event (a job's state change) to its successful delivery.",
+            "From the event (a job's state change) to its successful delivery, by tenant.",
+            ["tenant"],
             buckets=_DELIVERY_BUCKETS,
             registry=self.registry,
         )
 
+        self.output_copy_bytes = Counter(
+            "rcg_output_copy_bytes",
+            "Output bytes streamed from RunComfy into tenants' stores (as they pass), by tenant.",
+            ["tenant"],
+            registry=self.registry,
+        )
+        self.output_copy_latency = Histogram(
+            "rcg_output_copy_duration_seconds",
+            "Time to copy one output into its tenant's store, by tenant and outcome.",
+            ["tenant", "outcome"],
+            buckets=_COPY_BUCKETS,
+            registry=self.registry,
+        )
         self.poll_learned = Gauge(
             "rcg_poll_learned_seconds",
             "Learned length of a phase (queue, run) of recent jobs per input class, by quantile "
@@ -190,6 +206,10 @@ class WorkerMetrics(_Common):
             buckets=_DETECTION_BUCKETS,
             registry=self.registry,
         )
+
+    def output_copied(self, tenant: str, seconds: float, outcome: str) -> None:
+        """Record one output copy: `stored`, `retry` (a passing failure) or `failed`."""
+        self.output_copy_latency.labels(tenant=tenant, outcome=outcome).observe(seconds)
 
     def job_detected(self, input_class: str, polls: int, delay_s: float | None) -> None:
         """Record a completed job's polls and, when RunComfy gave its end, how late we saw it."""
@@ -218,11 +238,11 @@ class WorkerMetrics(_Common):
         if error is not None:
             self.upstream_errors.labels(call=call, kind=error).inc()
 
-    def webhook_attempt(self, outcome: str, since_event_s: float | None) -> None:
-        """Record one delivery attempt; `since_event_s` is set when it delivered."""
-        self.webhook_attempts.labels(outcome=outcome).inc()
+    def webhook_attempt(self, outcome: str, since_event_s: float | None, tenant: str) -> None:
+        """Record one delivery attempt of `tenant`; `since_event_s` is set when it delivered."""
+        self.webhook_attempts.labels(tenant=tenant, outcome=outcome).inc()
         if since_event_s is not None:
-            self.webhook_latency.observe(since_event_s)
+            self.webhook_latency.labels(tenant=tenant).observe(since_event_s)
 
 
 class ApiMetrics(_Common):

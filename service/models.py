@@ -158,6 +158,22 @@ class Cost(Struct):
     charged_usd: float | None
 
 
+class OutputFile(Struct, kw_only=True):
+    """One output of a job whose tenant keeps its outputs (README, Durable outputs).
+
+    `url` is where the copy is (a presigned GET URL, or `s3://bucket/key`) and `upstream_url`
+    RunComfy's URL it was copied from; on a job failed with `output_copy_failed`, the
+    outputs not copied have only their `upstream_url`.
+    """
+
+    url: str | None
+    upstream_url: str
+    bytes: int | None = None
+    sha256: str | None = None
+    """Lowercase hex digest of the bytes stored."""
+    content_type: str | None = None
+
+
 _MAY_HAVE_PAID: Final = frozenset({"sent", "accepted", "unknown"})
 """Submit outcomes after which a paid run may exist; rejected and unreachable ones created none."""
 
@@ -183,6 +199,8 @@ class Job(Struct):
     """Submits that may have created a paid run: accepted, or sent with no answer known."""
     timeout_s: int = 0
     """Seconds the job may take from its creation before it fails with `timeout`."""
+    output_files: list[OutputFile] | None = None
+    """Each output copied into the tenant's store; null when the tenant keeps none."""
 
 
 class JobRecord(Struct, kw_only=True, omit_defaults=True):
@@ -212,6 +230,13 @@ class JobRecord(Struct, kw_only=True, omit_defaults=True):
     cancel_requested_at: datetime | None = None
     estimate_micros: int | None = None
     """What the job is held and charged at (micro-dollars); None while the price is unknown."""
+    output_files: list[OutputFile] | None = None
+    upstream_output: dict[str, Any] | None = None
+    """RunComfy's output while its files are copied into the tenant's store (not shown)."""
+    copy_attempts: int = 0
+    """Copies of the outputs tried and failed for a passing reason, for the backoff."""
+    copy_error: str | None = None
+    """Why the last of those failed: the job's error says it if its deadline comes first."""
 
     def charge_micros(self) -> int | None:
         """What the job is charged: None until it is final, then its estimate if it ran, else 0.
@@ -261,6 +286,7 @@ class JobRecord(Struct, kw_only=True, omit_defaults=True):
             cost=self.cost(),
             upstream_submits=sum(1 for s in self.submits if s.outcome in _MAY_HAVE_PAID),
             timeout_s=self.timeout_s,
+            output_files=self.output_files,
         )
 
     @property
@@ -394,3 +420,123 @@ def utcnow() -> datetime:
     """The current time, timezone-aware in UTC, at millisecond precision."""
     # Whole milliseconds added to the epoch: exact, and a third of the cost of now() + replace().
     return _EPOCH + timedelta(milliseconds=time.time_ns() // 1_000_000)
+
+
+# Operating it (DESIGN §10): recovery of failed deliveries and the admin API.
+
+
+RFC3339 = Annotated[str, Meta(extra_json_schema={"format": "date-time"})]
+"""An RFC 3339 time as sent; read as one where it is used (a number is not a time)."""
+
+
+class RecoverRequest(Base):
+    """The body of `POST /v1/deliveries/recover`: a window of finish times (RFC 3339)."""
+
+    since: RFC3339
+    until: RFC3339 | None = None
+
+
+class AdminRecoverRequest(RecoverRequest, kw_only=True):
+    """The body of `POST /v1/admin/deliveries/recover`: a window, and one tenant or all."""
+
+    tenant: str | None = None
+
+
+class Recovering(Struct):
+    """How many failed deliveries were queued to be sent again."""
+
+    recovering: int
+
+
+class StatusCounts(Struct):
+    """Jobs in each status (final ones until they expire with retention)."""
+
+    pending: int
+    in_queue: int
+    in_progress: int
+    completed: int
+    failed: int
+    cancelled: int
+
+
+class TenantOverview(Struct):
+    """One tenant at a glance."""
+
+    tenant: str
+    jobs: StatusCounts
+    in_runcomfy: int
+    """Jobs `in_queue` or `in_progress` at RunComfy now."""
+    upstream_slots: int
+    """Upstream slots the tenant's jobs hold (a submit on the way takes one too)."""
+    max_in_flight: int | None
+    failed_deliveries: int
+    """Final webhooks that failed and were not re-sent since, within retention."""
+    charged_today_usd: float | None
+    """Charged today (UTC, by Redis's clock) for jobs submitted today; null: price unknown."""
+
+
+class UpstreamSlots(Struct):
+    """Jobs inside RunComfy (or on their way) against `GATEWAY_UPSTREAM_MAX_IN_FLIGHT`."""
+
+    used: int
+    limit: int
+
+
+class Overview(Struct):
+    """The answer of `GET /v1/admin/overview`: every tenant, and the gateway as a whole."""
+
+    at: datetime
+    backlog: int
+    """Pending jobs waiting for an upstream slot, all tenants."""
+    deliveries_scheduled: int
+    """Webhook deliveries waiting, retrying or being sent."""
+    upstream_slots: UpstreamSlots
+    pause: UpstreamPauseInfo | None
+    tenants: list[TenantOverview]
+
+
+class ActivityMinute(Struct):
+    """What happened in one minute: jobs created and ended, final webhooks ended."""
+
+    at: datetime
+    created: int
+    completed: int
+    failed: int
+    cancelled: int
+    delivered: int
+    delivery_failed: int
+
+
+class Activity(Struct):
+    """The answer of `GET /v1/admin/activity`: the last minutes, oldest first."""
+
+    minutes: list[ActivityMinute]
+
+
+class AdminJob(Struct):
+    """A job and its tenant, as the admin API lists them."""
+
+    tenant: str
+    job: Job
+
+
+class AdminJobList(Struct):
+    """One page of `GET /v1/admin/jobs`, newest first."""
+
+    items: list[AdminJob]
+    next_cursor: str | None
+
+
+class AdminJobDetail(Struct):
+    """Any tenant's job with what only operators see: its submits and its attempt log."""
+
+    tenant: str
+    key_id: str
+    """Which of the tenant's API keys submitted it (a hash prefix, never the key)."""
+    job: Job
+    deadline_at: datetime
+    cancel_requested_at: datetime | None
+    submit_retries: int
+    submits: list[SubmitAttempt]
+    webhook_id: str | None
+    attempts: list[DeliveryAttempt]

@@ -9,12 +9,12 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from service.localredis import LocalRedis
+from service.localredis import LocalRedis, free_port
 from service.runcomfy.emulator import EmulatorConfig, start_emulator
 from service.serving import Served
 from service.store.connection import connect
 from service.store.keys import Keys
-from tests.support import Receiver, StartEmulator
+from tests.support import Receiver, S3Server, StartEmulator
 
 
 @pytest.fixture(scope="session")
@@ -59,3 +59,11 @@ async def receiver() -> AsyncIterator[Receiver]:
     r = await Receiver().start()
     yield r
     await r.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> Iterator[S3Server]:
+    """A real S3-compatible HTTP server (moto's) as a process on a free port."""
+    server = S3Server(port=free_port(), log=tmp_path_factory.mktemp("s3") / "moto.log").start()
+    yield server
+    server.stop()

@@ -25,13 +25,16 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
+import obstore
 from litestar import Litestar, Request, Response, post
 from litestar.params import RawBody
+from obstore.store import S3Store
 from standardwebhooks.webhooks import Webhook
 
 from service.api.app import create_app
 from service.config import Settings, Tenant, Tenants
 from service.models import EventType, JobRecord, VideoInput, WebhookSpec, utcnow
+from service.runcomfy.emulator import output_chunks
 from service.serving import Served, listen, serve
 from service.store.connection import new_id
 from service.store.keys import Keys
@@ -86,6 +89,12 @@ def new_tenant(tenant_id: str = "orders") -> TestTenant:
     return TestTenant(
         id=tenant_id, api_key="key_" + secrets.token_hex(8), secret=secrets.token_bytes(24)
     )
+
+
+def admins_toml(*api_keys: str) -> str:
+    """The tenants file's `[admins]` table for these plain admin keys."""
+    digests = ", ".join(f'"{hashlib.sha256(key.encode()).hexdigest()}"' for key in api_keys)
+    return f"[admins]\napi_keys = [{digests}]\n"
 
 
 def tenants_of(*tenants: Tenant) -> Tenants:
@@ -471,3 +480,116 @@ async def job_stream(
         assert answer.status_code == 200, await answer.aread()
         assert answer.headers["content-type"].startswith("text/event-stream")
         yield server_events(answer)
+
+
+# -- durable outputs: a real S3-compatible server (moto's) and what tests read back from it ----
+
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing-key-id",
+    "AWS_SECRET_ACCESS_KEY": "testing-secret-key",
+    "AWS_REGION": "us-east-1",
+}
+"""Credentials a worker's environment holds for the S3 server (moto takes any)."""
+
+
+def outputs_env(
+    redis_url: str, emulator_url: str, tenants_file: Path, **settings: str
+) -> dict[str, str]:
+    """`gateway_env` for durable outputs: the emulator's host allowed, S3 credentials set."""
+    return {
+        **gateway_env(
+            redis_url,
+            emulator_url,
+            tenants_file,
+            OUTPUT_HOSTS="127.0.0.1",
+            PREFLIGHT_ALLOW_HOSTS="127.0.0.1",
+            **settings,
+        ),
+        **S3_ENV,
+    }
+
+
+@dataclass
+class S3Server:
+    """moto's S3 server as a process on 127.0.0.1 (`python -m moto.server`), for real S3 calls."""
+
+    port: int
+    log: Path
+    _proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> S3Server:
+        with self.log.open("wb") as out:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        wait_http(f"{self.url}/moto-api/")
+        return self
+
+    def stop(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            self._proc.wait(10)
+
+    def create_bucket(self) -> str:
+        """A new empty bucket (moto asks no signature for it); its name."""
+        bucket = "outputs-" + secrets.token_hex(6)
+        assert httpx.put(f"{self.url}/{bucket}", timeout=10).status_code == 200
+        return bucket
+
+    def store_toml(self, bucket: str, prefix: str, presign_s: int | None = None) -> str:
+        """A tenant's `[output_store]` table body on this server (add it under the tenant's)."""
+        presign = f"presign_s = {presign_s}\n" if presign_s is not None else ""
+        return (
+            f'url = "s3://{bucket}/{prefix}"\nendpoint_url = "{self.url}"\n'
+            f'region = "us-east-1"\n{presign}'
+        )
+
+    def client(self, bucket: str) -> S3Store:
+        """An obstore client of `bucket`, with the test credentials."""
+        return S3Store(
+            bucket,
+            endpoint=self.url,
+            region="us-east-1",
+            access_key_id=S3_ENV["AWS_ACCESS_KEY_ID"],
+            secret_access_key=S3_ENV["AWS_SECRET_ACCESS_KEY"],
+            client_options={"allow_http": True},
+        )
+
+    async def objects(self, bucket: str, prefix: str) -> dict[str, int]:
+        """Every object under `prefix` in `bucket`: key -> size."""
+        found = await obstore.list(self.client(bucket), prefix=prefix).collect_async()
+        return {item["path"]: item["size"] for item in found}
+
+    async def sha256(self, bucket: str, key: str) -> str:
+        """The sha256 of an object's bytes, read as a stream."""
+        digest = hashlib.sha256()
+        answer = await obstore.get_async(self.client(bucket), key)
+        async for chunk in answer.stream():
+            digest.update(chunk)
+        return digest.hexdigest()
+
+    async def delete(self, bucket: str, key: str) -> None:
+        """Remove an object (a large one, once a test has read it)."""
+        await obstore.delete_async(self.client(bucket), key)
+
+
+def emulator_output(size: int) -> tuple[str, int]:
+    """The sha256 and size of the emulator's output video of `size` bytes."""
+    digest = hashlib.sha256()
+    for chunk in output_chunks(size):
+        digest.update(chunk)
+    return digest.hexdigest(), size
+
+
+def process_rss_bytes(pid: int) -> int:
+    """A process's resident set size now, from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for process {pid}")

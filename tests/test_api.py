@@ -697,7 +697,7 @@ async def test_the_attempt_log_lists_each_attempt(api, jobs, schedules, deliveri
         next_attempt_at=None,
     )
     await deliveries.record_attempt(
-        claim.member, claim.lease, attempt, state="failed", retry_in_s=None
+        claim.member, claim.lease, attempt, tenant=TENANT.id, state="failed", retry_in_s=None
     )
     items = (await api.get(f"/v1/jobs/{job['id']}/deliveries")).json()["items"]
     assert items == [msgspec.to_builtins(attempt)]

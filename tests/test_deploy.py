@@ -591,3 +591,102 @@ def test_dockerignore_sends_only_the_build_inputs():
     ]
     assert lines[0] == "*"
     assert {"!pyproject.toml", "!README.md", "!service/"} <= set(lines)
+
+
+# --- the Grafana dashboard -----------------------------------------------------------------
+
+
+def _dashboard() -> tuple[dict[str, Any], dict[str, Any]]:
+    """The ConfigMap the Grafana sidecar loads (prod), and the dashboard it holds."""
+    maps = [
+        d
+        for d in _of_kind(_render("overlays/prod"), "ConfigMap")
+        if d["metadata"].get("labels", {}).get("grafana_dashboard") == "1"
+    ]
+    assert len(maps) == 1, maps
+    [(name, text)] = maps[0]["data"].items()
+    assert name.endswith(".json")
+    return maps[0], json.loads(text)
+
+
+def test_the_grafana_dashboard_ships_as_a_config_map_the_sidecar_loads():
+    """The dashboard ships as a stable-named ConfigMap the sidecar loads, a panel per topic."""
+    config_map, dashboard = _dashboard()
+    assert config_map["metadata"]["name"] == "runcomfy-gateway-grafana-dashboard"  # no hash
+    assert dashboard["uid"] == "runcomfy-gateway"
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    assert all(p["targets"] and p["datasource"]["uid"] == "${datasource}" for p in panels)
+    titles = " | ".join(p["title"] for p in panels).lower()
+    for topic in (
+        "queue depth",
+        "upstream slots",
+        "submit latency",
+        "poll latency",
+        "delivery success",
+        "event to delivery",
+        "charged",
+    ):
+        assert topic in titles, topic
+    grid = [(p["gridPos"]["x"], p["gridPos"]["y"]) for p in dashboard["panels"]]
+    assert len(grid) == len(set(grid)), "two panels at one place"
+
+
+def _exported(text: str) -> set[str]:
+    """Every series name a /metrics answer can carry, from its `# TYPE` lines."""
+    suffixes = {
+        "counter": ("_total", "_created"),
+        "gauge": ("",),
+        "histogram": ("_bucket", "_sum", "_count", "_created"),
+    }
+    names: set[str] = set()
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split()
+            if kind == "counter":  # its TYPE line may name it with its _total or without
+                name = name.removesuffix("_total")
+            names.update(name + suffix for suffix in suffixes.get(kind, ("",)))
+    return names
+
+
+async def test_every_metric_the_dashboard_queries_is_exported(redis_server, keys):
+    """Each rcg_* series a panel or variable queries is in the /metrics of the API or worker."""
+    import asyncio  # noqa: PLC0415 - only this test runs the processes' servers
+
+    import httpx  # noqa: PLC0415
+
+    from service.localredis import free_port  # noqa: PLC0415
+    from service.worker.main import run_worker  # noqa: PLC0415
+    from tests.support import new_tenant, serve_api, tenants_of, wait_for  # noqa: PLC0415
+
+    _, dashboard = _dashboard()
+    queries = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    queries += [v.get("definition", "") for v in dashboard["templating"]["list"]]
+    used = set(re.findall(r"\brcg_[a-z_]+", " ".join(queries)))
+    assert used
+    env = {
+        "REDIS_URL": redis_server.url,
+        "RUNCOMFY_BASE_URL": "http://127.0.0.1:9",  # never called: there are no jobs
+        "RUNCOMFY_API_TOKEN": "test-token",
+        "GATEWAY_PREFLIGHT": "off",
+        "GATEWAY_PRICE_USD": "0.25",
+    }
+    settings = load_settings(env, tenants=tenants_of(new_tenant("orders").tenant()))
+    async with serve_api(settings, keys, None) as api:
+        exported = _exported((await api.get("/metrics")).text)
+    port, stop = free_port(), asyncio.Event()
+    worker = asyncio.create_task(run_worker(settings, stop, keys=keys, metrics_port=port))
+    try:
+        async with httpx.AsyncClient() as http:
+
+            async def scrape() -> str | None:
+                try:
+                    answer = await http.get(f"http://127.0.0.1:{port}/metrics")
+                except httpx.TransportError:
+                    return None
+                return answer.text if answer.status_code == 200 else None
+
+            exported |= _exported(await wait_for(scrape))
+    finally:
+        stop.set()
+        await asyncio.wait_for(worker, 10)
+    assert used <= exported, sorted(used - exported)

@@ -31,9 +31,10 @@ from service.config import load_settings
 from service.localredis import LocalRedis, free_port
 from service.models import MAX_METADATA_BYTES
 from service.store.keys import Keys
-from tests.support import new_tenant
+from tests.support import admins_toml, new_tenant
 
 TENANT = new_tenant("orders")
+ADMIN_KEY = "adm_fuzz_" + "7" * 24
 HOSTS = ("hooks.example.com",)
 VIDEO = "https://example.com/in.mp4"
 PROBLEM = "application/problem+json"
@@ -76,7 +77,7 @@ class _Collect(logging.Handler):
 def gateway(redis_server: LocalRedis, tmp_path_factory) -> Iterator[Gateway]:
     """`runcomfy-gateway api` as uvicorn serves it, on a free port, with a real Redis."""
     tenants = tmp_path_factory.mktemp("fuzz") / "tenants.toml"
-    tenants.write_text(TENANT.toml(hosts=HOSTS))
+    tenants.write_text(TENANT.toml(hosts=HOSTS) + admins_toml(ADMIN_KEY))
     env = {
         "REDIS_URL": redis_server.url,
         "RUNCOMFY_API_TOKEN": "fuzz-token",
@@ -567,10 +568,19 @@ def a_job(gateway: Gateway) -> str:
     return job_id
 
 
-BEYOND_THE_DOCUMENT = ("#/input/video_url", "#/webhook/url", "#/metadata", "#/from", "#/to")
+BEYOND_THE_DOCUMENT = (
+    "#/input/video_url",
+    "#/webhook/url",
+    "#/metadata",
+    "#/from",
+    "#/to",
+    "#/since",
+    "#/until",
+)
 """Fields with a rule no JSON Schema can state: a public address, the tenant's callback
-hosts, metadata's size as JSON and its depth, and usage's range (`from` not after `to`,
-at most 92 days: a rule between two parameters)."""
+hosts, metadata's size as JSON and its depth, usage's range (`from` not after `to`,
+at most 92 days: a rule between two parameters) and a recovery's window (`until` not
+before `since`, both with a time zone offset)."""
 WRITTEN_AS_A_FRACTION = "must be an integer, not a number"
 """JSON Schema counts 129.0 as an integer; the API, like RunComfy, wants it written 129."""
 
@@ -603,9 +613,11 @@ def test_every_operation_conforms_to_the_document(case, fuzz_totals, a_job):
     if "job_id" in (case.path_parameters or {}) and case.meta.generation.mode.is_positive:
         # A random id only ever answers 404; a real one gets the job, 409s, a re-send.
         case.path_parameters["job_id"] = a_job
+    # The admin routes are fuzzed with the admin key (a tenant's answers them 401 only).
+    key = ADMIN_KEY if case.path.startswith("/v1/admin/") else TENANT.api_key
     response = case.call_and_validate(
         base_url=fuzz_totals.url,
-        headers={"Authorization": f"Bearer {TENANT.api_key}"},
+        headers={"Authorization": f"Bearer {key}"},
         excluded_checks=[positive_data_acceptance],
         additional_checks=[valid_data_is_accepted],
     )

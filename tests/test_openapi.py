@@ -37,6 +37,10 @@ def test_the_document_is_openapi_3_1_with_every_route(document):
     assert "post" in paths["/v1/jobs/{job_id}/cancel"]
     assert set(paths["/v1/jobs/{job_id}/deliveries"]) == {"get", "post"}
     assert {"/healthz", "/readyz", "/metrics"} <= set(paths)
+    assert "post" in paths["/v1/deliveries/recover"]
+    admin = {p for p in paths if p.startswith("/v1/admin/")}
+    assert {"/v1/admin/overview", "/v1/admin/jobs", "/v1/admin/jobs/{job_id}"} <= admin
+    assert {"/v1/admin/jobs/{job_id}/cancel", "/v1/admin/deliveries/recover"} <= admin
     assert not [path for path in paths if path.startswith("/_")]
 
 
@@ -59,7 +63,8 @@ def test_v1_routes_need_the_bearer_scheme_and_answer_problems(document):
     for path, item in document["paths"].items():
         for method, operation in item.items():
             if path.startswith("/v1"):
-                assert operation["security"] == [{"apiKey": []}], (path, method)
+                scheme = "adminKey" if path.startswith("/v1/admin/") else "apiKey"
+                assert operation["security"] == [{scheme: []}], (path, method)
                 assert "401" in operation["responses"], (path, method)
             for status, answer in operation["responses"].items():
                 if int(status) >= 400:

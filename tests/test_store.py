@@ -22,6 +22,7 @@ from service.models import (
 from service.store.connection import new_id
 from service.store.deliveries import MAX_LOG_ENTRIES, DeliveryStore, Resend
 from service.store.jobs import (
+    REQUEST_INDEX_EXTRA_S,
     JobStore,
     Lease,
     Outcome,
@@ -241,13 +242,13 @@ async def test_resend_requeues_the_final_event(jobs, schedules, deliveries):
     """A final job's event can be queued again; a job that is not final cannot."""
     record = make_record()
     await jobs.create(record)
-    assert await deliveries.resend(record.id) is Resend.NOT_FINAL
+    assert await deliveries.resend(record.id, record.tenant) is Resend.NOT_FINAL
     stored = await jobs.get(record.id)
     error = JobErrorInfo(code="upstream_error", message="boom")
     await jobs.finish(stored, "failed", lease=None, error=error)
     [claim] = await schedules.claim("deliver", 10)
     assert await schedules.claim("deliver", 10) == []
-    assert await deliveries.resend(record.id) is Resend.QUEUED
+    assert await deliveries.resend(record.id, record.tenant) is Resend.QUEUED
     assert [c.member for c in await schedules.claim("deliver", 10)] == [claim.member]
 
 
@@ -342,7 +343,12 @@ async def run_to_completion(jobs, schedules, record, *, deliveries=None):
     if deliveries is not None:
         for claim in await schedules.claim("deliver", 10):
             await deliveries.record_attempt(
-                claim.member, claim.lease, attempt(1), state="delivered", retry_in_s=None
+                claim.member,
+                claim.lease,
+                attempt(1),
+                tenant="orders",
+                state="delivered",
+                retry_in_s=None,
             )
 
 
@@ -364,8 +370,9 @@ async def test_a_finished_job_leaves_nothing_that_never_expires(
     """Once a job is final and its webhooks sent, every key it left carries the retention TTL.
 
     Only the shared schedules, leases, counters and the indexes (trimmed by
-    the worker and by listings) have no expiry; the tenant's spend of the day and
-    month is kept longer, for usage, and expires too.
+    the worker and by listings) have no expiry, nor the activity ring (bounded: a
+    day of minutes); the tenant's spend of the day and month is kept longer, for
+    usage, and the RunComfy request id's index a day longer; both expire too.
     """
     record = make_record(events=["job.started", "job.completed"])
     await jobs.create(record, idempotency=("i" * 64, body_hash(b"b")))
@@ -380,8 +387,11 @@ async def test_a_finished_job_leaves_nothing_that_never_expires(
         keys.submit_tenants(),
         keys.inflight(),
         keys.inflight("orders"),
+        keys.activity(),
     }
     left = {k.decode(): await redis.ttl(k) async for k in redis.scan_iter(f"{keys.prefix}:*")}
+    request_ttl = left.pop(keys.upstream_request("req-1"))
+    assert RETENTION < request_ttl <= RETENTION + REQUEST_INDEX_EXTRA_S
     assert keys.job(record.id) in left
     assert keys.idempotency("orders", "i" * 64) in left
     ledger = {k: left.pop(k) for k in list(left) if k.startswith(f"{keys.prefix}:spend:")}
@@ -404,7 +414,7 @@ async def test_every_attempt_of_the_final_event_sends_the_same_bytes(jobs, sched
     assert first.url == "https://hooks.example.com/rc"
     failed = attempt(1, status_code=500)
     assert await deliveries.record_attempt(
-        claim.member, claim.lease, failed, state="pending", retry_in_s=0
+        claim.member, claim.lease, failed, tenant="orders", state="pending", retry_in_s=0
     )
     await jobs.late_submit(await jobs.get(record.id), "req-late", "accepted after the cancel")
     assert (await jobs.get(record.id)).record.upstream.request_id == "req-late"
@@ -413,9 +423,9 @@ async def test_every_attempt_of_the_final_event_sends_the_same_bytes(jobs, sched
     assert (retry.body, retry.attempts) == (first.body, 1)
     delivered = attempt(2)
     await deliveries.record_attempt(
-        claim.member, claim.lease, delivered, state="delivered", retry_in_s=None
+        claim.member, claim.lease, delivered, tenant="orders", state="delivered", retry_in_s=None
     )
-    assert await deliveries.resend(record.id) is Resend.QUEUED
+    assert await deliveries.resend(record.id, record.tenant) is Resend.QUEUED
     [claim] = await schedules.claim("deliver", 10)
     resent = await deliveries.get(claim.member)
     assert (resent.body, resent.attempts_since_resend) == (first.body, 0)
@@ -439,7 +449,7 @@ async def test_a_non_final_event_is_delivered_and_logged_apart_from_the_final_on
     assert b'"status":"in_progress"' in started_delivery.body
     ok = attempt(1)
     await deliveries.record_attempt(
-        started, claims[started].lease, ok, state="delivered", retry_in_s=None
+        started, claims[started].lease, ok, tenant="orders", state="delivered", retry_in_s=None
     )
     assert await deliveries.log(started) == [ok]
     assert await deliveries.get(started) is None  # sent: its body is gone, only its log stays
@@ -498,7 +508,12 @@ async def test_the_attempt_log_keeps_the_latest_attempts_and_counts_them_all(
     for number in range(1, total + 1):
         [claim] = await schedules.claim("deliver", 1)
         await deliveries.record_attempt(
-            claim.member, claim.lease, attempt(number, 503), state="pending", retry_in_s=0
+            claim.member,
+            claim.lease,
+            attempt(number, 503),
+            tenant="orders",
+            state="pending",
+            retry_in_s=0,
         )
     log = await deliveries.log(claim.member)
     assert [a.attempt for a in log] == list(range(4, total + 1))

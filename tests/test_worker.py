@@ -378,7 +378,7 @@ async def test_a_delivery_that_exhausts_its_schedule_is_failed_and_kept(gateway_
         lambda: _when(gw.jobs.get(job_id), lambda s: s.webhook_state == "failed"), timeout=20
     )
     assert stored.webhook_attempts == 4
-    await gw.deliveries.resend(job_id)
+    await gw.deliveries.resend(job_id, TENANT.id)
     stored = await wait_for(
         lambda: _when(gw.jobs.get(job_id), lambda s: s.webhook_state == "delivered")
     )
@@ -549,8 +549,8 @@ async def test_worker_metrics_count_calls_jobs_and_deliveries(gateway_factory):
     text = answer.text
     assert 'rcg_upstream_request_duration_seconds_count{call="submit"} 1.0' in text
     assert 'rcg_jobs_finished_total{status="completed",tenant="orders"} 1.0' in text
-    assert 'rcg_webhook_attempts_total{outcome="delivered"} 1.0' in text
-    assert "rcg_webhook_delivery_seconds_count 1.0" in text
+    assert 'rcg_webhook_attempts_total{outcome="delivered",tenant="orders"} 1.0' in text
+    assert 'rcg_webhook_delivery_seconds_count{tenant="orders"} 1.0' in text
     assert 'rcg_schedule_depth{schedule="backlog"} 0.0' in text
     assert "rcg_tenants_config_ok 1.0" in text
 
@@ -613,7 +613,7 @@ async def test_a_hostile_receiver_cannot_grow_a_job_past_its_cap(gateway_factory
             timeout=30,
         )
         if sends < 3:
-            assert await gw.deliveries.resend(job_id) is Resend.QUEUED
+            assert await gw.deliveries.resend(job_id, TENANT.id) is Resend.QUEUED
     stored = await gw.jobs.get(job_id)
     assert stored.webhook_attempts == 3 * 41
     log = await gw.deliveries.log(await gw.deliveries.final_delivery_id(job_id))

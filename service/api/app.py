@@ -25,6 +25,8 @@ from litestar.exceptions import HTTPException
 from litestar.types import ASGIApp, HTTPScope, Message, Receive, Scope, Send
 from prometheus_client import Counter, Histogram
 
+from service.api.admin import admin_router
+from service.api.dashboard import dashboard_handlers
 from service.api.openapi import serve_openapi
 from service.api.problems import ProblemError, exception_handlers
 from service.api.routes import Services, create_jobs, route_handlers
@@ -33,6 +35,7 @@ from service.batching import Coalescer
 from service.config import Settings
 from service.logs import request_id_var
 from service.metrics import ApiMetrics
+from service.store.admin import AdminStore
 from service.store.changes import JobChanges
 from service.store.connection import REDIS_UNAVAILABLE, connect
 from service.store.deliveries import DeliveryStore
@@ -78,6 +81,7 @@ def create_app(settings: Settings, *, keys: Keys | None = None) -> Litestar:
             create_job=create_job,
             spend=SpendStore(redis, store_keys),
             changes=changes,
+            admin=AdminStore(redis, store_keys),
         )
         following = asyncio.create_task(changes.run())
         stop = asyncio.Event()
@@ -103,7 +107,7 @@ def create_app(settings: Settings, *, keys: Keys | None = None) -> Litestar:
             await redis.aclose()
 
     app = Litestar(
-        route_handlers=[*route_handlers(), serve_openapi],
+        route_handlers=[*route_handlers(), admin_router(), *dashboard_handlers(), serve_openapi],
         lifespan=[open_redis],
         # `stop_waiting` is what the server calls at SIGTERM: waits answer, streams end.
         state=State({"settings": settings, "metrics": metrics, "stop_waiting": _nothing}),

@@ -3,6 +3,10 @@
 The key is looked up by its SHA-256 among the tenants' configured hashes
 (`Tenants.authenticate`); it is never logged or echoed. A missing or unknown
 key answers 401 with `WWW-Authenticate: Bearer` and the same body either way.
+
+Admin keys (`[admins]`) and tenant keys are two realms: each is unknown to the
+other's routes, so an admin key on `/v1/jobs` and a tenant key on `/v1/admin`
+both answer that same 401.
 """
 
 from __future__ import annotations
@@ -41,11 +45,24 @@ def authenticate(tenants: Tenants, authorization: str | None) -> Caller:
     token = bearer_token(authorization)
     found = tenants.authenticate(token) if token is not None else None
     if found is None:
-        challenge = _REALM if authorization is None else f'{_REALM}, error="invalid_token"'
-        raise ProblemError(
-            401,
-            "send a valid API key as `Authorization: Bearer <key>`",
-            headers={"WWW-Authenticate": challenge},
-        )
+        raise _unauthorized(authorization)
     tenant, key_id = found
     return Caller(tenant=tenant, key_id=key_id)
+
+
+def authenticate_admin(tenants: Tenants, authorization: str | None) -> str:
+    """The key id of the admin key this `Authorization` header holds, or a 401 problem."""
+    token = bearer_token(authorization)
+    key_id = tenants.authenticate_admin(token) if token is not None else None
+    if key_id is None:
+        raise _unauthorized(authorization)
+    return key_id
+
+
+def _unauthorized(authorization: str | None) -> ProblemError:
+    challenge = _REALM if authorization is None else f'{_REALM}, error="invalid_token"'
+    return ProblemError(
+        401,
+        "send a valid API key as `Authorization: Bearer <key>`",
+        headers={"WWW-Authenticate": challenge},
+    )

@@ -25,6 +25,7 @@ from litestar.params import JSONBody
 
 from service import models
 from service.api import routes
+from service.api.admin import admin_router
 from service.api.problems import PROBLEM_JSON
 from service.api.routes import route_handlers
 from service.api.validation import MAX_METADATA_DEPTH, MAX_SEED, MIN_SEED
@@ -68,6 +69,10 @@ def openapi_config() -> OpenAPIConfig:
         tags=[
             Tag(name="jobs", description="Video-to-video jobs and their webhooks."),
             Tag(name="operations", description="Probes and metrics; no API key needed."),
+            Tag(
+                name="admin",
+                description="For operators: every tenant's jobs, actions, recovery. Admin key.",
+            ),
         ],
         components=Components(
             security_schemes={
@@ -75,7 +80,15 @@ def openapi_config() -> OpenAPIConfig:
                     type="http",
                     scheme="bearer",
                     description="A tenant's API key, as `Authorization: Bearer <key>`.",
-                )
+                ),
+                "adminKey": SecurityScheme(
+                    type="http",
+                    scheme="bearer",
+                    description=(
+                        "An operator's key (`[admins] api_keys`), as `Authorization: Bearer "
+                        "<key>`; a tenant's key is refused here, as an admin key is on `/v1/jobs`."
+                    ),
+                ),
             }
         ),
         use_handler_docstrings=False,
@@ -92,7 +105,7 @@ def _job_request_twin(data: JSONBody[JobRequest]) -> None:
 def openapi_document() -> dict[str, Any]:
     """The OpenAPI 3.1 document of the HTTP API, as a JSON-ready dict."""
     app = Litestar(
-        route_handlers=[*route_handlers(), _job_request_twin],
+        route_handlers=[*route_handlers(), admin_router(), _job_request_twin],
         openapi_config=openapi_config(),
         logging_config=None,
     )

@@ -11,18 +11,19 @@ import asyncio
 import logging
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta
 from typing import Annotated, Any, Final
 
+import msgspec
 import redis.asyncio as aioredis
 from litestar import HttpMethod, Request, Response, Router, get, post, route
 from litestar.datastructures import ResponseHeader
 from litestar.di import NamedDependency, Provide
 from litestar.handlers import HTTPRouteHandler
 from litestar.openapi.datastructures import ResponseSpec
-from litestar.params import HeaderParameter, PathParameter, QueryParameter
+from litestar.params import HeaderParameter, JSONBody, PathParameter, QueryParameter
 from litestar.response import ServerSentEvent
 from litestar.types import ControllerRouterHandler
 from redis.exceptions import RedisError
@@ -32,6 +33,7 @@ from service.api.problems import RETRY_AFTER_S, ProblemError, problem_responses
 from service.api.usage import MAX_USAGE_DAYS, budget_remaining, usage_of, usage_range
 from service.api.validation import (
     MAX_IDEMPOTENCY_KEY_CHARS,
+    InvalidInputError,
     idempotency_key_hash,
     parse_job_request,
     request_digest,
@@ -48,17 +50,21 @@ from service.config import Settings, Tenant
 from service.metrics import PROMETHEUS_MEDIA_TYPE, ApiMetrics
 from service.models import (
     DeliveryLog,
+    FieldError,
     Job,
     JobList,
     JobRecord,
     JobRequest,
     JobStatus,
     Probe,
+    Recovering,
+    RecoverRequest,
     UpstreamPauseInfo,
     Usage,
     usd,
     utcnow,
 )
+from service.store.admin import AdminStore
 from service.store.changes import JobChanges
 from service.store.connection import new_id
 from service.store.deliveries import DeliveryStore, Resend
@@ -103,6 +109,7 @@ class Services:
     create_job: Coalescer[NewJob, Created]
     spend: SpendStore
     changes: JobChanges
+    admin: AdminStore
 
 
 def provide_services(request: Request[Any, Any, Any]) -> Services:
@@ -132,6 +139,17 @@ def provide_call(request: Request[Any, Any, Any]) -> Call:
 
 
 JobId = Annotated[str, PathParameter(description="The job's id, as answered by `POST /v1/jobs`.")]
+StatusFilter = Annotated[
+    JobStatus | None, QueryParameter(description="Only jobs with this status.")
+]
+PageLimit = Annotated[int, QueryParameter(ge=1, le=100, description="Jobs per page.")]
+PageCursor = Annotated[
+    str | None,
+    QueryParameter(
+        pattern=JOB_ID_PATTERN,
+        description="`next_cursor` of the previous page; omit for the first page.",
+    ),
+]
 IdempotencyKey = Annotated[
     str | None,
     HeaderParameter(
@@ -338,10 +356,18 @@ async def follow_job(
 )
 async def cancel_job(job_id: JobId, call: NamedDependency[Call]) -> Response[Job]:
     """Cancel a pending job now, or ask RunComfy to cancel a queued one."""
-    caller, services = call.caller, call.services
-    jobs = services.jobs
+    jobs = call.services.jobs
+    return await cancel(jobs, lambda: _owned_job(jobs, call.caller, job_id))
+
+
+ReadJob = Callable[[], Awaitable[StoredJob]]
+"""Reads the job a call is about, raising its 404 when the caller may not see it."""
+
+
+async def cancel(jobs: JobStore, read: ReadJob) -> Response[Job]:
+    """Cancel the job `read` reads: the answer of `POST /v1/jobs/{id}/cancel` (and the admin's)."""
     for _ in range(CANCEL_TRIES):
-        stored = await _owned_job(jobs, caller, job_id)
+        stored = await read()
         status = stored.record.status
         if status == "pending":
             outcome, answer = await jobs.finish(stored, "cancelled", lease=None), 200
@@ -352,7 +378,7 @@ async def cancel_job(job_id: JobId, call: NamedDependency[Call]) -> Response[Job
         else:
             raise ProblemError(409, _not_cancellable(status), kind="not-cancellable")
         if outcome is Outcome.DONE:
-            return Response(_view(await _owned_job(jobs, caller, job_id)), status_code=answer)
+            return Response(_view(await read()), status_code=answer)
         # STALE: a worker changed the job since it was read; read again and decide again.
     raise ProblemError(
         503,
@@ -369,17 +395,9 @@ async def cancel_job(job_id: JobId, call: NamedDependency[Call]) -> Response[Job
 )
 async def list_jobs(
     call: NamedDependency[Call],
-    status: Annotated[
-        JobStatus | None, QueryParameter(description="Only jobs with this status.")
-    ] = None,
-    limit: Annotated[int, QueryParameter(ge=1, le=100, description="Jobs per page.")] = 20,
-    cursor: Annotated[
-        str | None,
-        QueryParameter(
-            pattern=JOB_ID_PATTERN,
-            description="`next_cursor` of the previous page; omit for the first page.",
-        ),
-    ] = None,
+    status: StatusFilter = None,
+    limit: PageLimit = 20,
+    cursor: PageCursor = None,
 ) -> JobList:
     """A page of the caller's jobs, newest first."""
     caller, services = call.caller, call.services
@@ -423,11 +441,16 @@ async def list_deliveries(job_id: JobId, call: NamedDependency[Call]) -> Deliver
 )
 async def resend_delivery(job_id: JobId, call: NamedDependency[Call]) -> Job:
     """Queue the job's final event again."""
-    caller, services = call.caller, call.services
-    stored = await _owned_job(services.jobs, caller, job_id)
+    jobs = call.services.jobs
+    return await resend(call.services.deliveries, lambda: _owned_job(jobs, call.caller, job_id))
+
+
+async def resend(deliveries: DeliveryStore, read: ReadJob) -> Job:
+    """Queue the final event of the job `read` reads again; the job, or the problem why not."""
+    stored = await read()
     if stored.record.webhook is None:
         raise ProblemError(404, "the job has no webhook", kind="no-webhook")
-    outcome = await services.deliveries.resend(job_id)
+    outcome = await deliveries.resend(stored.record.id, stored.record.tenant)
     if outcome is Resend.NOT_FINAL:
         raise ProblemError(
             409, f"the job is {stored.record.status}, not final yet", kind="not-final"
@@ -438,7 +461,57 @@ async def resend_delivery(job_id: JobId, call: NamedDependency[Call]) -> Job:
         )
     if outcome is Resend.GONE:
         raise ProblemError(404, "no such job")
-    return _view(await _owned_job(services.jobs, caller, job_id))
+    return _view(await read())
+
+
+@post(
+    "/deliveries/recover",
+    status_code=202,
+    summary="Send failed webhooks again",
+    description=(
+        "Queues again the final event of each of the caller's jobs whose webhook delivery "
+        "`failed` and which finished in the window (`since` to `until`, RFC 3339, inclusive; "
+        "no `until`: up to now), with the same `webhook-id`, paced like any other delivery. "
+        "Each is queued once: a second call finds it no longer failed."
+    ),
+    responses=problem_responses(400, 401, 422, 503),
+)
+async def recover_deliveries(
+    data: JSONBody[RecoverRequest], call: NamedDependency[Call]
+) -> Recovering:
+    """Queue the caller's failed final webhooks of jobs finished in the window again."""
+    since_ms, until_ms = recovery_window(data)
+    count = await call.services.deliveries.recover(
+        call.caller.tenant.id, since_ms=since_ms, until_ms=until_ms
+    )
+    return Recovering(recovering=count)
+
+
+def recovery_window(request: RecoverRequest) -> tuple[int, int | None]:
+    """The window of a recovery, in ms since the epoch; a 422 when it is not one."""
+    since = _time_of("since", request.since)
+    until = None if request.until is None else _time_of("until", request.until)
+    if until is not None and until < since:
+        raise _invalid("until", "must not be before `since`")
+    return _epoch_ms(since), None if until is None else _epoch_ms(until)
+
+
+def _time_of(field: str, value: str) -> datetime:
+    try:
+        at = msgspec.convert(value, datetime)
+    except msgspec.ValidationError:
+        at = None
+    if at is None or at.tzinfo is None:
+        raise _invalid(field, "must be an RFC 3339 time with a time zone offset")
+    return at
+
+
+def _epoch_ms(at: datetime) -> int:
+    return int(at.timestamp() * 1000)
+
+
+def _invalid(field: str, detail: str) -> InvalidInputError:
+    return InvalidInputError([FieldError(pointer=f"#/{field}", detail=detail)])
 
 
 @get(
@@ -534,11 +607,12 @@ def route_handlers() -> list[ControllerRouterHandler]:
         list_jobs,
         list_deliveries,
         resend_delivery,
+        recover_deliveries,
         get_usage,
     ]
     v1 = Router(
         "/v1",
-        route_handlers=[*_options_handlers(jobs), *jobs],
+        route_handlers=[*options_handlers(jobs), *jobs],
         dependencies={
             "call": Provide(provide_call, sync_to_thread=False),
         },
@@ -548,14 +622,14 @@ def route_handlers() -> list[ControllerRouterHandler]:
     probes = [healthz, readyz, metrics]
     operations = Router(
         "/",
-        route_handlers=[*_options_handlers(probes), *probes],
+        route_handlers=[*options_handlers(probes), *probes],
         dependencies={"services": services},
         tags=["operations"],
     )
     return [v1, operations]
 
 
-def _options_handlers(handlers: Sequence[HTTPRouteHandler]) -> list[HTTPRouteHandler]:
+def options_handlers(handlers: Sequence[HTTPRouteHandler]) -> list[HTTPRouteHandler]:
     """One OPTIONS handler per path, whose `Allow` names every method of that path.
 
     Litestar 2's own OPTIONS answer names only the methods of the first handler

@@ -45,6 +45,11 @@ variable                                     meaning                            
 ``RUNCOMFY_EMULATOR_FAULTS_ON_SUBMIT_ONLY``  ``true``: faults spare other calls     false
 ``RUNCOMFY_EMULATOR_TOKEN``                  Bearer token to require                (any)
 ``RUNCOMFY_EMULATOR_SEED``                   integer seed: reproducible faults      (none)
+``RUNCOMFY_EMULATOR_OUTPUT_BYTES``           size of each output video (0: a tiny   0
+                                             MP4 header)
+``RUNCOMFY_EMULATOR_OUTPUT_BYTES_PER_S``     how fast outputs are sent (0: at once) 0
+``RUNCOMFY_EMULATOR_OUTPUT_HOST``            host named in output URLs instead of   (none)
+                                             the one the submit came to
 ===========================================  =====================================  =======
 
 Test and ops endpoints, not part of RunComfy and unauthenticated (the emulator
@@ -67,6 +72,7 @@ The query string changes the answer: ``status=N`` (that status, no body),
 
 import array
 import asyncio
+import hashlib
 import hmac
 import logging
 import math
@@ -78,13 +84,14 @@ import time
 import urllib.parse
 import uuid
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Annotated, Any, Final, Literal, Self, TypeAlias
 
 import msgspec
 from litestar import Litestar, MediaType, Request, Response, asgi, get, post
 from litestar.params import FromPath, RawBody
+from litestar.response import Stream
 from litestar.response.base import ASGIResponse
 from litestar.types import HTTPResponseBodyEvent, HTTPResponseStartEvent, Receive, Scope, Send
 
@@ -94,6 +101,7 @@ __all__ = [
     "MODEL",
     "EmulatorConfig",
     "create_emulator_app",
+    "output_chunks",
     "run_emulator",
     "start_emulator",
 ]
@@ -122,6 +130,7 @@ _SHUTDOWN_S: Final = 2.0
 _KEEP_ALIVE_S: Final = 75
 _INPUT_CHUNK: Final = 64 * 1024
 _RANGE: Final = re.compile(r"bytes=(\d+)-(\d*)")
+_OUTPUT_BLOCK: Final = hashlib.shake_256(b"runcomfy-gateway emulator output").digest(_INPUT_CHUNK)
 
 _Fault: TypeAlias = Literal["drop", "429", "5xx", "http200"]
 _RATE_FIELDS: Final = (
@@ -157,6 +166,12 @@ class EmulatorConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Queue and run times are divided by this: 0.5 makes every new request take twice as long."""
     input_scaling: bool = True
     """`run_s` is the default input's run; other resolutions, frames and pro_mode scale it."""
+    output_bytes: int = 0
+    """Size of each output video, generated and streamed (`output_chunks`); 0: a tiny MP4."""
+    output_bytes_per_s: float = 0.0
+    """How fast an output is sent, so a copy can be caught mid-way; 0: as fast as it goes."""
+    output_host: str = ""
+    """Host (and no port) put in output URLs instead of the submit's: a host not allowed."""
 
     def __post_init__(self) -> None:
         for name in _RATE_FIELDS:
@@ -170,6 +185,10 @@ class EmulatorConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                 raise ValueError(f"{name} must be a finite number >= 0")
         if self.token == "":
             self.token = None
+        if self.output_bytes < 0:
+            raise ValueError("output_bytes must be >= 0")
+        if not (math.isfinite(self.output_bytes_per_s) and self.output_bytes_per_s >= 0.0):
+            raise ValueError("output_bytes_per_s must be a finite number >= 0")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Self:
@@ -298,6 +317,9 @@ class _UpstreamRequest(msgspec.Struct, kw_only=True):
     run_s: float
     fails: bool
     error_as_string: bool
+    output_bytes: int = 0
+    output_bytes_per_s: float = 0.0
+    output_host: str = ""
     cancelled_mono: float | None = None
     cancelled_at: float | None = None
     polls: "array.array[float]" = msgspec.field(default_factory=lambda: array.array("d"))
@@ -417,7 +439,12 @@ class _Emulator:
             error=None,
         )
         if status == "completed":
-            answer.output = Output(video=f"{record.base_url}/outputs/{request_id}.mp4")
+            base = record.base_url
+            if record.output_host:
+                parts = urllib.parse.urlsplit(base)
+                port = f":{parts.port}" if parts.port else ""
+                base = parts._replace(netloc=f"{record.output_host}{port}").geturl()
+            answer.output = Output(video=f"{base}/outputs/{request_id}.mp4")
         elif status == "failed":
             # RunComfy's clients see both shapes; the emulator alternates them.
             message = "the model failed to render the video"
@@ -440,12 +467,23 @@ class _Emulator:
         self._queued.pop(request_id, None)
         return CancelAnswer(request_id=request_id, outcome="cancelled")
 
-    async def output(self, name: FromPath[str]) -> Response[bytes]:
-        """``GET /outputs/{id}.mp4``: the (tiny, fixed) video of a completed request."""
+    async def output(self, name: FromPath[str]) -> Response[bytes] | Stream:
+        """``GET /outputs/{id}.mp4``: the video of a completed request, streamed.
+
+        Tiny and fixed by default; with ``output_bytes`` that many bytes of
+        ``output_chunks``, sent at ``output_bytes_per_s`` when set (both as they were
+        when the request was created).
+        """
         record = self._requests.get(name.removesuffix(".mp4")) if name.endswith(".mp4") else None
         if record is None or record.status(time.monotonic()) != "completed":
             raise Refused(404, 404001, "no such output")
-        return Response(OUTPUT_BYTES, media_type="video/mp4")
+        if not record.output_bytes:
+            return Response(OUTPUT_BYTES, media_type="video/mp4")
+        return Stream(
+            _paced(output_chunks(record.output_bytes), record.output_bytes_per_s),
+            media_type="video/mp4",
+            headers={"Content-Length": str(record.output_bytes)},
+        )
 
     # -- test and ops endpoints ------------------------------------------------------
 
@@ -610,6 +648,9 @@ class _Emulator:
             run_s=run_s,
             fails=self._chance(config.fail_rate),
             error_as_string=self._rng.random() < 0.5,
+            output_bytes=config.output_bytes,
+            output_bytes_per_s=config.output_bytes_per_s,
+            output_host=config.output_host,
         )
         self._submits += 1
         self._requests[record.request_id] = record
@@ -686,6 +727,32 @@ class _InputAnswer(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     def from_query(cls, query: dict[str, str]) -> Self:
         """Read the query string's parameters; ValueError names a bad one."""
         return msgspec.convert(query, cls, strict=False)
+
+
+def output_chunks(size: int) -> Iterator[bytes]:
+    """An output video of `size` bytes, 64 KiB at a time: the MP4 header, then a pattern.
+
+    Deterministic and never held whole: each 64 KiB block is its number (8 bytes,
+    big-endian) then the same pseudo-random bytes, so a byte copied to the wrong place or
+    a block copied twice changes the checksum; made at the cost of a copy of each block.
+    """
+    for number, start in enumerate(range(0, size, _INPUT_CHUNK)):
+        block = number.to_bytes(8, "big") + _OUTPUT_BLOCK[8:]
+        if number == 0:
+            block = OUTPUT_BYTES + block[len(OUTPUT_BYTES) :]
+        yield block[: size - start]
+
+
+async def _paced(chunks: Iterator[bytes], bytes_per_s: float) -> AsyncIterator[bytes]:
+    """`chunks` as an async stream, sent no faster than `bytes_per_s` (0: no limit)."""
+    started, sent = time.monotonic(), 0
+    for part in chunks:
+        yield part
+        sent += len(part)
+        if bytes_per_s > 0:
+            ahead = sent / bytes_per_s - (time.monotonic() - started)
+            if ahead > 0:
+                await asyncio.sleep(ahead)
 
 
 def _input_bytes(start: int, stop: int) -> bytes:

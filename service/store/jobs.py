@@ -31,6 +31,7 @@ from service.models import (
     JobErrorInfo,
     JobRecord,
     JobStatus,
+    OutputFile,
     SubmitAttempt,
     UpstreamRef,
     WebhookEvent,
@@ -38,6 +39,7 @@ from service.models import (
     usd,
     utcnow,
 )
+from service.store.activity import LUA_ACTIVITY
 from service.store.changes import JobChange, publish_change
 from service.store.connection import text
 from service.store.keys import LUA_NOW, Keys
@@ -66,11 +68,12 @@ _encoder = msgspec.json.Encoder()
 # job: `C` created, `I <job id> <body hash>` its Idempotency-Key was used already
 # (nothing stored), `R <ms>` its submission limit refused it for that long (nothing
 # taken, nothing stored), or `B <period> <budget> <charged> <held> <resets ms>` it would
-# go over that budget (nothing stored).
+# go over that budget (nothing stored). The last key is the activity counts (`activity.py`).
 _CREATE = (
     LUA_NOW
     + LUA_GCRA
     + LUA_HOLD
+    + LUA_ACTIVITY
     + """
 local retention, batch, ledger_ttl = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[4])
 local submit_tenants, backlog, poll = KEYS[1], KEYS[2], KEYS[3]
@@ -78,7 +81,7 @@ local now = now_ms()
 local days, months = periods_of(ARGV[3])
 local d, day = period_at(days, now)
 local m, month = period_at(months, now)
-local answers, at, k = {}, 1, 4
+local answers, at, k, created = {}, 1, 4, 0
 while at <= #batch do
   local eol = string.find(batch, '\\n', at, true)
   local id, tenant, idem, body_hash, interval_ms, burst, cost, estimate, day_budget,
@@ -122,8 +125,10 @@ while at <= #batch do
     -- Looked at by the poller at its deadline, in case no upstream slot frees before then.
     redis.call('ZADD', poll, tonumber(deadline_ms), id)
     answers[#answers + 1] = 'C'
+    created = created + 1
   end
 end
+if created > 0 then count_activity(KEYS[#KEYS], 'created', created, now) end
 return table.concat(answers, '\\n')
 """
 )
@@ -133,13 +138,15 @@ return table.concat(answers, '\\n')
 _TRANSITION = (
     LUA_NOW
     + LUA_SETTLE
+    + LUA_ACTIVITY
     + """
 local job, old_index, new_index, backlog, submit, submit_tenants, inflight, tenant_inflight,
   poll, deliver, fence = unpack(KEYS, 1, 11)
-local leases = {submit = KEYS[12], poll = KEYS[13], deliver = KEYS[14]}
+local leases = {submit = KEYS[12], poll = KEYS[13], deliver = KEYS[14], copy = KEYS[15]}
+local copy = KEYS[16]
 -- A non-final event has a delivery of its own; a change to a final status settles the
 -- job's hold in its day's and month's spend instead. Never both.
-local delivery, spend_day, spend_month = KEYS[15], KEYS[15], KEYS[16]
+local delivery, spend_day, spend_month = KEYS[17], KEYS[17], KEYS[18]
 local op = cjson.decode(ARGV[1])
 local current = redis.call('HMGET', job, 'ver', 'status')
 if not current[1] then return -2 end
@@ -167,6 +174,14 @@ if op.leave_poll then
   redis.call('ZREM', poll, op.id)
   redis.call('HDEL', leases.poll, op.id)
 end
+if op.leave_copy then
+  redis.call('ZREM', copy, op.id)
+  redis.call('HDEL', leases.copy, op.id)
+end
+if op.copy_in_ms then
+  redis.call('ZADD', copy, clock() + op.copy_in_ms, op.id)
+  redis.call('HDEL', leases.copy, op.id)
+end
 if op.submit_in_ms then
   redis.call('ZADD', submit, clock() + op.submit_in_ms, op.id)
   redis.call('ZADD', submit_tenants, 'NX', 0, op.tenant)
@@ -192,6 +207,9 @@ end
 if op.webhook_state then redis.call('HSET', job, 'webhook_state', op.webhook_state) end
 if op.settle then settle(job, spend_day, spend_month, op.status, op.charge, op.ledger_ttl_s) end
 if op.final then redis.call('EXPIRE', job, op.retention_s) end
+-- The last keys: the job's RunComfy request id (when it got one), then the activity counts.
+if op.request_ttl_s then redis.call('SET', KEYS[#KEYS - 1], op.id, 'EX', op.request_ttl_s) end
+if op.ends then count_activity(KEYS[#KEYS], op.status, 1, clock()) end
 return 1
 """
 )
@@ -221,6 +239,8 @@ class _Op(msgspec.Struct, omit_defaults=True):
     leave_poll: bool = False
     submit_in_ms: int | None = None
     poll_in_ms: int | None = None
+    leave_copy: bool = False
+    copy_in_ms: int | None = None
     release_slot: bool = False
     final: bool = False
     event_id: str | None = None
@@ -228,6 +248,14 @@ class _Op(msgspec.Struct, omit_defaults=True):
     settle: bool = False
     charge: bool = False
     ledger_ttl_s: int | None = None
+    request_ttl_s: int | None = None
+    """Set when the job got a RunComfy request id: index it (for the admin search) this long."""
+    ends: bool = False
+    """The job reaches a final state now: count it in the activity."""
+
+
+REQUEST_INDEX_EXTRA_S: typing.Final = 86_400
+"""How much longer than retention a request id stays findable: a job's longest timeout."""
 
 
 @dataclass(frozen=True)
@@ -250,7 +278,7 @@ class StoredJob:
 class Lease:
     """A claim on a schedule item: its schedule and fencing token."""
 
-    schedule: Literal["submit", "poll", "deliver"]
+    schedule: Literal["submit", "poll", "deliver", "copy"]
     token: str
 
 
@@ -278,6 +306,8 @@ class _Change:
     submit_in_s: float | None = None
     poll_in_s: float | None = None
     release_slot: bool = False
+    leave_copy: bool = False
+    copy_in_s: float | None = None
 
 
 def delivery_id(job_id: str, event: EventType) -> str:
@@ -371,8 +401,13 @@ def _create_entry(  # noqa: PLR0917 - one job's create and what it checks first
     return head.encode() + doc, names
 
 
-def _transition_keys(
-    keys: Keys, old_status: str, new: JobRecord, event_id: str | None, hold_day: str | None
+def _transition_keys(  # noqa: PLR0917 - the script's optional keys, each from its own fact
+    keys: Keys,
+    old_status: str,
+    new: JobRecord,
+    event_id: str | None,
+    hold_day: str | None,
+    request_id: str | None,
 ) -> list[str]:
     """`_TRANSITION`'s KEYS, in the order the script names them."""
     names = [
@@ -390,11 +425,16 @@ def _transition_keys(
         keys.lease("submit"),
         keys.lease("poll"),
         keys.lease("deliver"),
+        keys.lease("copy"),
+        keys.schedule("copy"),
     ]
     if event_id is not None and new.status not in FINAL_STATUSES:
         names.append(keys.delivery(event_id))
     elif hold_day is not None and new.status in FINAL_STATUSES:
         names += [keys.spend_day(new.tenant, hold_day), keys.spend_month(new.tenant, hold_day[:7])]
+    if request_id is not None:
+        names.append(keys.upstream_request(request_id))
+    names.append(keys.activity())
     return names
 
 
@@ -495,6 +535,7 @@ class JobStore:
             )
             entries.append(entry)
             names += entry_keys
+        names.append(self._keys.activity())
         args: list[int | bytes | str] = [
             self._retention_s,
             b"".join(entries),
@@ -514,10 +555,17 @@ class JobStore:
         return await stored_jobs(self._redis, self._keys, job_ids)
 
     async def page(
-        self, tenant: str, *, status: JobStatus | None, limit: int, cursor: str | None
+        self,
+        tenant: str | Sequence[str],
+        *,
+        status: JobStatus | None,
+        limit: int,
+        cursor: str | None,
     ) -> tuple[list[StoredJob], str | None]:
-        """A page of the tenant's jobs, newest first, and the cursor of the next page."""
-        indexes = [self._keys.jobs(tenant, s) for s in ([status] if status else _STATUSES)]
+        """A page of the tenant's jobs (or several tenants'), newest first, and the next cursor."""
+        tenants = [tenant] if isinstance(tenant, str) else list(tenant)
+        statuses = [status] if status else _STATUSES
+        indexes = [self._keys.jobs(t, s) for t in tenants for s in statuses]
         start = f"({cursor}" if cursor else "+"
         jobs: list[StoredJob] = []
         while True:
@@ -530,21 +578,22 @@ class JobStore:
             jobs.extend(job for job in found if job is not None)
             gone = [job_id for job_id, job in zip(batch, found, strict=True) if job is None]
             if gone:  # expired since they were listed: read once, then never again
-                await self._forget(tenant, gone)
+                await self._forget(tenants, gone)
             start = f"({batch[-1]}"
             if len(ids) <= want:
                 return jobs, None
             if len(jobs) == limit:
                 return jobs, batch[-1]
 
-    async def _forget(self, tenant: str, job_ids: list[str]) -> None:
-        """Drop expired jobs' ids from the tenant's indexes (only final jobs expire).
+    async def _forget(self, tenants: list[str], job_ids: list[str]) -> None:
+        """Drop expired jobs' ids from the tenants' indexes (only final jobs expire).
 
         An id never comes back once its job is gone, so this needs no script.
         """
         async with self._redis.pipeline(transaction=False) as pipe:
-            for status in FINAL_STATUSES:
-                pipe.zrem(self._keys.jobs(tenant, status), *job_ids)
+            for tenant in tenants:
+                for status in FINAL_STATUSES:
+                    pipe.zrem(self._keys.jobs(tenant, status), *job_ids)
             await pipe.execute()
 
     async def trim_indexes(self, tenant: str, *, batch: int = 200, most: int = 5000) -> int:
@@ -613,6 +662,8 @@ class JobStore:
             submit_in_ms=_ms(change.submit_in_s),
             poll_in_ms=_ms(change.poll_in_s),
             release_slot=change.release_slot,
+            leave_copy=change.leave_copy,
+            copy_in_ms=_ms(change.copy_in_s),
             final=final,
         )
         if event is not None and new.webhook is not None and event in new.webhook.events:
@@ -625,6 +676,11 @@ class JobStore:
         if final and stored.hold_day is not None:
             op.settle, op.charge = True, bool(new.charge_micros())
             op.ledger_ttl_s = LEDGER_TTL_S
+        ends_now = final and stored.record.status not in FINAL_STATUSES
+        op.ends = ends_now
+        request_id = _new_request_id(stored.record, new)
+        if request_id is not None:
+            op.request_ttl_s = self._retention_s + REQUEST_INDEX_EXTRA_S
         args = [_encoder.encode(op), _encoder.encode(new), zlib.compress(body) if body else b""]
         names = _transition_keys(
             self._keys,
@@ -632,13 +688,13 @@ class JobStore:
             new,
             op.event_id,
             stored.hold_day if op.settle else None,
+            request_id,
         )
         answer = await self._transition(keys=names, args=args)
         outcome = Outcome(int(answer))
         if outcome is Outcome.DONE:
             published = JobChange(id=new.id, status=new.status, ver=stored.ver + 1)
             await publish_change(self._redis, self._keys, new.tenant, published)
-        ends_now = final and stored.record.status not in FINAL_STATUSES
         if outcome is Outcome.DONE and ends_now and self._on_finish is not None:
             self._on_finish(new.status, new.tenant)
         if outcome is Outcome.DONE and op.charge and self._on_charge is not None:
@@ -719,6 +775,30 @@ class JobStore:
             stored, new, _Change(poll_in_s=poll_in_s), lease=lease, event="job.started"
         )
 
+    async def copy_outputs(
+        self, stored: StoredJob, lease: Lease, upstream_output: dict[str, Any]
+    ) -> Outcome:
+        """RunComfy completed the job: keep its output and queue the copy into the store.
+
+        The job stays `in_progress` until every output is stored (`finish`); it leaves
+        the poll schedule for the copy schedule, due at once.
+        """
+        new = msgspec.structs.replace(stored.record, upstream_output=upstream_output)
+        change = _Change(leave_poll=True, copy_in_s=0)
+        return await self._apply(stored, new, change, lease=lease, event=None)
+
+    async def copy_later(
+        self, stored: StoredJob, lease: Lease, reason: str, *, delay_s: float
+    ) -> Outcome:
+        """A copy failed for a passing reason: count it, keep why, copy again after `delay_s`."""
+        new = msgspec.structs.replace(
+            stored.record,
+            copy_attempts=stored.record.copy_attempts + 1,
+            copy_error=reason[:500],
+        )
+        change = _Change(copy_in_s=delay_s)
+        return await self._apply(stored, new, change, lease=lease, event=None)
+
     async def cancel_requested(self, stored: StoredJob) -> Outcome:
         """A caller asked to cancel a queued job: poll it now so a worker cancels upstream."""
         new = msgspec.structs.replace(stored.record, cancel_requested_at=utcnow())
@@ -752,6 +832,7 @@ class JobStore:
         output: dict[str, Any] | None = None,
         error: JobErrorInfo | None = None,
         submit_outcome: str | None = None,
+        output_files: list[OutputFile] | None = None,
     ) -> Outcome:
         """End the job: final status, slot freed, out of every schedule, webhook queued."""
         record = stored.record
@@ -765,11 +846,13 @@ class JobStore:
             error=error,
             finished_at=utcnow(),
             submits=submits,
+            output_files=output_files,
+            upstream_output=None,
             upstream=UpstreamRef(request_id=record.upstream.request_id)
             if record.upstream
             else None,
         )
-        change = _Change(leave_submit=True, leave_poll=True, release_slot=True)
+        change = _Change(leave_submit=True, leave_poll=True, release_slot=True, leave_copy=True)
         event: EventType = {
             "completed": "job.completed",
             "failed": "job.failed",
@@ -791,6 +874,14 @@ def _refusal(answer: str) -> BudgetRefusal:
         held_micros=int(held),
         resets_at=datetime.fromtimestamp(int(resets_ms) / 1000, UTC),
     )
+
+
+def _new_request_id(old: JobRecord, new: JobRecord) -> str | None:
+    """The RunComfy request id `new` carries and `old` did not, if any."""
+    request_id = new.upstream.request_id if new.upstream else ""
+    if not request_id or (old.upstream and old.upstream.request_id == request_id):
+        return None
+    return request_id
 
 
 def _ms(seconds: float | None) -> int | None:

@@ -14,6 +14,7 @@ built by `Keys` below; a script never builds a key name itself.
 | `P:submit-tenants` | zset | tenants with pending work, least recently served first |
 | `P:rr` | counter | round-robin ticket for `submit-tenants` |
 | `P:poll` / `P:deliver` | zset | job ids (pending: at deadline) / delivery ids, by due time (ms) |
+| `P:copy` | zset | jobs RunComfy completed whose outputs are being copied, by due time (ms) |
 | `P:lease:<schedule>` | hash | member -> fencing token of its current claim |
 | `P:fence` | counter | fencing tokens |
 | `P:inflight`, `P:inflight:<tenant>` | set | jobs holding an upstream slot |
@@ -24,6 +25,9 @@ built by `Keys` below; a script never builds a key name itself.
 | `P:spend:<tenant>:<YYYY-MM>` | hash | a calendar month's `held` and `charged`; the same |
 | `P:changes:<tenant>` | channel | `{"id", "status", "ver"}` after each change of a tenant's job |
 | `P:runlen:<class>:<phase>` | zset | recent queue or run lengths (ms) of an input class, by time |
+| `P:failed:<tenant>` | zset | jobs whose final webhook failed, by when the job finished (ms) |
+| `P:request:<request id>` | string | the job of a RunComfy request id; expires after the job |
+| `P:activity` | hash | per-minute counts of the last day, a ring of 1440 slots (`activity.py`) |
 
 A job is a hash; read one with `redis-cli HGETALL '{rcg}:job:<id>'`:
 
@@ -92,7 +96,7 @@ class Keys:
         return f"{self.prefix}:submit:{tenant}"
 
     def schedule(self, name: str) -> str:
-        """The `poll` or `deliver` schedule."""
+        """The `poll`, `deliver` or `copy` schedule."""
         return f"{self.prefix}:{name}"
 
     def backlog(self) -> str:
@@ -146,6 +150,21 @@ class Keys:
     def run_lengths(self, input_class: str, phase: str) -> str:
         """Recent queue (`phase` queue) or run (`run`) seconds of one input class."""
         return f"{self.prefix}:runlen:{input_class}:{phase}"
+
+    def failed_deliveries(self, tenant: str) -> str:
+        """A tenant's jobs whose final-event delivery failed, scored by their finish (ms).
+
+        Kept by the scripts that end and re-send deliveries; what recovery reads.
+        """
+        return f"{self.prefix}:failed:{tenant}"
+
+    def upstream_request(self, request_id: str) -> str:
+        """The job a RunComfy request id belongs to: the admin search by request id."""
+        return f"{self.prefix}:request:{request_id}"
+
+    def activity(self) -> str:
+        """Per-minute counts of jobs and deliveries (the dashboard's charts)."""
+        return f"{self.prefix}:activity"
 
     def round_robin(self) -> str:
         """The counter of turns that orders `submit-tenants` (least recently served first)."""

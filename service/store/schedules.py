@@ -184,6 +184,17 @@ return now - oldest
 """
 )
 
+# KEYS: the lease hash, the schedule. ARGV: member, token, lease_ms. Pushes a held claim's
+# due time to now + lease_ms (a long piece of work keeps its claim); 0 when it was lost.
+_EXTEND = (
+    LUA_NOW
+    + """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('ZADD', KEYS[2], 'XX', now_ms() + tonumber(ARGV[3]), ARGV[1])
+return 1
+"""
+)
+
 # KEYS: the lease hash, the schedule, then (to free an upstream slot) the global and the
 # tenant's in-flight sets. ARGV: member, token, delay_ms (-1: remove it), base_ms (due
 # delay_ms after it, never before now; -1: after now). 0 when the claim was lost.
@@ -245,11 +256,12 @@ class Schedules:
         self._claim_submits = redis.register_script(_CLAIM_SUBMITS)
         self._release = redis.register_script(_RELEASE)
         self._submit_stall = redis.register_script(_SUBMIT_STALL)
+        self._extend = redis.register_script(_EXTEND)
 
     async def claim(
-        self, name: Literal["poll", "deliver"], max_items: int, *, read_jobs: bool = False
+        self, name: Literal["poll", "deliver", "copy"], max_items: int, *, read_jobs: bool = False
     ) -> list[Claim]:
-        """Claim up to `max_items` due members of the poll or deliver schedule.
+        """Claim up to `max_items` due members of the poll, deliver or copy schedule.
 
         With `read_jobs` (members are job ids) each claim carries its job,
         read in one round trip once claimed.
@@ -356,6 +368,14 @@ class Schedules:
         )
         return bool(done)
 
+    async def extend(self, claim: Claim) -> bool:
+        """Keep holding a claim for another lease from now; False when it was lost."""
+        schedule = claim.lease.schedule
+        keys = [self._keys.lease(schedule), self._keys.schedule(schedule)]
+        return bool(
+            await self._extend(keys=keys, args=[claim.member, claim.lease.token, self._lease_ms])
+        )
+
     async def depths(self) -> dict[str, int]:
         """How many members each schedule holds, and how many jobs hold upstream slots."""
         async with self._redis.pipeline(transaction=False) as pipe:
@@ -363,5 +383,12 @@ class Schedules:
             pipe.zcard(self._keys.schedule("deliver"))
             pipe.scard(self._keys.inflight())
             pipe.zcard(self._keys.backlog())
-            poll, deliver, inflight, backlog = await pipe.execute()
-        return {"poll": poll, "deliver": deliver, "inflight": inflight, "backlog": backlog}
+            pipe.zcard(self._keys.schedule("copy"))
+            poll, deliver, inflight, backlog, copy = await pipe.execute()
+        return {
+            "poll": poll,
+            "deliver": deliver,
+            "inflight": inflight,
+            "backlog": backlog,
+            "copy": copy,
+        }

@@ -9,8 +9,10 @@ One slow or dead receiver never delays the others, nor one tenant another's.
 once (its share of the dispatcher's `concurrency`, however many hosts its URLs
 name), and at most `per_destination` of them at one host:port. A delivery that
 finds its tenant's share or its destination full is not held: it is handed back
-to the schedule for about as long as that limit has gone without freeing a
-slot, so the deliveries a dispatcher holds are the attempts it is making.
+to the schedule for about as long as it will wait for a slot (`HandBacks`), so
+the deliveries a dispatcher holds are the attempts it is making, and a crowd of
+deliveries to one slow endpoint (a recovery of hundreds) is not claimed and
+handed back again every few milliseconds, at the other tenants' expense.
 Every limit is per worker process.
 """
 
@@ -116,6 +118,47 @@ class AttemptSlots:
         return [in_use for in_use, limit in found if in_use is not None and in_use.count >= limit]
 
 
+class HandBacks:
+    """How long a delivery that found its destination full should stay away.
+
+    About as long as it would wait for a slot: the deliveries handed back to
+    that destination lately (this one included) times its recent attempt
+    duration, shared among its slots; at least as long as the limit has gone
+    without freeing a slot (a hanging receiver), within [min_s, max_s].
+    """
+
+    def __init__(self, *, per_destination: int, min_s: float, max_s: float) -> None:
+        self.per_destination = per_destination
+        self.min_s = min_s
+        self.max_s = max_s
+        self._waiting: dict[Destination, dict[str, float]] = {}  # member -> when handed back
+        self._attempt_s: dict[Destination, float] = {}  # a moving average of attempt durations
+
+    def attempted(self, destination: Destination, member: str, seconds: float) -> None:
+        """Note an attempt at `destination` that took `seconds`; `member` waits no more."""
+        previous = self._attempt_s.get(destination, seconds)
+        self._attempt_s[destination] = 0.8 * previous + 0.2 * seconds
+        self._forget(destination, member)
+
+    def delay_s(self, destination: Destination, member: str, stalled_s: float) -> float:
+        """How long `member`, finding `destination` full now, should stay away (unjittered)."""
+        now = time.monotonic()
+        waiting = self._waiting.setdefault(destination, {})
+        for old in [m for m, at in waiting.items() if now - at > 2 * self.max_s]:
+            del waiting[old]  # claimed by another worker since, or gone
+        waiting[member] = now
+        queued_s = len(waiting) * self._attempt_s.get(destination, 0.0) / self.per_destination
+        return min(self.max_s, max(self.min_s, stalled_s, queued_s))
+
+    def _forget(self, destination: Destination, member: str) -> None:
+        waiting = self._waiting.get(destination)
+        if waiting is not None:
+            waiting.pop(member, None)
+            if not waiting:
+                del self._waiting[destination]
+                self._attempt_s.pop(destination, None)
+
+
 class Dispatcher(ClaimLoop):
     """Claims due deliveries and makes one attempt at each."""
 
@@ -148,6 +191,9 @@ class Dispatcher(ClaimLoop):
         self.deliveries = deliveries
         self.client = client
         self.slots = AttemptSlots(per_tenant=per_tenant, per_destination=per_destination)
+        self.hand_backs = HandBacks(
+            per_destination=per_destination, min_s=HAND_BACK_MIN_S, max_s=HAND_BACK_MAX_S
+        )
         self.metrics = metrics
         # The deliveries of claimed items, read together when claimed and taken by `work`.
         self._read: dict[str, Delivery | None] = {}  # by the claim's fencing token
@@ -195,17 +241,19 @@ class Dispatcher(ClaimLoop):
             result = await self._attempt(delivery)
         finally:
             self.slots.give_back(destination)
+        self.hand_backs.attempted(destination, delivery.id, result.latency_ms / 1000)
         await self._record(delivery, claim, result)
 
     async def _hand_back(self, claim: Claim, destination: Destination) -> None:
-        """Give the delivery back for about as long as its limit has gone without freeing a slot.
+        """Give the delivery back for about as long as it would wait for a slot (`HandBacks`).
 
-        A receiver answering quickly frees slots every few milliseconds, so the delivery is
-        due again almost at once; a hanging one keeps it away for up to `HAND_BACK_MAX_S`.
+        A receiver answering quickly with few deliveries queued frees slots every few
+        milliseconds, so the delivery is due again almost at once; a hanging one, or a
+        crowd queued at a slow one, keeps it away for up to `HAND_BACK_MAX_S`.
         """
         stalled = self.slots.stalled_s(destination)
-        delay = min(HAND_BACK_MAX_S, max(HAND_BACK_MIN_S, stalled)) * self.rng.uniform(0.5, 1.5)
-        await self.schedules.release(claim, delay_s=delay)
+        delay = self.hand_backs.delay_s(destination, claim.member, stalled)
+        await self.schedules.release(claim, delay_s=delay * self.rng.uniform(0.5, 1.5))
 
     async def _attempt(self, delivery: Delivery) -> AttemptResult:
         tenant = self.settings.tenants.by_id.get(delivery.tenant)
@@ -257,9 +305,14 @@ class Dispatcher(ClaimLoop):
         )
         if self.metrics is not None:
             since_event = time.time() - delivery.created_ms / 1000 if state == "delivered" else None
-            self.metrics.webhook_attempt(result.error or "delivered", since_event)
+            self.metrics.webhook_attempt(result.error or "delivered", since_event, delivery.tenant)
         recorded = await self.deliveries.record_attempt(
-            delivery.id, claim.lease, attempt, state=state, retry_in_s=retry_in
+            delivery.id,
+            claim.lease,
+            attempt,
+            tenant=delivery.tenant,
+            state=state,
+            retry_in_s=retry_in,
         )
         if not recorded:
             log.warning("dispatcher: %s: lease lost, attempt not recorded", delivery.id)

@@ -1,4 +1,4 @@
-"""The worker process: its three loops, its health port, and graceful shutdown.
+"""The worker process: its loops, its health port, and graceful shutdown.
 
 SIGTERM or SIGINT stops claiming; each loop finishes what it holds within
 `GATEWAY_SHUTDOWN_S` and releases the rest (due at once, for another replica),
@@ -26,6 +26,7 @@ from service.config import ConfigError, Settings
 from service.metrics import PROMETHEUS_MEDIA_TYPE, WorkerMetrics
 from service.runcomfy.client import RunComfyClient, create_upstream_client
 from service.serving import Served, listen, serve
+from service.storage.objects import OutputStores
 from service.store.connection import connect
 from service.store.deliveries import DeliveryStore
 from service.store.jobs import JobStore
@@ -35,6 +36,7 @@ from service.store.runlengths import RunLengths
 from service.store.schedules import Schedules
 from service.tenants_watch import TenantsWatcher
 from service.webhooks.delivery import create_webhook_client
+from service.worker.copier import Copier, create_output_client
 from service.worker.dispatcher import CONCURRENCY, Dispatcher
 from service.worker.listings import trim_listings
 from service.worker.loop import ClaimLoop, Heartbeat
@@ -112,7 +114,7 @@ async def run_worker(
     keys: Keys | None = None,
     metrics_port: int | None = None,
 ) -> None:
-    """Run the submitter, poller and dispatcher until `stop` is set, then drain and close."""
+    """Run the worker loops until `stop` is set, then drain and close."""
     health_socket = listen_for_health(metrics_port) if metrics_port is not None else None
     keys = keys or Keys()
     metrics = WorkerMetrics()
@@ -127,6 +129,7 @@ async def run_worker(
         if settings.preflight
         else None
     )
+    outputs = create_output_client(allow_private_hosts=settings.preflight_allow_hosts)
     heartbeat = Heartbeat()
     schedules = Schedules(redis, keys, lease_s=settings.lease_s)
     limits = Limits(redis, keys)
@@ -166,6 +169,15 @@ async def run_worker(
             inputs=inputs,
         ),
         poller,
+        Copier(
+            settings,
+            jobs=jobs,
+            schedules=schedules,
+            stores=OutputStores(),
+            client=outputs,
+            heartbeat=heartbeat,
+            metrics=metrics,
+        ),
         dispatcher,
     ]
     tasks = [loop.run(stop) for loop in loops]
@@ -194,6 +206,7 @@ async def run_worker(
             health_socket.close()
         await upstream.aclose()
         await hooks.aclose()
+        await outputs.aclose()
         if inputs is not None:
             await inputs.aclose()
         await redis.aclose()

@@ -13,6 +13,9 @@ statuses keep polling until the job deadline (its `timeout_s`, by default
 `GATEWAY_JOB_TIMEOUT_S`). Upstream errors back off, jittered, and never end a
 job by themselves: only its deadline does.
 
+A completed job whose tenant keeps its outputs (`output_store`) is not completed here:
+it moves to the copy schedule, still `in_progress`, and the copier completes it.
+
 The deadline fails the job with `timeout`: a queued one is cancelled upstream
 first (nothing paid), a running one is left to RunComfy (it cannot be stopped)
 and its error says so. A poll is never due after the deadline, and a pending
@@ -29,12 +32,14 @@ from __future__ import annotations
 
 import logging
 from datetime import UTC, datetime
+from typing import Any
 
 from redis.exceptions import RedisError
 
 from service.config import Settings
 from service.metrics import WorkerMetrics
 from service.models import UPSTREAM_STATUSES, JobErrorInfo, JobRecord
+from service.outputs import output_urls
 from service.runcomfy.client import RunComfyClient, UpstreamError
 from service.runcomfy.wire import ResultAnswer
 from service.store.jobs import JobStore, Outcome, StoredJob
@@ -215,7 +220,15 @@ class Poller(ClaimLoop):
         seen_at = datetime.now(UTC)
         result = await self.client.result(_request_id(stored))
         status = (result.status or "").lower()
-        if status in COMPLETED:
+        if status in COMPLETED and self._keeps_outputs(stored, result.output):
+            if stored.record.status == "in_queue":
+                # A job is copied while `in_progress`: start it, and see the result again.
+                await self.jobs.started(stored, claim.lease, poll_in_s=0)
+            else:
+                done = await self.jobs.copy_outputs(stored, claim.lease, result.output or {})
+                if done is Outcome.DONE:
+                    await self._learn(stored.record, result, seen_at, polls)
+        elif status in COMPLETED:
             done = await self.jobs.finish(
                 stored, "completed", lease=claim.lease, output=result.output
             )
@@ -249,7 +262,9 @@ class Poller(ClaimLoop):
             self.metrics.job_detected(klass, polls, delay)
         if self.runs is None or record.submitted_at is None or record.started_at is None:
             return  # never seen running: its queue and run cannot be told apart
-        run_end = ended if ended is not None and ended >= record.started_at else seen_at
+        if ended is not None and ended < record.started_at:
+            return  # started only to copy its outputs, after RunComfy had ended it
+        run_end = ended or seen_at
         try:
             await self.runs.record(
                 klass,
@@ -260,6 +275,11 @@ class Poller(ClaimLoop):
         except (RedisError, OSError) as exc:
             # The job is done and its webhook queued: one lost sample only slows learning.
             log.warning("poller: %s: run lengths not recorded (%s)", record.id, exc)
+
+    def _keeps_outputs(self, stored: StoredJob, output: dict[str, Any] | None) -> bool:
+        """Whether the job's outputs are to be copied into its tenant's store (the copier)."""
+        tenant = self.settings.tenants.by_id.get(stored.record.tenant)
+        return tenant is not None and tenant.output_store is not None and bool(output_urls(output))
 
     async def _cancel(self, stored: StoredJob, claim: Claim) -> None:
         """A caller asked to cancel this queued job: ask RunComfy, record what it said."""

@@ -1,0 +1,1 @@
+"""The object-store client for durable outputs (README, Durable outputs)."""
