@@ -74,6 +74,14 @@ def _emulator_flags(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="inject faults into submits only",
     )
+    group.add_argument("--spread", type=float, help="spread each request's times by ±this share")
+    group.add_argument("--speed", type=float, help="divide queue and run times by this")
+    group.add_argument(
+        "--input-scaling",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="scale run_s by resolution, frames and pro_mode (default on)",
+    )
     group.add_argument("--token", help="require this Bearer token")
     group.add_argument("--seed", type=int, help="seed for reproducible faults")
 
@@ -137,6 +145,9 @@ def _emulator_config(args: argparse.Namespace) -> EmulatorConfig:
                 "faults_on_submit_only",
                 "token",
                 "seed",
+                "spread",
+                "speed",
+                "input_scaling",
             )
             if (value := getattr(args, name)) is not None
         }

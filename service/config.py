@@ -140,6 +140,16 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     tenants_file: str | None = None
     poll_interval_min_s: float = 2.0
     poll_interval_max_s: float = 15.0
+    poll_policy: Literal["learned", "interval"] = "learned"
+    """`GATEWAY_POLL_POLICY`: time polls by learned run lengths, or by the interval rule alone."""
+    poll_learn_samples: int = 24
+    """`GATEWAY_POLL_LEARN_SAMPLES`: recent jobs kept per input class and phase."""
+    poll_learn_min_samples: int = 8
+    """`GATEWAY_POLL_LEARN_MIN_SAMPLES`: fewer recent jobs than this: the interval rule."""
+    poll_learn_max_age_s: float = 1800.0
+    """`GATEWAY_POLL_LEARN_MAX_AGE_S`: samples older than this are forgotten."""
+    poll_learn_refresh_s: float = 5.0
+    """`GATEWAY_POLL_LEARN_REFRESH_S`: how often a worker reads what was learned."""
     webhook_retry_schedule: tuple[float, ...] = (5, 300, 1800, 7200, 18000, 36000, 36000)
     lease_s: float = 30.0
     job_timeout_s: float = 7200.0
@@ -238,6 +248,24 @@ def _preflight_settings(
         "preflight_allow_hosts": _allow_hosts(env),
         "preflight_timeout_s": timeout_s,
         "input_max_bytes": _integer(env, "GATEWAY_INPUT_MAX_BYTES", DEFAULT_INPUT_MAX_BYTES),
+    }
+
+
+def _poll_learn_settings(env: Mapping[str, str]) -> dict[str, Any]:
+    """The poll policy's settings (README, Poll timing), as `Settings` fields."""
+    policy = (env.get("GATEWAY_POLL_POLICY") or "learned").strip().lower()
+    if policy not in {"learned", "interval"}:
+        raise ConfigError(f"GATEWAY_POLL_POLICY must be 'learned' or 'interval', got {policy!r}")
+    samples = _integer(env, "GATEWAY_POLL_LEARN_SAMPLES", 24, minimum=2)
+    min_samples = _integer(env, "GATEWAY_POLL_LEARN_MIN_SAMPLES", 8, minimum=1)
+    if min_samples > samples:
+        raise ConfigError("GATEWAY_POLL_LEARN_MIN_SAMPLES must be <= GATEWAY_POLL_LEARN_SAMPLES")
+    return {
+        "poll_policy": policy,
+        "poll_learn_samples": samples,
+        "poll_learn_min_samples": min_samples,
+        "poll_learn_max_age_s": _number(env, "GATEWAY_POLL_LEARN_MAX_AGE_S", 1800.0, minimum=1),
+        "poll_learn_refresh_s": _number(env, "GATEWAY_POLL_LEARN_REFRESH_S", 5.0, minimum=0.05),
     }
 
 
@@ -515,6 +543,7 @@ def load_settings(  # noqa: C901 - one flat check per variable reads best
         tenants_file=path,
         poll_interval_min_s=poll_min,
         poll_interval_max_s=poll_max,
+        **_poll_learn_settings(env),
         webhook_retry_schedule=schedule,
         lease_s=lease_s,
         job_timeout_s=_number(env, "GATEWAY_JOB_TIMEOUT_S", 7200.0, minimum=1),

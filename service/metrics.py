@@ -7,7 +7,7 @@ a fresh `CollectorRegistry`, and `/metrics` renders that registry alone.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Final
+from typing import Final, Protocol
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -33,6 +33,30 @@ _UPSTREAM_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.
 _COPY_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 # Event to delivery: milliseconds when the receiver is up, hours along the retry schedule.
 _DELIVERY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 7200, 36000)
+# Status polls of one job: a handful for short runs, dozens for long ones.
+_POLLS_BUCKETS = (1, 2, 3, 5, 8, 12, 16, 20, 25, 30, 40, 50, 60, 80, 120, 200)
+# From RunComfy's end of a run to the poll that saw it: about a poll interval.
+_DETECTION_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 8, 12, 15, 30, 60)
+_CLASS_LABELS = ("resolution", "num_frames", "pro_mode")
+
+
+class LearnedWindow(Protocol):
+    """What the learned-window gauge shows of one window (`service.worker.timing.Window`)."""
+
+    @property
+    def low_s(self) -> float: ...
+    @property
+    def median_s(self) -> float: ...
+    @property
+    def high_s(self) -> float: ...
+    @property
+    def step_s(self) -> float: ...
+
+
+def _class_labels(input_class: str) -> dict[str, str]:
+    """`720p:129:std` as the labels resolution, num_frames, pro_mode."""
+    resolution, frames, mode = ([*input_class.split(":"), "", "", ""])[:3]
+    return {"resolution": resolution, "num_frames": frames, "pro_mode": str(mode == "pro").lower()}
 
 
 class _Common:
@@ -161,10 +185,52 @@ class WorkerMetrics(_Common):
             buckets=_COPY_BUCKETS,
             registry=self.registry,
         )
+        self.poll_learned = Gauge(
+            "rcg_poll_learned_seconds",
+            "Learned length of a phase (queue, run) of recent jobs per input class, by quantile "
+            "(0.05, 0.5, 0.95), and the poll spacing between the outer two (quantile=step).",
+            [*_CLASS_LABELS, "phase", "quantile"],
+            registry=self.registry,
+        )
+        self.polls_per_job = Histogram(
+            "rcg_polls_per_job",
+            "Status polls of each job that completed, by input class.",
+            _CLASS_LABELS,
+            buckets=_POLLS_BUCKETS,
+            registry=self.registry,
+        )
+        self.detection_delay = Histogram(
+            "rcg_poll_detection_delay_seconds",
+            "From RunComfy's finished_at to the poll that saw the job completed, by input class.",
+            _CLASS_LABELS,
+            buckets=_DETECTION_BUCKETS,
+            registry=self.registry,
+        )
 
     def output_copied(self, tenant: str, seconds: float, outcome: str) -> None:
         """Record one output copy: `stored`, `retry` (a passing failure) or `failed`."""
         self.output_copy_latency.labels(tenant=tenant, outcome=outcome).observe(seconds)
+
+    def job_detected(self, input_class: str, polls: int, delay_s: float | None) -> None:
+        """Record a completed job's polls and, when RunComfy gave its end, how late we saw it."""
+        labels = _class_labels(input_class)
+        if polls > 0:
+            self.polls_per_job.labels(**labels).observe(polls)
+        if delay_s is not None:
+            self.detection_delay.labels(**labels).observe(max(0.0, delay_s))
+
+    def set_learned(self, windows: Mapping[tuple[str, str], LearnedWindow]) -> None:
+        """Publish the learned windows (the worker's cache, as last refreshed)."""
+        self.poll_learned.clear()
+        for (input_class, phase), window in windows.items():
+            labels = _class_labels(input_class)
+            for quantile, value in (
+                ("0.05", window.low_s),
+                ("0.5", window.median_s),
+                ("0.95", window.high_s),
+                ("step", window.step_s),
+            ):
+                self.poll_learned.labels(**labels, phase=phase, quantile=quantile).set(value)
 
     def upstream_call(self, call: str, seconds: float, error: str | None) -> None:
         """Record one RunComfy call (the client's `on_call`)."""

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import Any
 
 import httpx
@@ -58,6 +59,9 @@ def test_config_from_env_reads_every_variable() -> None:
         "RUNCOMFY_EMULATOR_FAULTS_ON_SUBMIT_ONLY": "1",
         "RUNCOMFY_EMULATOR_TOKEN": "tok",
         "RUNCOMFY_EMULATOR_SEED": "42",
+        "RUNCOMFY_EMULATOR_SPREAD": "0.2",
+        "RUNCOMFY_EMULATOR_SPEED": "0.5",
+        "RUNCOMFY_EMULATOR_INPUT_SCALING": "false",
     }
     assert EmulatorConfig.from_env(environ) == EmulatorConfig(
         queue_s=0.5,
@@ -73,6 +77,9 @@ def test_config_from_env_reads_every_variable() -> None:
         faults_on_submit_only=True,
         token="tok",  # noqa: S106 -- a test token
         seed=42,
+        spread=0.2,
+        speed=0.5,
+        input_scaling=False,
     )
 
 
@@ -89,6 +96,7 @@ def test_config_from_env_defaults_when_unset_or_empty() -> None:
         ("RUNCOMFY_EMULATOR_LATENCY_MS", "-1"),
         ("RUNCOMFY_EMULATOR_FUNDS_EXHAUSTED", "maybe"),
         ("RUNCOMFY_EMULATOR_SEED", "1.5"),
+        ("RUNCOMFY_EMULATOR_SPEED", "0"),
     ],
 )
 def test_config_from_env_bad_value_names_the_variable(variable: str, value: str) -> None:
@@ -278,6 +286,49 @@ async def test_requests_endpoint_lists_submits_and_reset_clears_them(
     assert status == 200
     _, listed, _ = await call(http, "GET", f"{url}/_emulator/requests")
     assert listed == {"submits": 0, "items": [], "input_requests": {}}
+
+
+async def test_run_times_follow_the_input_the_spread_and_the_speed(
+    emulator: StartEmulator, http: httpx.AsyncClient
+) -> None:
+    """Runs scale with resolution, frames and pro_mode, spread ±spread, and slow with speed."""
+    url = await emulator(queue_s=10, run_s=100, spread=0.2, seed=3)
+    inputs = [
+        INPUT,
+        {**INPUT, "resolution": "480p", "num_frames": 85},
+        {**INPUT, "pro_mode": True},
+    ]
+    for body in inputs * 20:
+        await call(http, "POST", url + SUBMIT, json=body)
+    await call(http, "POST", f"{url}/_emulator/config", json={"speed": 0.5, "spread": 0})
+    await call(http, "POST", url + SUBMIT, json=INPUT)
+    _, listed, _ = await call(http, "GET", f"{url}/_emulator/requests")
+    items = listed["items"]
+    runs = {n: [i["run_s"] for i in items[n:60:3]] for n in range(3)}
+    for n, base in enumerate((100, 100 * 0.45 * 0.66, 180)):
+        assert all(0.8 * base <= r <= 1.2 * base for r in runs[n]), (n, runs[n])
+        assert max(runs[n]) - min(runs[n]) > 0.2 * base  # spread, not one value
+    assert all(8 <= i["queue_s"] <= 12 for i in items[:60])
+    assert (items[-1]["queue_s"], items[-1]["run_s"]) == (20, 200)
+    finished = datetime.fromisoformat(items[-1]["finished_at"]).timestamp()
+    submitted = datetime.fromisoformat(items[-1]["submitted_at"]).timestamp()
+    assert finished - submitted == pytest.approx(220, abs=0.01)
+
+
+async def test_requests_endpoint_lists_each_status_call(
+    emulator: StartEmulator, http: httpx.AsyncClient
+) -> None:
+    """Each status call of a request is listed with its time, oldest first."""
+    url = await emulator(queue_s=30)
+    request_id = await submit(http, url)
+    before = time.time()
+    for _ in range(3):
+        await call(http, "GET", f"{url}/v1/requests/{request_id}/status")
+    _, listed, _ = await call(http, "GET", f"{url}/_emulator/requests")
+    polls = listed["items"][0]["status_polls"]
+    assert len(polls) == 3
+    assert polls == sorted(polls)
+    assert before <= polls[0] <= time.time()
 
 
 async def test_rejected_submits_create_nothing(

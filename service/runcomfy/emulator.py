@@ -7,6 +7,13 @@ with a time-driven life cycle (``in_queue`` for ``queue_s``, ``in_progress`` for
 ``run_s``, then ``completed`` or ``failed``; both 0 completes a request at once),
 and serves each output video itself under ``/outputs/<id>.mp4``.
 
+Run lengths follow the input as RunComfy's do (``input_scaling``): ``run_s`` is
+the run of the default input (720p, 129 frames, standard mode); 580p takes 0.65
+of it, 480p 0.45, 85 frames 0.66, ``pro_mode`` 1.8 times it. Each request's
+queue and run times are then spread uniformly by ``±spread`` (0.2: ±20%) and
+divided by ``speed`` (0.5: everything takes twice as long; changed at run time
+through ``POST /_emulator/config``, it applies to requests submitted after).
+
 Faults are independent probabilities per ``/v1`` call, drawn in this order and
 the first that fires decides: ``drop_rate`` (a submit creates the request and
 then the connection closes before the answer is complete: the unknown-outcome
@@ -24,6 +31,9 @@ variable                                     meaning                            
 ===========================================  =====================================  =======
 ``RUNCOMFY_EMULATOR_QUEUE_S``                seconds a request stays ``in_queue``   1
 ``RUNCOMFY_EMULATOR_RUN_S``                  seconds it then stays ``in_progress``  5
+``RUNCOMFY_EMULATOR_SPREAD``                 each request's times spread ±this      0
+``RUNCOMFY_EMULATOR_SPEED``                  times are divided by this              1
+``RUNCOMFY_EMULATOR_INPUT_SCALING``          ``run_s`` follows resolution, frames   true
 ``RUNCOMFY_EMULATOR_FAIL_RATE``              share of requests that end ``failed``  0
 ``RUNCOMFY_EMULATOR_ERROR_5XX_RATE``         share of calls answered 500/502/503    0
 ``RUNCOMFY_EMULATOR_RATE_429``               share of calls answered 429            0
@@ -44,7 +54,8 @@ variable                                     meaning                            
 
 Test and ops endpoints, not part of RunComfy and unauthenticated (the emulator
 is for local and CI use): ``GET /_emulator/requests`` lists every created
-request, counts submits (each one paid at RunComfy) and the requests each input
+request (with its queue and run times and when each status call of it came),
+counts submits (each one paid at RunComfy) and the requests each input
 file answered, ``POST /_emulator/config`` changes any config fields at run
 time, ``POST /_emulator/reset`` forgets all requests and counts.
 
@@ -59,6 +70,7 @@ The query string changes the answer: ``status=N`` (that status, no body),
 ``redirect=<url>`` (302 to it), ``delay_s=S`` (wait before answering).
 """
 
+import array
 import asyncio
 import hashlib
 import hmac
@@ -104,6 +116,13 @@ OUTPUT_BYTES: Final = b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isomiso2"
 # Oldest requests are forgotten beyond this, as RunComfy expires old requests;
 # it bounds memory during long load tests.
 MAX_REQUESTS: Final = 100_000
+MAX_POLLS_KEPT: Final = 256
+"""Status call times kept per request, for `/_emulator/requests` (the latest ones)."""
+# How the default input's run time scales with the input (`input_scaling`): RunComfy's
+# runs take longer with more pixels, more frames and pro_mode.
+RESOLUTION_SCALE: Final = {"480p": 0.45, "580p": 0.65, "720p": 1.0}
+FRAMES_SCALE: Final = {85: 0.66, 129: 1.0}
+PRO_MODE_SCALE: Final = 1.8
 _SHUTDOWN_S: Final = 2.0
 
 # RunComfy's clients pool connections for longer than uvicorn's 5 s default keep-alive; a
@@ -114,7 +133,14 @@ _RANGE: Final = re.compile(r"bytes=(\d+)-(\d*)")
 _OUTPUT_BLOCK: Final = hashlib.shake_256(b"runcomfy-gateway emulator output").digest(_INPUT_CHUNK)
 
 _Fault: TypeAlias = Literal["drop", "429", "5xx", "http200"]
-_RATE_FIELDS: Final = ("fail_rate", "error_5xx_rate", "rate_429", "http200_error_rate", "drop_rate")
+_RATE_FIELDS: Final = (
+    "fail_rate",
+    "error_5xx_rate",
+    "rate_429",
+    "http200_error_rate",
+    "drop_rate",
+    "spread",
+)
 _DURATION_FIELDS: Final = ("queue_s", "run_s", "retry_after_s", "latency_ms")
 
 
@@ -134,6 +160,12 @@ class EmulatorConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     faults_on_submit_only: bool = False
     token: str | None = None
     seed: int | None = None
+    spread: float = 0.0
+    """Each request's queue and run times are drawn uniformly within ±spread of theirs."""
+    speed: float = 1.0
+    """Queue and run times are divided by this: 0.5 makes every new request take twice as long."""
+    input_scaling: bool = True
+    """`run_s` is the default input's run; other resolutions, frames and pro_mode scale it."""
     output_bytes: int = 0
     """Size of each output video, generated and streamed (`output_chunks`); 0: a tiny MP4."""
     output_bytes_per_s: float = 0.0
@@ -145,6 +177,8 @@ class EmulatorConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         for name in _RATE_FIELDS:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be between 0 and 1")
+        if not (math.isfinite(self.speed) and self.speed > 0.0):
+            raise ValueError("speed must be a finite number > 0")
         for name in _DURATION_FIELDS:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0.0):
@@ -241,13 +275,22 @@ class ErrorAnswer(msgspec.Struct, kw_only=True):
 
 
 class RequestItem(msgspec.Struct, kw_only=True):
-    """One created request, as ``GET /_emulator/requests`` lists it."""
+    """One created request, as ``GET /_emulator/requests`` lists it.
+
+    ``queue_s`` and ``run_s`` are this request's own (spread, scaled);
+    ``finished_at`` is when it ends (or ended), unless cancelled; ``status_polls``
+    the unix times of its latest status calls (at most 256).
+    """
 
     request_id: str
     model: str
     input: dict[str, Any]
     status: str
     submitted_at: str
+    queue_s: float = 0.0
+    run_s: float = 0.0
+    finished_at: str = ""
+    status_polls: list[float] = msgspec.field(default_factory=list)
 
 
 class RequestList(msgspec.Struct, kw_only=True):
@@ -279,6 +322,14 @@ class _UpstreamRequest(msgspec.Struct, kw_only=True):
     output_host: str = ""
     cancelled_mono: float | None = None
     cancelled_at: float | None = None
+    polls: "array.array[float]" = msgspec.field(default_factory=lambda: array.array("d"))
+    """Unix times of the latest status calls (a compact array: load tests make millions)."""
+
+    def polled(self, at: float) -> None:
+        """Note a status call at unix time `at`, keeping the latest ones."""
+        if len(self.polls) >= MAX_POLLS_KEPT:
+            del self.polls[: MAX_POLLS_KEPT // 2]
+        self.polls.append(at)
 
     def status(self, now: float) -> str:
         """Return the status at monotonic time ``now``."""
@@ -322,6 +373,8 @@ class _Emulator:
     def __init__(self, config: EmulatorConfig) -> None:
         self.config = config
         self._rng = random.Random(config.seed)  # noqa: S311 -- fault injection, not crypto
+        # Run times draw from their own generator, so a spread never shifts the faults.
+        self._timing_rng = random.Random(config.seed)  # noqa: S311
         self._requests: dict[str, _UpstreamRequest] = {}
         # Requests possibly still queued, in submit order: queue positions count these.
         self._queued: dict[str, _UpstreamRequest] = {}
@@ -361,6 +414,7 @@ class _Emulator:
     ) -> StatusAnswer:
         """``GET /v1/requests/{id}/status``: the current status and queue position."""
         record = await self._lookup(request_id, request)
+        record.polled(time.time())
         now = time.monotonic()
         status = record.status(now)
         if status == "in_queue":
@@ -443,6 +497,12 @@ class _Emulator:
                 input=record.input,
                 status=record.status(now),
                 submitted_at=_rfc3339(record.submitted_at),
+                queue_s=record.queue_s,
+                run_s=record.run_s,
+                finished_at=""
+                if record.cancelled_at is not None
+                else _rfc3339(record.finished_at()),
+                status_polls=list(record.polls),
             )
             for record in self._requests.values()
         ]
@@ -462,6 +522,7 @@ class _Emulator:
         self.config = config
         if "seed" in changes:
             self._rng.seed(config.seed)
+            self._timing_rng.seed(config.seed)
         logger.info("emulator config changed: %s", config.redacted())
         return config.redacted()
 
@@ -472,6 +533,7 @@ class _Emulator:
         self._submits = 0
         self._input_requests.clear()
         self._rng.seed(self.config.seed)
+        self._timing_rng.seed(self.config.seed)
         return RequestList(submits=0, items=[])
 
     async def input_file(self, scope: Scope, receive: Receive, send: Send) -> None:  # noqa: ARG002
@@ -574,6 +636,7 @@ class _Emulator:
     def _create(self, base_url: str, model: str, body: dict[str, Any]) -> _UpstreamRequest:
         config = self.config
         # Timing is fixed at submit time, so a config change affects only new requests.
+        queue_s, run_s = self._times(body)
         record = _UpstreamRequest(
             request_id=str(uuid.uuid4()),
             model=model,
@@ -581,8 +644,8 @@ class _Emulator:
             base_url=base_url,
             submitted_mono=time.monotonic(),
             submitted_at=time.time(),
-            queue_s=config.queue_s,
-            run_s=config.run_s,
+            queue_s=queue_s,
+            run_s=run_s,
             fails=self._chance(config.fail_rate),
             error_as_string=self._rng.random() < 0.5,
             output_bytes=config.output_bytes,
@@ -599,6 +662,22 @@ class _Emulator:
             self._queued.pop(oldest, None)
         return record
 
+    def _times(self, body: dict[str, Any]) -> tuple[float, float]:
+        """A new request's queue and run seconds: scaled by its input, spread, over the speed."""
+        config = self.config
+        run_s = config.run_s
+        if config.input_scaling:
+            run_s *= RESOLUTION_SCALE.get(str(body.get("resolution", "720p")), 1.0)
+            run_s *= FRAMES_SCALE.get(_int_or_none(body.get("num_frames", 129)) or 0, 1.0)
+            run_s *= PRO_MODE_SCALE if body.get("pro_mode") is True else 1.0
+        times = []
+        for base_s in (config.queue_s, run_s):
+            drawn_s = base_s
+            if config.spread > 0 and base_s > 0:
+                drawn_s *= self._timing_rng.uniform(1 - config.spread, 1 + config.spread)
+            times.append(drawn_s / config.speed)
+        return times[0], times[1]
+
     def _queue_position(self, target: _UpstreamRequest, now: float) -> int:
         """Count earlier requests still queued, forgetting those that have left the queue."""
         position = 0
@@ -613,6 +692,10 @@ class _Emulator:
         for request_id in left:
             del self._queued[request_id]
         return position
+
+
+def _int_or_none(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _read_input(raw: bytes) -> dict[str, Any]:

@@ -24,6 +24,7 @@ built by `Keys` below; a script never builds a key name itself.
 | `P:spend:<tenant>:<YYYY-MM-DD>` | hash | a UTC day's spend and jobs (below); expires in 95 days |
 | `P:spend:<tenant>:<YYYY-MM>` | hash | a calendar month's `held` and `charged`; the same |
 | `P:changes:<tenant>` | channel | `{"id", "status", "ver"}` after each change of a tenant's job |
+| `P:runlen:<class>:<phase>` | zset | recent queue or run lengths (ms) of an input class, by time |
 | `P:failed:<tenant>` | zset | jobs whose final webhook failed, by when the job finished (ms) |
 | `P:request:<request id>` | string | the job of a RunComfy request id; expires after the job |
 | `P:activity` | hash | per-minute counts of the last day, a ring of 1440 slots (`activity.py`) |
@@ -43,6 +44,7 @@ A job is a hash; read one with `redis-cli HGETALL '{rcg}:job:<id>'`:
 | `event_zlib` | the final event's body, zlib-compressed (plain zlib, no preset dictionary) |
 | `attempt_log` | the latest attempts, one `DeliveryAttempt` JSON object a line, oldest first |
 | `hold` | `<YYYY-MM-DD> <micro-dollars>`: the day its cost counts in, what it holds; until final |
+| `polls` | how many status polls it has had (the poller counts them) |
 
 The final event's delivery lives in its job (no key of its own; its id names
 the job, see `jobs.delivery_id`), so a finished job costs one key. The event
@@ -144,6 +146,10 @@ class Keys:
     def all_changes(self) -> str:
         """The pattern (PSUBSCRIBE) of every tenant's changes channel."""
         return _GLOB.sub(r"\\\g<0>", self.prefix) + ":changes:*"
+
+    def run_lengths(self, input_class: str, phase: str) -> str:
+        """Recent queue (`phase` queue) or run (`run`) seconds of one input class."""
+        return f"{self.prefix}:runlen:{input_class}:{phase}"
 
     def failed_deliveries(self, tenant: str) -> str:
         """A tenant's jobs whose final-event delivery failed, scored by their finish (ms).

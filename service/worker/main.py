@@ -32,6 +32,7 @@ from service.store.deliveries import DeliveryStore
 from service.store.jobs import JobStore
 from service.store.keys import Keys
 from service.store.limits import Limits
+from service.store.runlengths import RunLengths
 from service.store.schedules import Schedules
 from service.tenants_watch import TenantsWatcher
 from service.webhooks.delivery import create_webhook_client
@@ -149,7 +150,13 @@ async def run_worker(
         timeout_s=settings.upstream_timeout_s,
         on_call=metrics.upstream_call,
     )
-    poller = Poller(settings, jobs, schedules, client, heartbeat)
+    runs = RunLengths(
+        redis,
+        keys,
+        keep=settings.poll_learn_samples,
+        max_age_s=settings.poll_learn_max_age_s,
+    )
+    poller = Poller(settings, jobs, schedules, client, heartbeat, runs=runs, metrics=metrics)
     loops: list[ClaimLoop] = [
         Submitter(
             settings,

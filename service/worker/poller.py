@@ -1,9 +1,14 @@
 """The poller: follows jobs inside RunComfy until they end, and cancels queued ones.
 
-Each job in `in_queue` or `in_progress` is a member of the poll schedule. The
-interval grows with the time since the job's last change, from
-`GATEWAY_POLL_INTERVAL_MIN_S` to `_MAX_S` (a tenth of that age, clamped), so a
-fresh job is seen quickly and a long one costs few calls. Unknown upstream
+Each job in `in_queue` or `in_progress` is a member of the poll schedule. When
+its next poll is due comes from `service/worker/timing.py`: with
+`GATEWAY_POLL_POLICY=learned` (the default) sparse polls while recent jobs of its
+input class say it cannot have ended yet, dense ones where they ended, and the
+interval rule (a tenth of the time since the job's last change, clamped to
+`GATEWAY_POLL_INTERVAL_MIN_S`..`_MAX_S`) before anything is learned or once the
+job outlives what was; `interval` is that rule alone. Every completed job adds
+its queue and run lengths to what is learned (`service/store/runlengths.py`),
+and its polls and detection delay to the metrics. Unknown upstream
 statuses keep polling until the job deadline (its `timeout_s`, by default
 `GATEWAY_JOB_TIMEOUT_S`). Upstream errors back off, jittered, and never end a
 job by themselves: only its deadline does.
@@ -29,13 +34,19 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from service.config import Settings
+from service.metrics import WorkerMetrics
 from service.models import UPSTREAM_STATUSES, JobErrorInfo, JobRecord
 from service.outputs import output_urls
 from service.runcomfy.client import RunComfyClient, UpstreamError
+from service.runcomfy.wire import ResultAnswer
 from service.store.jobs import JobStore, Outcome, StoredJob
+from service.store.runlengths import Phase, RunLengths, input_class
 from service.store.schedules import Claim, Schedules
 from service.worker.loop import ClaimLoop, Heartbeat, backoff_s
+from service.worker.timing import LearnedTiming, next_poll_s
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +72,8 @@ class Poller(ClaimLoop):
         heartbeat: Heartbeat,
         *,
         concurrency: int = 32,
+        runs: RunLengths | None = None,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         super().__init__(
             schedules, heartbeat, concurrency=concurrency, batch=200, drain_s=settings.shutdown_s
@@ -68,14 +81,31 @@ class Poller(ClaimLoop):
         self.settings = settings
         self.jobs = jobs
         self.client = client
+        self.runs = runs
+        self.metrics = metrics
+        # What recent jobs took, per input class: only the learned policy times polls by it.
+        self.timing: LearnedTiming | None = None
+        if runs is not None and settings.poll_policy == "learned":
+            self.timing = LearnedTiming(
+                runs,
+                min_s=settings.poll_interval_min_s,
+                max_s=settings.poll_interval_max_s,
+                min_samples=settings.poll_learn_min_samples,
+                refresh_s=settings.poll_learn_refresh_s,
+                on_refresh=metrics.set_learned if metrics is not None else None,
+            )
         # Consecutive poll failures per job, for its backoff. Bounded: another
         # replica may end a job this worker failed on, and the entry is never popped.
         self._errors: dict[str, int] = {}
         # The jobs of claimed polls, read together when claimed and taken by `work`.
         self._read: dict[str, StoredJob | None] = {}
+        # Each job's poll count as its latest poll left it, taken when the job ends.
+        self._polls: dict[str, int] = {}
 
     async def claim(self, max_items: int) -> list[Claim]:
         """Claim jobs whose next poll is due; the claim reads them too."""
+        if self.timing is not None:
+            await self.timing.refresh_if_due()
         claims = await self.schedules.claim("poll", max_items, read_jobs=True)
         for claim in claims:
             self._read[claim.member] = claim.job
@@ -91,13 +121,24 @@ class Poller(ClaimLoop):
         await self.schedules.release(claim, delay_s=delay_s, cadence=cadence)
 
     def interval_s(self, stored: StoredJob) -> float:
-        """How long until the next poll: a tenth of the time since the last change, clamped."""
+        """How long until the next poll (`service/worker/timing.py`), never past the deadline."""
         record = stored.record
         since = record.started_at or record.submitted_at or record.created_at
+        phase: Phase = "run" if record.started_at is not None else "queue"
         now = datetime.now(UTC)
         age = (now - since).total_seconds()
         low, high = self.settings.poll_interval_min_s, self.settings.poll_interval_max_s
-        return min(high, max(low, age / 10), max(0.0, (record.deadline_at - now).total_seconds()))
+        if self.timing is not None:
+            interval = self.timing.next_poll_s(input_class(record.input), phase, age)
+        else:
+            interval = next_poll_s(age, None, min_s=low, max_s=high)
+        return min(interval, max(0.0, (record.deadline_at - now).total_seconds()))
+
+    def _first_run_poll_s(self, stored: StoredJob) -> float:
+        """When to poll a job just seen started: the learned run's first poll, else the min."""
+        if self.timing is None:
+            return self.settings.poll_interval_min_s
+        return self.timing.next_poll_s(input_class(stored.record.input), "run", 0.0)
 
     async def work(self, claim: Claim) -> None:
         """Poll one job and record what changed."""
@@ -143,6 +184,11 @@ class Poller(ClaimLoop):
 
     async def _poll(self, stored: StoredJob, claim: Claim) -> None:
         record = stored.record
+        if self.runs is not None:
+            polls = await self.runs.count_poll(record.id)
+            if record.id not in self._polls and len(self._polls) >= MAX_TRACKED_FAILURES:
+                del self._polls[next(iter(self._polls))]  # the oldest: another worker ended it
+            self._polls[record.id] = polls
         answer = await self.client.status(_request_id(stored))
         status = (answer.status or "").lower()
         interval = self.interval_s(stored)
@@ -156,12 +202,12 @@ class Poller(ClaimLoop):
         elif status in RUNNING:
             if record.status == "in_queue":
                 await self.jobs.started(
-                    stored, claim.lease, poll_in_s=self.settings.poll_interval_min_s
+                    stored, claim.lease, poll_in_s=self._first_run_poll_s(stored)
                 )
             else:
                 await self._requeue(claim, interval, cadence=True)
         elif status in COMPLETED | FAILED:
-            await self._finish(stored, claim)
+            await self._finish(stored, claim, self._polls.pop(record.id, 0))
         elif status in CANCELLED:
             await self.jobs.finish(stored, "cancelled", lease=claim.lease)
         else:
@@ -169,8 +215,9 @@ class Poller(ClaimLoop):
             log.info("poller: %s: unknown upstream status %r", record.id, answer.status)
             await self._requeue(claim, interval, cadence=True)
 
-    async def _finish(self, stored: StoredJob, claim: Claim) -> None:
+    async def _finish(self, stored: StoredJob, claim: Claim, polls: int) -> None:
         """Fetch the result of an ended request and end the job with it."""
+        seen_at = datetime.now(UTC)
         result = await self.client.result(_request_id(stored))
         status = (result.status or "").lower()
         if status in COMPLETED and self._keeps_outputs(stored, result.output):
@@ -178,9 +225,15 @@ class Poller(ClaimLoop):
                 # A job is copied while `in_progress`: start it, and see the result again.
                 await self.jobs.started(stored, claim.lease, poll_in_s=0)
             else:
-                await self.jobs.copy_outputs(stored, claim.lease, result.output or {})
+                done = await self.jobs.copy_outputs(stored, claim.lease, result.output or {})
+                if done is Outcome.DONE:
+                    await self._learn(stored.record, result, seen_at, polls)
         elif status in COMPLETED:
-            await self.jobs.finish(stored, "completed", lease=claim.lease, output=result.output)
+            done = await self.jobs.finish(
+                stored, "completed", lease=claim.lease, output=result.output
+            )
+            if done is Outcome.DONE:
+                await self._learn(stored.record, result, seen_at, polls)
         elif status in FAILED:
             code, message = result.error_parts()
             error = JobErrorInfo(
@@ -193,6 +246,35 @@ class Poller(ClaimLoop):
         else:
             # The result lags the status: look again soon.
             await self._requeue(claim, self.settings.poll_interval_min_s)
+
+    async def _learn(
+        self, record: JobRecord, result: ResultAnswer, seen_at: datetime, polls: int
+    ) -> None:
+        """Add a completed job's queue and run lengths to what is learned, and to the metrics.
+
+        RunComfy gives when the run ended (`finished_at`), not when it started: the
+        start is when a poll first saw it running, so the run learned is from then.
+        """
+        klass = input_class(record.input)
+        ended = _upstream_time(result.finished_at)
+        if self.metrics is not None:
+            delay = (seen_at - ended).total_seconds() if ended is not None else None
+            self.metrics.job_detected(klass, polls, delay)
+        if self.runs is None or record.submitted_at is None or record.started_at is None:
+            return  # never seen running: its queue and run cannot be told apart
+        if ended is not None and ended < record.started_at:
+            return  # started only to copy its outputs, after RunComfy had ended it
+        run_end = ended or seen_at
+        try:
+            await self.runs.record(
+                klass,
+                record.id,
+                queue_s=(record.started_at - record.submitted_at).total_seconds(),
+                run_s=(run_end - record.started_at).total_seconds(),
+            )
+        except (RedisError, OSError) as exc:
+            # The job is done and its webhook queued: one lost sample only slows learning.
+            log.warning("poller: %s: run lengths not recorded (%s)", record.id, exc)
 
     def _keeps_outputs(self, stored: StoredJob, output: dict[str, Any] | None) -> bool:
         """Whether the job's outputs are to be copied into its tenant's store (the copier)."""
@@ -252,6 +334,19 @@ class Poller(ClaimLoop):
 
 def _limit(record: JobRecord) -> str:
     return f"not finished within its timeout_s of {record.timeout_s}s"
+
+
+def _upstream_time(value: str | float | None) -> datetime | None:
+    """RunComfy's timestamp (RFC 3339, or unix seconds) as a datetime; None if unreadable."""
+    try:
+        if isinstance(value, str):
+            parsed = datetime.fromisoformat(value)
+            return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+        if isinstance(value, int | float):
+            return datetime.fromtimestamp(value, UTC)
+    except (ValueError, OverflowError, OSError):
+        pass
+    return None
 
 
 def _request_id(stored: StoredJob) -> str:

@@ -1,19 +1,22 @@
-"""The benchmarks of issues 12 and 14, one after the other, and their figures side by side.
+"""The benchmarks of issues 12, 14, 16 and 17, one after the other, and their figures side by side.
 
-`python tests/bench/run.py [--only A,B,C1,C2,D,E,F] [--profile]` runs A (submit
+`python tests/bench/run.py [--only A,B,C1,C2,D,E,F,G] [--profile]` runs A (submit
 throughput against a bare Litestar app, and a burst's p99), B (end to end
 against arq peers on httpx and on aiohttp), C1 (worker CPU per finished job at
 real load, against the arq + httpx peer), C2 (the most in-flight jobs one
 worker keeps polled every second, against plain GETs), D (Redis memory per
 kept finished job) and E (issue 14: 1,000 `Prefer: wait` reads and 1,000
-event streams on one API process while a worker finishes their jobs) and F
+event streams on one API process while a worker finishes their jobs), F
 (issue 16: 500 failed webhooks recovered by one call while another tenant's
-webhooks keep arriving), each
+webhooks keep arriving) and G (issue 17: detection delay and polls per job,
+learned poll timing against the interval rule, at two scales of run, and after
+RunComfy's speed halves), each
 on its own private Redis, emulator and processes on 127.0.0.1, and prints
 each section as it ends, then every goal and key figure in one summary.
 `--profile` also samples the API (A) and the worker (C2, at the step it
 missed) with py-spy and prints their hottest functions. The whole
-run takes about six minutes on 2 cores.
+run takes about eight minutes on 2 cores (G alone about two:
+`python tests/bench/run.py --only G`).
 """
 
 import argparse
@@ -24,6 +27,7 @@ from pathlib import Path
 
 import bench_cost
 import bench_e2e
+import bench_learn
 import bench_load
 import bench_poll
 import bench_recover
@@ -53,7 +57,9 @@ def revision() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--only", default="A,B,C1,C2,D,E,F", help="comma list of benchmarks to run")
+    parser.add_argument(
+        "--only", default="A,B,C1,C2,D,E,F,G", help="comma list of benchmarks to run"
+    )
     parser.add_argument("--profile", action="store_true", help="profile the API (A), worker (C2)")
     args = parser.parse_args()
     profile_s = PROFILE_S if args.profile else 0.0
@@ -65,10 +71,11 @@ def main() -> None:
         "D": bench_cost.run,
         "E": bench_watch.run,
         "F": bench_recover.run,
+        "G": bench_learn.run,
     }
     chosen = [name.strip().upper() for name in args.only.split(",") if name.strip()]
     started = time.monotonic()
-    print("runcomfy-gateway benchmarks (issues 12 and 14)")
+    print("runcomfy-gateway benchmarks (issues 12, 14, 16 and 17)")
     load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     rows = [*machine(), ("revision", revision()), ("load average at start", load)]
     print("\n".join(table(["machine", ""], rows)))
