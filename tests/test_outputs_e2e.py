@@ -83,7 +83,12 @@ async def emulator(stack) -> AsyncIterator[httpx.AsyncClient]:
         yield client
         await client.post(
             "/_emulator/config",
-            json={"output_bytes": 0, "output_bytes_per_s": 0, "output_host": ""},
+            json={
+                "output_bytes": 0,
+                "output_bytes_per_s": 0,
+                "output_host": "",
+                "output_failures": 0,
+            },
         )
 
 
@@ -210,6 +215,25 @@ async def test_an_output_that_cannot_be_copied_fails_the_job_at_once(
     event = await webhook_of(receiver, KEPT, job_id)
     assert event["type"] == "job.failed"
     assert event["data"]["output_files"][0]["upstream_url"] == file["upstream_url"]
+
+
+async def test_an_output_that_fails_for_a_while_is_copied_on_a_later_try(
+    stack, emulator, receiver, s3_server
+):
+    """RunComfy's output answers 503 twice: the copier backs off, tries again, stores it."""
+    await emulator.post("/_emulator/config", json={"output_bytes": MB, "output_failures": 2})
+    job_id = await submit(stack, KEPT, receiver)
+    job = await final_job(stack, KEPT, job_id)
+    assert job["status"] == "completed", job["error"]
+    [file] = job["output_files"]
+    assert file["sha256"] == emulator_output(MB)[0]
+    request_id = job["upstream"]["request_id"]
+    requests = (await emulator.get("/_emulator/requests")).json()["items"]
+    [request] = [r for r in requests if r["request_id"] == request_id]
+    assert request["output_gets"] == 3  # two 503s, then the copy
+    key = f"runcomfy/kept/{job_id}/0.mp4"
+    assert await s3_server.objects(stack["bucket"], f"runcomfy/kept/{job_id}/") == {key: MB}
+    assert (await webhook_of(receiver, KEPT, job_id))["type"] == "job.completed"
 
 
 async def test_a_worker_killed_mid_copy_leaves_it_to_another(stack, emulator, receiver, s3_server):

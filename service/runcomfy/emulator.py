@@ -50,6 +50,8 @@ variable                                     meaning                            
 ``RUNCOMFY_EMULATOR_OUTPUT_BYTES_PER_S``     how fast outputs are sent (0: at once) 0
 ``RUNCOMFY_EMULATOR_OUTPUT_HOST``            host named in output URLs instead of   (none)
                                              the one the submit came to
+``RUNCOMFY_EMULATOR_OUTPUT_FAILURES``        the first N GETs of each output answer 0
+                                             503 (a passing failure)
 ===========================================  =====================================  =======
 
 Test and ops endpoints, not part of RunComfy and unauthenticated (the emulator
@@ -172,6 +174,8 @@ class EmulatorConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """How fast an output is sent, so a copy can be caught mid-way; 0: as fast as it goes."""
     output_host: str = ""
     """Host (and no port) put in output URLs instead of the submit's: a host not allowed."""
+    output_failures: int = 0
+    """The first this many GETs of each output answer 503, as a store-side hiccup would."""
 
     def __post_init__(self) -> None:
         for name in _RATE_FIELDS:
@@ -185,8 +189,8 @@ class EmulatorConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                 raise ValueError(f"{name} must be a finite number >= 0")
         if self.token == "":
             self.token = None
-        if self.output_bytes < 0:
-            raise ValueError("output_bytes must be >= 0")
+        if self.output_bytes < 0 or self.output_failures < 0:
+            raise ValueError("output_bytes and output_failures must be >= 0")
         if not (math.isfinite(self.output_bytes_per_s) and self.output_bytes_per_s >= 0.0):
             raise ValueError("output_bytes_per_s must be a finite number >= 0")
 
@@ -291,6 +295,7 @@ class RequestItem(msgspec.Struct, kw_only=True):
     run_s: float = 0.0
     finished_at: str = ""
     status_polls: list[float] = msgspec.field(default_factory=list)
+    output_gets: int = 0
 
 
 class RequestList(msgspec.Struct, kw_only=True):
@@ -320,6 +325,8 @@ class _UpstreamRequest(msgspec.Struct, kw_only=True):
     output_bytes: int = 0
     output_bytes_per_s: float = 0.0
     output_host: str = ""
+    output_failures: int = 0
+    output_gets: int = 0
     cancelled_mono: float | None = None
     cancelled_at: float | None = None
     polls: "array.array[float]" = msgspec.field(default_factory=lambda: array.array("d"))
@@ -471,12 +478,16 @@ class _Emulator:
         """``GET /outputs/{id}.mp4``: the video of a completed request, streamed.
 
         Tiny and fixed by default; with ``output_bytes`` that many bytes of
-        ``output_chunks``, sent at ``output_bytes_per_s`` when set (both as they were
-        when the request was created).
+        ``output_chunks``, sent at ``output_bytes_per_s`` when set; the first
+        ``output_failures`` GETs answer 503 (all three as they were when the request
+        was created).
         """
         record = self._requests.get(name.removesuffix(".mp4")) if name.endswith(".mp4") else None
         if record is None or record.status(time.monotonic()) != "completed":
             raise Refused(404, 404001, "no such output")
+        record.output_gets += 1
+        if record.output_gets <= record.output_failures:
+            raise Refused(503, 503001, "output temporarily unavailable")
         if not record.output_bytes:
             return Response(OUTPUT_BYTES, media_type="video/mp4")
         return Stream(
@@ -503,6 +514,7 @@ class _Emulator:
                 if record.cancelled_at is not None
                 else _rfc3339(record.finished_at()),
                 status_polls=list(record.polls),
+                output_gets=record.output_gets,
             )
             for record in self._requests.values()
         ]
@@ -651,6 +663,7 @@ class _Emulator:
             output_bytes=config.output_bytes,
             output_bytes_per_s=config.output_bytes_per_s,
             output_host=config.output_host,
+            output_failures=config.output_failures,
         )
         self._submits += 1
         self._requests[record.request_id] = record
