@@ -34,7 +34,7 @@ types: $(STAMP)
 
 check: lint types test ## what CI runs: lint, types, tests
 
-bench: $(STAMP) ## the benchmarks A-F of issues 12, 14 and 17, side by side with their ceilings and peers
+bench: $(STAMP) ## the benchmarks A-H of issues 12 and 14-17, side by side with their ceilings and peers
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	@# arq pins redis<6; --no-deps keeps the gateway's own redis-py for a fair comparison.
 	$(BIN)/pip install --quiet --no-deps 'arq==0.28.0'

@@ -1,28 +1,24 @@
-"""Durable outputs: the worker's memory while it copies one large output (issue 15).
+"""H. Durable outputs: the worker's memory while it copies large outputs (issue 15).
 
-`python tests/bench/bench_outputs.py [--size-mb 500] [--every-ms 10] [--runs 3]` starts its
-own Redis, moto's S3 server, the emulator, the API and one worker as processes on
-127.0.0.1 (as the end-to-end tests do), submits a job whose output is `--size-mb` MiB for a
-tenant with an output_store, and samples the worker's resident memory every `--every-ms`
-from the submit until the job is completed: before, peak, after, the peak's growth, the
-copy's duration and rate, and the samples at each tenth of the run. The output is
-generated and streamed by the emulator, so only the worker's own buffers show.
+Its own Redis, moto's S3 server, the emulator, the API and one worker as processes
+on 127.0.0.1 (as the end-to-end tests run them), a tenant with an output_store. One
+warm-up copy of 50 MiB (obstore's client and runtime start on first use, and stay),
+then a copy of 50 MiB and one of 500 MiB, the worker's resident memory sampled every
+10 ms from each submit until the job is completed. The outputs are generated and
+streamed by the emulator, so only the worker's own buffers show. Flat means the
+500 MiB copy grows the worker no more than the 50 MiB one does (within 16 MiB) and by
+less than a tenth of the output.
 """
 
-from __future__ import annotations
-
-import argparse
 import asyncio
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+from harness import Goal, Section
 
-from service.localredis import LocalRedis, free_port  # noqa: E402
-from tests.support import (  # noqa: E402
+from service.localredis import LocalRedis, free_port
+from tests.support import (
     S3Server,
     api_client,
     gateway_processes,
@@ -33,44 +29,32 @@ from tests.support import (  # noqa: E402
 
 MIB = 1024 * 1024
 TENANT = new_tenant("bench")
+EVERY_S = 0.01
 
 
-async def one_copy(stack: dict[str, object], size: int, every_s: float) -> dict[str, object]:
-    """Copy one output of `size` bytes; the worker's RSS samples and the copy's duration."""
-    pid = stack["worker_pid"]
-    assert isinstance(pid, int)
-    async with api_client(str(stack["api"]), TENANT) as api:
-        await api.post(  # the emulator's output size for the next request
-            f"{stack['emulator']}/_emulator/config", json={"output_bytes": size}
-        )
-        before = process_rss_bytes(pid)
-        samples: list[tuple[float, int]] = []
-        started = time.monotonic()
+async def one_copy(api_url: str, emulator_url: str, pid: int, size: int) -> tuple[int, int, float]:
+    """Copy one output of `size` bytes: the worker's RSS before, its peak, the copy's seconds."""
+    async with api_client(api_url, TENANT) as api:
+        await api.post(f"{emulator_url}/_emulator/config", json={"output_bytes": size})
+        before = peak = process_rss_bytes(pid)
+        started = polled = time.monotonic()
         body = {"input": {"prompt": "a boat", "video_url": "https://example.com/in.mp4"}}
         job_id = (await api.post("/v1/jobs", json=body)).json()["id"]
-        polled = 0.0
         while True:
-            now = time.monotonic()
-            samples.append((now - started, process_rss_bytes(pid)))
-            if now - polled > 0.1:
-                polled = now
+            peak = max(peak, process_rss_bytes(pid))
+            if time.monotonic() - polled > 0.1:
+                polled = time.monotonic()
                 job = (await api.get(f"/v1/jobs/{job_id}")).json()
                 if job["status"] in {"completed", "failed"}:
                     break
-            await asyncio.sleep(every_s)
-        after = process_rss_bytes(pid)
+            await asyncio.sleep(EVERY_S)
     assert job["status"] == "completed", job["error"]
     assert job["output_files"][0]["bytes"] == size
-    return {"before": before, "after": after, "samples": samples, "seconds": samples[-1][0]}
+    return before, peak, time.monotonic() - started
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--size-mb", type=int, default=500, help="the output's size in MiB")
-    parser.add_argument("--every-ms", type=float, default=10, help="RSS sampling interval")
-    parser.add_argument("--runs", type=int, default=3, help="copies, one after the other")
-    args = parser.parse_args()
-    size = args.size_mb * MIB
+async def run() -> Section:
+    section = Section("H. Durable outputs: worker memory while copying (issue 15)")
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
         s3 = S3Server(port=free_port(), log=tmp / "moto.log").start()
@@ -84,39 +68,32 @@ async def main() -> None:
                 + s3.store_toml(bucket, "bench", presign_s=3600)
             )
             ports = {name: free_port() for name in ("emulator", "api", "worker")}
-            env = outputs_env(redis.url, f"http://127.0.0.1:{ports['emulator']}", tenants)
+            emulator_url = f"http://127.0.0.1:{ports['emulator']}"
+            env = outputs_env(redis.url, emulator_url, tenants)
             procs = gateway_processes(ports, env, tmp, ["--queue-s", "0.1", "--run-s", "0.1"])
-            stack: dict[str, object] = {
-                "api": f"http://127.0.0.1:{ports['api']}",
-                "emulator": f"http://127.0.0.1:{ports['emulator']}",
-                "worker_pid": procs["worker"].proc.pid,
-            }
+            api_url, pid = f"http://127.0.0.1:{ports['api']}", procs["worker"].proc.pid
             try:
-                print(f"copying a {args.size_mb} MiB output, worker RSS every {args.every_ms} ms")
-                print("run  before MiB  peak MiB  growth MiB  after MiB  seconds  MiB/s")
-                for run in range(1, args.runs + 1):
-                    result = await one_copy(stack, size, args.every_ms / 1000)
-                    samples = result["samples"]
-                    assert isinstance(samples, list)
-                    before, after = result["before"], result["after"]
-                    assert isinstance(before, int)
-                    assert isinstance(after, int)
-                    seconds = float(result["seconds"])  # type: ignore[arg-type]
-                    peak = max(rss for _, rss in samples)
-                    print(
-                        f"{run:>3}  {before / MIB:>10.1f}  {peak / MIB:>8.1f}  "
-                        f"{(peak - before) / MIB:>10.1f}  {after / MIB:>9.1f}  "
-                        f"{seconds:>7.1f}  {size / MIB / seconds:>5.0f}"
-                    )
-                    tenths = [samples[len(samples) * i // 10][1] / MIB for i in range(10)]
-                    print("     RSS at each tenth (MiB): " + " ".join(f"{v:.0f}" for v in tenths))
+                growth: dict[int, float] = {}
+                for label, mib in (("warm-up", 50), ("small", 50), ("large", 500)):
+                    before, peak, seconds = await one_copy(api_url, emulator_url, pid, mib * MIB)
+                    growth[mib] = (peak - before) / MIB
+                    figure = f"RSS {before / MIB:.1f} MiB before, peak +{growth[mib]:.1f} MiB"
+                    figure += f", {seconds:.1f} s ({mib / seconds:.0f} MiB/s)"
+                    section.figures.append((f"{label} copy of {mib} MiB", figure))
             finally:
                 for proc in procs.values():
                     proc.stop()
         finally:
             redis.cleanup()
             s3.stop()
-
-
-if __name__ == "__main__":
-    asyncio.run(main())
+    large = growth[500]
+    section.goals.append(
+        Goal(
+            "H worker RSS growth, 500 MiB copy",
+            "< 50 MiB and <= the 50 MiB copy's + 16 MiB",
+            f"+{large:.1f} MiB (50 MiB copy: +{growth[50]:.1f} MiB)",
+            large < 50 and large <= growth[50] + 16,
+        )
+    )
+    section.summary.append(("RSS growth copying 500 MiB", f"+{large:.1f} MiB"))
+    return section

@@ -1,6 +1,6 @@
-"""The benchmarks of issues 12, 14, 16 and 17, one after the other, and their figures side by side.
+"""The benchmarks of issues 12, 14-17, one after the other, and their figures side by side.
 
-`python tests/bench/run.py [--only A,B,C1,C2,D,E,F,G] [--profile]` runs A (submit
+`python tests/bench/run.py [--only A,B,C1,C2,D,E,F,G,H] [--profile]` runs A (submit
 throughput against a bare Litestar app, and a burst's p99), B (end to end
 against arq peers on httpx and on aiohttp), C1 (worker CPU per finished job at
 real load, against the arq + httpx peer), C2 (the most in-flight jobs one
@@ -10,7 +10,8 @@ event streams on one API process while a worker finishes their jobs), F
 (issue 16: 500 failed webhooks recovered by one call while another tenant's
 webhooks keep arriving) and G (issue 17: detection delay and polls per job,
 learned poll timing against the interval rule, at two scales of run, and after
-RunComfy's speed halves), each
+RunComfy's speed halves) and H (issue 15: the worker's memory while it copies
+a 500 MiB output into an S3 store), each
 on its own private Redis, emulator and processes on 127.0.0.1, and prints
 each section as it ends, then every goal and key figure in one summary.
 `--profile` also samples the API (A) and the worker (C2, at the step it
@@ -29,6 +30,7 @@ import bench_cost
 import bench_e2e
 import bench_learn
 import bench_load
+import bench_outputs
 import bench_poll
 import bench_recover
 import bench_submit
@@ -58,7 +60,7 @@ def revision() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument(
-        "--only", default="A,B,C1,C2,D,E,F,G", help="comma list of benchmarks to run"
+        "--only", default="A,B,C1,C2,D,E,F,G,H", help="comma list of benchmarks to run"
     )
     parser.add_argument("--profile", action="store_true", help="profile the API (A), worker (C2)")
     args = parser.parse_args()
@@ -72,10 +74,11 @@ def main() -> None:
         "E": bench_watch.run,
         "F": bench_recover.run,
         "G": bench_learn.run,
+        "H": bench_outputs.run,
     }
     chosen = [name.strip().upper() for name in args.only.split(",") if name.strip()]
     started = time.monotonic()
-    print("runcomfy-gateway benchmarks (issues 12, 14, 16 and 17)")
+    print("runcomfy-gateway benchmarks (issues 12, 14, 15, 16 and 17)")
     load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     rows = [*machine(), ("revision", revision()), ("load average at start", load)]
     print("\n".join(table(["machine", ""], rows)))
