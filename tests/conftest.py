@@ -9,12 +9,16 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from service.config import Settings
 from service.localredis import LocalRedis, free_port
 from service.runcomfy.emulator import EmulatorConfig, start_emulator
 from service.serving import Served
 from service.store.connection import connect
+from service.store.deliveries import DeliveryStore
+from service.store.jobs import JobStore
 from service.store.keys import Keys
-from tests.support import Receiver, S3Server, StartEmulator
+from service.store.schedules import Schedules
+from tests.support import BILLING, ORDERS, Receiver, S3Server, StartEmulator, serve_api
 
 
 @pytest.fixture(scope="session")
@@ -35,6 +39,39 @@ async def redis(redis_server: LocalRedis) -> AsyncIterator[aioredis.Redis]:
     client = connect(redis_server.url)
     yield client
     await client.aclose()
+
+
+# The in-process API and its stores, for a module that defines `settings` (tenants
+# `ORDERS` and `BILLING` among them).
+
+
+@pytest.fixture
+async def api(settings: Settings, keys: Keys) -> AsyncIterator[Any]:
+    """The API in this process, called as `ORDERS`."""
+    async with serve_api(settings, keys, ORDERS.api_key) as client:
+        yield client
+
+
+@pytest.fixture
+async def other(settings: Settings, keys: Keys) -> AsyncIterator[Any]:
+    """The same API, called as `BILLING`."""
+    async with serve_api(settings, keys, BILLING.api_key) as client:
+        yield client
+
+
+@pytest.fixture
+def jobs(redis: aioredis.Redis, keys: Keys, settings: Settings) -> JobStore:
+    return JobStore(redis, keys, retention_s=settings.job_retention_s)
+
+
+@pytest.fixture
+def deliveries(redis: aioredis.Redis, keys: Keys, settings: Settings) -> DeliveryStore:
+    return DeliveryStore(redis, keys, retention_s=settings.job_retention_s)
+
+
+@pytest.fixture
+def schedules(redis: aioredis.Redis, keys: Keys) -> Schedules:
+    return Schedules(redis, keys, lease_s=30)
 
 
 @pytest.fixture

@@ -91,6 +91,12 @@ def new_tenant(tenant_id: str = "orders") -> TestTenant:
     )
 
 
+ORDERS = new_tenant("orders")
+"""The tenant the in-process API tests call as (conftest's `api`)."""
+BILLING = new_tenant("billing")
+"""Another tenant, whose jobs `ORDERS` must never see (conftest's `other`)."""
+
+
 def admins_toml(*api_keys: str) -> str:
     """The tenants file's `[admins]` table for these plain admin keys."""
     digests = ", ".join(f'"{hashlib.sha256(key.encode()).hexdigest()}"' for key in api_keys)

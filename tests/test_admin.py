@@ -10,13 +10,11 @@ import pytest
 
 from service.config import ConfigError, Settings, load_settings, parse_tenants
 from service.models import DeliveryAttempt, utcnow
-from service.store.deliveries import DeliveryStore
-from service.store.jobs import JobStore, Outcome
-from service.store.schedules import Schedules
-from tests.support import admins_toml, assert_problem, new_tenant, serve_api
+from service.store.jobs import Outcome
+from tests.support import BILLING, ORDERS, admins_toml, assert_problem, serve_api
 
-TENANT = new_tenant("orders")
-OTHER = new_tenant("billing")
+TENANT = ORDERS
+OTHER = BILLING
 ADMIN_KEY = "adm_" + "5" * 32
 HOSTS = ("hooks.example.com",)
 HOOK = "https://hooks.example.com/rc?token=hunter2"
@@ -41,36 +39,9 @@ def settings(tmp_path, redis_server) -> Settings:
 
 
 @pytest.fixture
-async def api(settings, keys):
-    async with serve_api(settings, keys, TENANT.api_key) as client:
-        yield client
-
-
-@pytest.fixture
-async def other(settings, keys):
-    async with serve_api(settings, keys, OTHER.api_key) as client:
-        yield client
-
-
-@pytest.fixture
 async def admin(settings, keys):
     async with serve_api(settings, keys, ADMIN_KEY) as client:
         yield client
-
-
-@pytest.fixture
-def jobs(redis, keys, settings):
-    return JobStore(redis, keys, retention_s=settings.job_retention_s)
-
-
-@pytest.fixture
-def deliveries(redis, keys, settings):
-    return DeliveryStore(redis, keys, retention_s=settings.job_retention_s)
-
-
-@pytest.fixture
-def schedules(redis, keys):
-    return Schedules(redis, keys, lease_s=30)
 
 
 async def submit(client, **extra: Any) -> dict[str, Any]:

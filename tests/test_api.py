@@ -19,14 +19,13 @@ from service.batching import Coalescer
 from service.config import Settings, load_settings
 from service.localredis import free_port
 from service.models import MAX_METADATA_BYTES, DeliveryAttempt, utcnow
-from service.store.deliveries import DeliveryStore
 from service.store.jobs import JobStore, Outcome
 from service.store.limits import Limits
-from service.store.schedules import Claim, Schedules
-from tests.support import assert_problem, new_tenant, serve_api, wait_for
+from service.store.schedules import Claim
+from tests.support import BILLING, ORDERS, assert_problem, new_tenant, serve_api, wait_for
 
-TENANT = new_tenant("orders")
-OTHER = new_tenant("billing")
+TENANT = ORDERS
+OTHER = BILLING
 HOSTS = ("hooks.example.com", "*.orders.internal")
 VIDEO = "https://example.com/in.mp4"
 
@@ -61,33 +60,6 @@ def settings(tmp_path, redis_server) -> Settings:
         "GATEWAY_TENANTS_FILE": str(tenants),
     }
     return load_settings(env)
-
-
-@pytest.fixture
-async def api(settings, keys):
-    async with serve_api(settings, keys, TENANT.api_key) as client:
-        yield client
-
-
-@pytest.fixture
-async def other(settings, keys):
-    async with serve_api(settings, keys, OTHER.api_key) as client:
-        yield client
-
-
-@pytest.fixture
-def jobs(redis, keys, settings):
-    return JobStore(redis, keys, retention_s=settings.job_retention_s)
-
-
-@pytest.fixture
-def schedules(redis, keys):
-    return Schedules(redis, keys, lease_s=30)
-
-
-@pytest.fixture
-def deliveries(redis, keys, settings):
-    return DeliveryStore(redis, keys, retention_s=settings.job_retention_s)
 
 
 async def submit(api, body: dict[str, Any] | None = None, **kwargs: Any) -> dict[str, Any]:
