@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from service.config import ConfigError, load_settings
 from service.store.keys import Keys
-from service.store.runlengths import INPUT_CLASSES, RunLengths, Samples
+from service.store.runlengths import INPUT_CLASSES, RunLengths
 from service.worker.timing import (
     LearnedTiming,
     Window,
@@ -190,28 +190,6 @@ async def test_the_worker_cache_reads_redis_only_every_refresh(redis: aioredis.R
     assert window is not None
     assert (window.low_s, window.high_s) == (pytest.approx(4.1), pytest.approx(5.9))
     assert seen == [0, 2]
-
-
-async def test_a_queued_job_with_others_ahead_gets_the_rule_not_the_learned_window(
-    redis: aioredis.Redis, keys: Keys
-):
-    """queue_position > 0: the interval rule; at the head (0) or unknown: the learned window."""
-    timing = LearnedTiming(RunLengths(redis, keys), min_s=2, max_s=15, min_samples=8)
-    lengths = tuple(float(60 + n) for n in range(10))
-    timing.update(
-        [
-            Samples(input_class="720p:129:std", phase=phase, seconds=lengths)
-            for phase in ("queue", "run")
-        ]
-    )
-    window = timing.window("720p:129:std", "queue")
-    assert window is not None
-    elapsed = window.low_s + 1  # inside the window: dense polls for a job at the head
-    rule = rule_interval_s(elapsed, 2, 15)
-    assert timing.next_poll_s("720p:129:std", "queue", elapsed, 7) == rule
-    head = timing.next_poll_s("720p:129:std", "queue", elapsed, 0)
-    assert head == timing.next_poll_s("720p:129:std", "queue", elapsed, None) < rule
-    assert timing.next_poll_s("720p:129:std", "run", elapsed, 7) < rule  # runs: no position
 
 
 def test_the_poll_policy_is_learned_by_default_and_can_be_the_interval_rule(tmp_path):

@@ -129,8 +129,7 @@ class Poller(ClaimLoop):
         age = (now - since).total_seconds()
         low, high = self.settings.poll_interval_min_s, self.settings.poll_interval_max_s
         if self.timing is not None:
-            position = record.upstream.queue_position if record.upstream else None
-            interval = self.timing.next_poll_s(input_class(record.input), phase, age, position)
+            interval = self.timing.next_poll_s(input_class(record.input), phase, age)
         else:
             interval = next_poll_s(age, None, min_s=low, max_s=high)
         return min(interval, max(0.0, (record.deadline_at - now).total_seconds()))

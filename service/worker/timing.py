@@ -14,8 +14,7 @@ its next status poll. Polls are spent where an end is likely:
 * `next_poll_s` then gives sparse polls before the window (equal gaps of at most
   max, landing on its start), `step_s` inside it (never sparser than the rule:
   a short phase has too few polls to budget, and its end decides when the next
-  phase's polls start), and the rule after it. A queued job that RunComfy says has
-  others ahead of it (`queue_position` > 0) gets the rule until it is at the head.
+  phase's polls start), and the rule after it.
 
 Every interval stays within [min, max]: a job is polled at least every max.
 `LearnedTiming` is the worker's cache of windows, read from Redis
@@ -161,18 +160,11 @@ class LearnedTiming:
         """The learned window of a class's phase; None while too little is known."""
         return self._windows.get((input_class, phase))
 
-    def next_poll_s(
-        self, input_class: str, phase: Phase, elapsed_s: float, queue_position: int | None = None
-    ) -> float:
-        """Seconds until the next poll of a job of this class `elapsed_s` into `phase`.
-
-        A queued job with others ahead of it (`queue_position` > 0) cannot start before
-        they do, however its class's queue times went: it gets the interval rule, never
-        the dense window, until it reaches the head of RunComfy's queue.
-        """
-        behind = phase == "queue" and bool(queue_position)
-        window = None if behind else self.window(input_class, phase)
-        return next_poll_s(elapsed_s, window, min_s=self.min_s, max_s=self.max_s)
+    def next_poll_s(self, input_class: str, phase: Phase, elapsed_s: float) -> float:
+        """Seconds until the next poll of a job of this class `elapsed_s` into `phase`."""
+        return next_poll_s(
+            elapsed_s, self.window(input_class, phase), min_s=self.min_s, max_s=self.max_s
+        )
 
     async def refresh_if_due(self) -> None:
         """Read every class's samples again when `refresh_s` has passed; keep the old on failure."""
