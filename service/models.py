@@ -422,7 +422,7 @@ def utcnow() -> datetime:
     return _EPOCH + timedelta(milliseconds=time.time_ns() // 1_000_000)
 
 
-# Operating it (DESIGN §10): recovery of failed deliveries and the admin API.
+# Operating it: recovery of failed deliveries and the admin API.
 
 
 RFC3339 = Annotated[str, Meta(extra_json_schema={"format": "date-time"})]

@@ -1,4 +1,4 @@
-"""Operating it (DESIGN §10): admin keys, the admin API and recovery of failed deliveries."""
+"""Operating it: admin keys, the admin API and recovery of failed deliveries."""
 
 from __future__ import annotations
 
