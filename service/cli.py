@@ -77,6 +77,9 @@ def _emulator_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--spread", type=float, help="spread each request's times by ±this share")
     group.add_argument("--speed", type=float, help="divide queue and run times by this")
     group.add_argument(
+        "--capacity", type=int, help="requests run at once, first come first served (0: no limit)"
+    )
+    group.add_argument(
         "--input-scaling",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -148,6 +151,7 @@ def _emulator_config(args: argparse.Namespace) -> EmulatorConfig:
                 "spread",
                 "speed",
                 "input_scaling",
+                "capacity",
             )
             if (value := getattr(args, name)) is not None
         }

@@ -1,6 +1,7 @@
 """The RunComfy emulator's HTTP contract, configuration and fault injection."""
 
 import asyncio
+import itertools
 import os
 import re
 import signal
@@ -62,6 +63,7 @@ def test_config_from_env_reads_every_variable() -> None:
         "RUNCOMFY_EMULATOR_SPREAD": "0.2",
         "RUNCOMFY_EMULATOR_SPEED": "0.5",
         "RUNCOMFY_EMULATOR_INPUT_SCALING": "false",
+        "RUNCOMFY_EMULATOR_CAPACITY": "3",
     }
     assert EmulatorConfig.from_env(environ) == EmulatorConfig(
         queue_s=0.5,
@@ -80,6 +82,7 @@ def test_config_from_env_reads_every_variable() -> None:
         spread=0.2,
         speed=0.5,
         input_scaling=False,
+        capacity=3,
     )
 
 
@@ -97,6 +100,7 @@ def test_config_from_env_defaults_when_unset_or_empty() -> None:
         ("RUNCOMFY_EMULATOR_FUNDS_EXHAUSTED", "maybe"),
         ("RUNCOMFY_EMULATOR_SEED", "1.5"),
         ("RUNCOMFY_EMULATOR_SPEED", "0"),
+        ("RUNCOMFY_EMULATOR_CAPACITY", "-1"),
     ],
 )
 def test_config_from_env_bad_value_names_the_variable(variable: str, value: str) -> None:
@@ -128,6 +132,38 @@ async def test_queue_position_counts_only_requests_still_queued(
         _, body, _ = await call(http, "GET", f"{url}/v1/requests/{request_id}/status")
         positions.append(body["queue_position"])
     assert positions == [0, 1]
+
+
+async def test_with_capacity_one_requests_run_one_after_another(
+    emulator: StartEmulator, http: httpx.AsyncClient
+) -> None:
+    """With capacity 1 each request starts when the one before it ends; the rest queue in order."""
+    url = await emulator(queue_s=0, run_s=30, capacity=1)
+    ids = [await submit(http, url) for _ in range(4)]
+    answers = []
+    for request_id in ids:
+        _, body, _ = await call(http, "GET", f"{url}/v1/requests/{request_id}/status")
+        answers.append((body["status"], body.get("queue_position")))
+    assert answers == [("in_progress", None), ("in_queue", 0), ("in_queue", 1), ("in_queue", 2)]
+    _, listed, _ = await call(http, "GET", f"{url}/_emulator/requests")
+    items = {item["request_id"]: item for item in listed["items"]}
+    starts = [
+        datetime.fromisoformat(items[i]["submitted_at"]).timestamp() + items[i]["queue_s"]
+        for i in ids
+    ]
+    # Each starts as the previous run (30 s) ends, whenever it was submitted.
+    assert [round(b - a, 1) for a, b in itertools.pairwise(starts)] == [30.0, 30.0, 30.0]
+
+
+async def test_without_capacity_every_request_starts_queue_s_after_its_submit(
+    emulator: StartEmulator, http: httpx.AsyncClient
+) -> None:
+    """Capacity 0 (the default) runs any number at once: each request queues only queue_s."""
+    url = await emulator(queue_s=0, run_s=30)
+    ids = [await submit(http, url) for _ in range(3)]
+    for request_id in ids:
+        _, body, _ = await call(http, "GET", f"{url}/v1/requests/{request_id}/status")
+        assert body["status"] == "in_progress"
 
 
 async def test_result_of_a_completed_request_follows_the_contract(

@@ -14,6 +14,14 @@ queue and run times are then spread uniformly by ``±spread`` (0.2: ±20%) and
 divided by ``speed`` (0.5: everything takes twice as long; changed at run time
 through ``POST /_emulator/config``, it applies to requests submitted after).
 
+With ``capacity`` N > 0 RunComfy runs at most N requests at once, first come first
+served: a request starts ``queue_s`` after its submit, or when a run ends and frees
+its slot if all N are taken then, and never before a request submitted earlier;
+its ``queue_s`` is then the whole wait, so queue positions say how far back it is.
+Starts are fixed at submit: a request cancelled while queued keeps the slot it
+would have taken. 0 (the default) is unlimited: every request starts ``queue_s``
+after its submit, whatever its position.
+
 Faults are independent probabilities per ``/v1`` call, drawn in this order and
 the first that fires decides: ``drop_rate`` (a submit creates the request and
 then the connection closes before the answer is complete: the unknown-outcome
@@ -33,6 +41,8 @@ variable                                     meaning                            
 ``RUNCOMFY_EMULATOR_RUN_S``                  seconds it then stays ``in_progress``  5
 ``RUNCOMFY_EMULATOR_SPREAD``                 each request's times spread ±this      0
 ``RUNCOMFY_EMULATOR_SPEED``                  times are divided by this              1
+``RUNCOMFY_EMULATOR_CAPACITY``               requests run at once, first come       0
+                                             first served (0: unlimited)
 ``RUNCOMFY_EMULATOR_INPUT_SCALING``          ``run_s`` follows resolution, frames   true
 ``RUNCOMFY_EMULATOR_FAIL_RATE``              share of requests that end ``failed``  0
 ``RUNCOMFY_EMULATOR_ERROR_5XX_RATE``         share of calls answered 500/502/503    0
@@ -75,6 +85,7 @@ The query string changes the answer: ``status=N`` (that status, no body),
 import array
 import asyncio
 import hashlib
+import heapq
 import hmac
 import logging
 import math
@@ -168,6 +179,8 @@ class EmulatorConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Queue and run times are divided by this: 0.5 makes every new request take twice as long."""
     input_scaling: bool = True
     """`run_s` is the default input's run; other resolutions, frames and pro_mode scale it."""
+    capacity: int = 0
+    """Requests RunComfy runs at once, first come first served; 0: unlimited."""
     output_bytes: int = 0
     """Size of each output video, generated and streamed (`output_chunks`); 0: a tiny MP4."""
     output_bytes_per_s: float = 0.0
@@ -189,8 +202,8 @@ class EmulatorConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                 raise ValueError(f"{name} must be a finite number >= 0")
         if self.token == "":
             self.token = None
-        if self.output_bytes < 0 or self.output_failures < 0:
-            raise ValueError("output_bytes and output_failures must be >= 0")
+        if self.output_bytes < 0 or self.output_failures < 0 or self.capacity < 0:
+            raise ValueError("output_bytes, output_failures and capacity must be >= 0")
         if not (math.isfinite(self.output_bytes_per_s) and self.output_bytes_per_s >= 0.0):
             raise ValueError("output_bytes_per_s must be a finite number >= 0")
 
@@ -385,6 +398,10 @@ class _Emulator:
         self._requests: dict[str, _UpstreamRequest] = {}
         # Requests possibly still queued, in submit order: queue positions count these.
         self._queued: dict[str, _UpstreamRequest] = {}
+        # With a capacity: when each run holding a slot ends (a min-heap, monotonic
+        # seconds), and the latest start given, so starts keep submit order.
+        self._slots: list[float] = []
+        self._last_start = 0.0
         self._submits = 0
         self._input_requests: Counter[str] = Counter()
 
@@ -542,6 +559,8 @@ class _Emulator:
         """``POST /_emulator/reset``: forget every request and restart the fault sequence."""
         self._requests.clear()
         self._queued.clear()
+        self._slots.clear()
+        self._last_start = 0.0
         self._submits = 0
         self._input_requests.clear()
         self._rng.seed(self.config.seed)
@@ -649,12 +668,15 @@ class _Emulator:
         config = self.config
         # Timing is fixed at submit time, so a config change affects only new requests.
         queue_s, run_s = self._times(body)
+        submitted = time.monotonic()
+        if config.capacity > 0:
+            queue_s = self._take_slot(submitted, queue_s, run_s, config.capacity)
         record = _UpstreamRequest(
             request_id=str(uuid.uuid4()),
             model=model,
             input=body,
             base_url=base_url,
-            submitted_mono=time.monotonic(),
+            submitted_mono=submitted,
             submitted_at=time.time(),
             queue_s=queue_s,
             run_s=run_s,
@@ -674,6 +696,23 @@ class _Emulator:
             del self._requests[oldest]
             self._queued.pop(oldest, None)
         return record
+
+    def _take_slot(self, submitted: float, queue_s: float, run_s: float, capacity: int) -> float:
+        """The whole queue time of a request submitted now, when `capacity` runs fit at once.
+
+        It starts `queue_s` after its submit, or later: when the earliest run holding a
+        slot ends if every slot is taken then, and never before the start of a request
+        submitted earlier (first come, first served).
+        """
+        start = max(submitted + queue_s, self._last_start)
+        slots = self._slots
+        while slots and slots[0] <= start:
+            heapq.heappop(slots)  # ended by then: its slot is free
+        while len(slots) >= capacity:
+            start = max(start, heapq.heappop(slots))
+        heapq.heappush(slots, start + run_s)
+        self._last_start = start
+        return start - submitted
 
     def _times(self, body: dict[str, Any]) -> tuple[float, float]:
         """A new request's queue and run seconds: scaled by its input, spread, over the speed."""
