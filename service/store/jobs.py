@@ -166,31 +166,24 @@ if op.old_status ~= op.status then
   redis.call('ZADD', new_index, 0, op.id)
   if op.old_status == 'pending' then redis.call('ZREM', backlog, op.id) end
 end
-if op.leave_submit then
-  redis.call('ZREM', submit, op.id)
-  redis.call('HDEL', leases.submit, op.id)
+-- Leaving a schedule, or falling due on it, ends any claim on the job there.
+local function leave(name, schedule)
+  redis.call('ZREM', schedule, op.id)
+  redis.call('HDEL', leases[name], op.id)
 end
-if op.leave_poll then
-  redis.call('ZREM', poll, op.id)
-  redis.call('HDEL', leases.poll, op.id)
+local function due_in(name, schedule, ms)
+  redis.call('ZADD', schedule, clock() + ms, op.id)
+  redis.call('HDEL', leases[name], op.id)
 end
-if op.leave_copy then
-  redis.call('ZREM', copy, op.id)
-  redis.call('HDEL', leases.copy, op.id)
-end
-if op.copy_in_ms then
-  redis.call('ZADD', copy, clock() + op.copy_in_ms, op.id)
-  redis.call('HDEL', leases.copy, op.id)
-end
+if op.leave_submit then leave('submit', submit) end
+if op.leave_poll then leave('poll', poll) end
+if op.leave_copy then leave('copy', copy) end
+if op.copy_in_ms then due_in('copy', copy, op.copy_in_ms) end
 if op.submit_in_ms then
-  redis.call('ZADD', submit, clock() + op.submit_in_ms, op.id)
+  due_in('submit', submit, op.submit_in_ms)
   redis.call('ZADD', submit_tenants, 'NX', 0, op.tenant)
-  redis.call('HDEL', leases.submit, op.id)
 end
-if op.poll_in_ms then
-  redis.call('ZADD', poll, clock() + op.poll_in_ms, op.id)
-  redis.call('HDEL', leases.poll, op.id)
-end
+if op.poll_in_ms then due_in('poll', poll, op.poll_in_ms) end
 if op.release_slot then
   redis.call('SREM', inflight, op.id)
   redis.call('SREM', tenant_inflight, op.id)
