@@ -55,6 +55,8 @@ class LearnedWindow(Protocol):
 
 def _class_labels(input_class: str) -> dict[str, str]:
     """`720p:129:std` as the labels resolution, num_frames, pro_mode."""
+    if input_class == "any":  # the waits from a queue position: every class
+        return dict.fromkeys(_CLASS_LABELS, "any")
     resolution, frames, mode = ([*input_class.split(":"), "", "", ""])[:3]
     return {"resolution": resolution, "num_frames": frames, "pro_mode": str(mode == "pro").lower()}
 
@@ -187,8 +189,10 @@ class WorkerMetrics(_Common):
         )
         self.poll_learned = Gauge(
             "rcg_poll_learned_seconds",
-            "Learned length of a phase (queue, run) of recent jobs per input class, by quantile "
-            "(0.05, 0.5, 0.95), and the poll spacing between the outer two (quantile=step).",
+            "Learned length of a phase (queue, run) of recent jobs per input class, and of the "
+            "wait from a queue position to the start (phase queue_at_0 ... queue_at_16+, class "
+            "labels any), by quantile (0.05, 0.5, 0.95), and the poll spacing between the outer "
+            "two (quantile=step).",
             [*_CLASS_LABELS, "phase", "quantile"],
             registry=self.registry,
         )

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from service.config import ConfigError, load_settings
 from service.store.keys import Keys
-from service.store.runlengths import INPUT_CLASSES, RunLengths
+from service.store.runlengths import INPUT_CLASSES, POSITION_PHASES, RunLengths, position_phase
+from service.worker.poller import Queued
 from service.worker.timing import (
     LearnedTiming,
     Window,
@@ -22,6 +23,7 @@ from service.worker.timing import (
     next_poll_s,
     rule_interval_s,
     rule_polls,
+    scaled,
 )
 from tests.support import job_record
 from tests.test_config import base_env
@@ -139,8 +141,34 @@ async def test_recorded_lengths_are_shared_bounded_and_read_per_class(
     assert found["720p:129:std", "run"] == (13.0, 14.0, 15.0, 16.0, 17.0)
     assert found["480p:85:pro", "run"] == (3.25,)
     assert found["480p:85:pro", "queue"] == ()
-    assert len(found) == 2 * len(INPUT_CLASSES)
+    assert len(found) == 2 * len(INPUT_CLASSES) + len(POSITION_PHASES)
     assert 0 < await redis.pttl(keys.run_lengths("720p:129:std", "run")) <= 60_000
+
+
+async def test_waits_from_queue_positions_are_kept_per_bucket_for_every_class(
+    redis: aioredis.Redis, keys: Keys
+):
+    """A started job's waits land in the buckets of the positions it was seen at, class `any`."""
+    assert [position_phase(p) for p in (0, 1, 2, 3, 4, 7, 8, 15, 16, 900)] == [
+        "queue_at_0",
+        "queue_at_1",
+        "queue_at_2-3",
+        "queue_at_2-3",
+        "queue_at_4-7",
+        "queue_at_4-7",
+        "queue_at_8-15",
+        "queue_at_8-15",
+        "queue_at_16+",
+        "queue_at_16+",
+    ]
+    runs = RunLengths(redis, keys, keep=3)
+    for n in range(5):
+        await runs.record_waits(f"job_{n}", {"queue_at_4-7": 30.0 + n, "queue_at_0": 2.5})
+    await runs.record_waits("job_none", {})
+    found = {(s.input_class, s.phase): s.seconds for s in await runs.read([])}
+    assert found["any", "queue_at_4-7"] == (32.0, 33.0, 34.0)
+    assert found["any", "queue_at_0"] == (2.5, 2.5, 2.5)
+    assert found["any", "queue_at_1"] == ()
 
 
 async def test_samples_older_than_the_max_age_are_not_read(redis: aioredis.Redis, keys: Keys):
@@ -223,3 +251,35 @@ def test_a_bad_poll_setting_is_named(tmp_path, name, value):
     """A bad poll policy or learning knob stops the process with a line naming it."""
     with pytest.raises(ConfigError, match=name):
         load_settings({**base_env(tmp_path), name: value})
+
+
+def test_a_queue_position_counts_from_the_poll_that_first_saw_it():
+    """A job's wait at a position counts from its first sighting; each bucket keeps its first."""
+    queued = Queued(position=5, since=0.0)
+    queued.seen(5, 0.0)
+    queued.seen(5, 10.0)
+    assert (queued.position, queued.since) == (5, 0.0)
+    queued.seen(3, 20.0)
+    assert (queued.position, queued.since) == (3, 20.0)
+    queued.seen(2, 30.0)
+    assert (queued.position, queued.since) == (2, 30.0)
+    assert queued.waits_per_place(40.0) == {
+        "queue_at_4-7": 40.0 / 6,  # five ahead and itself
+        "queue_at_2-3": 20.0 / 4,  # first seen three back, at 20 s
+    }
+
+
+def test_a_per_place_window_scales_to_the_places_left():
+    """Three places from the start waits three per-place waits: every bound times three."""
+    window = Window(low_s=8.0, median_s=9.0, high_s=10.0, step_s=2.0, samples=12)
+    assert scaled(window, 3) == Window(24.0, 27.0, 30.0, 6.0, 12)
+    assert scaled(window, 1) == window
+
+
+def test_the_rule_counts_from_the_jobs_last_change_not_from_a_queue_position():
+    """Since a new position (no change of the job's), the rule still counts from the submit."""
+    window = Window(low_s=10.0, median_s=15.0, high_s=20.0, step_s=6.0, samples=8)
+    assert next_poll_s(12.0, window, min_s=2, max_s=15) == 2.0  # the rule at 12 s: 2 s
+    assert next_poll_s(12.0, window, min_s=2, max_s=15, age_s=100.0) == 6.0  # the step
+    assert next_poll_s(30.0, window, min_s=2, max_s=15, age_s=100.0) == 10.0  # past: the rule
+    assert next_poll_s(4.0, window, min_s=2, max_s=15, age_s=100.0) == 6.0  # sparse to low

@@ -10,13 +10,19 @@ change in RunComfy's speed replaces what was learned within the hour at most
 recording is one script; a read is one script that drops nothing but answers
 only samples younger than `max_age_s`, by Redis's clock.
 
+The queue is learned a second way, for every class at once (class `any`): the
+wait from when a job was first seen at a queue position (bucketed:
+`position_phase`) to the poll that saw it running, per place (over the jobs
+ahead plus one). RunComfy runs what is ahead first, so a position times the
+wait per place says when a job that far back can start.
+
 Each job's hash also counts its status polls (field `polls`), so the count
 survives the job moving between workers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import product
 from typing import Final, Literal, cast, get_args
@@ -30,6 +36,17 @@ from service.store.keys import LUA_NOW, Keys
 
 Phase = Literal["queue", "run"]
 PHASES: Final[tuple[Phase, ...]] = ("queue", "run")
+ANY_CLASS: Final = "any"
+"""The class of the waits from a queue position: RunComfy's one queue holds every class."""
+POSITION_BUCKETS: Final = ((0, "0"), (1, "1"), (2, "2-3"), (4, "4-7"), (8, "8-15"), (16, "16+"))
+"""Queue positions (jobs ahead) grouped by their lowest one: 0, 1, 2-3, 4-7, 8-15, 16 and more."""
+POSITION_PHASES: Final = tuple(f"queue_at_{name}" for _, name in POSITION_BUCKETS)
+
+
+def position_phase(position: int) -> str:
+    """The phase of a wait from queue position `position`: `queue_at_0`, ..., `queue_at_16+`."""
+    name = next(name for low, name in reversed(POSITION_BUCKETS) if position >= low)
+    return f"queue_at_{name}"
 
 
 def input_class(video: VideoInput) -> str:
@@ -47,16 +64,16 @@ def _every_class() -> tuple[str, ...]:
 INPUT_CLASSES: Final = _every_class()
 """Every input class there is (3 resolutions x 2 frame counts x pro_mode): 12."""
 
-# KEYS: the class's queue and run sets. ARGV: member suffix (job id), queue_ms, run_ms
-# (-1: not known), keep, max_age_ms. Adds the known samples, then drops those older than
+# KEYS: sets of samples. ARGV: member suffix (job id), keep, max_age_ms, then one value
+# (ms; -1: not known) per key. Adds the known samples, then drops those older than
 # max_age_ms and all but the newest `keep`; each set expires when nothing is recorded.
 _RECORD = (
     LUA_NOW
     + """
-local job, keep, max_age = ARGV[1], tonumber(ARGV[4]), tonumber(ARGV[5])
+local job, keep, max_age = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local now = now_ms()
-for i = 1, 2 do
-  local value = tonumber(ARGV[i + 1])
+for i = 1, #KEYS do
+  local value = tonumber(ARGV[i + 3])
   if value >= 0 then
     redis.call('ZADD', KEYS[i], now, value .. ':' .. job)
     redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - max_age)
@@ -95,7 +112,7 @@ class Samples:
     """The recent lengths (seconds, oldest first) of one class's phase."""
 
     input_class: str
-    phase: Phase
+    phase: str
     seconds: tuple[float, ...]
 
 
@@ -118,13 +135,23 @@ class RunLengths:
         """Add one finished job's queue and run seconds (either may be unknown) to its class."""
         if queue_s is None and run_s is None:
             return
-        keys = [self._keys.run_lengths(klass, phase) for phase in PHASES]
-        args: list[str | int] = [job_id, _ms(queue_s), _ms(run_s), self.keep, self._max_age_ms]
+        await self._add(job_id, {(klass, "queue"): queue_s, (klass, "run"): run_s})
+
+    async def record_waits(self, job_id: str, waits: Mapping[str, float]) -> None:
+        """Add a started job's waits per place from the queue positions it was seen at."""
+        if waits:
+            await self._add(job_id, {(ANY_CLASS, phase): s for phase, s in waits.items()})
+
+    async def _add(self, job_id: str, samples: Mapping[tuple[str, str], float | None]) -> None:
+        keys = [self._keys.run_lengths(klass, phase) for klass, phase in samples]
+        args: list[str | int] = [job_id, self.keep, self._max_age_ms]
+        args += [_ms(seconds) for seconds in samples.values()]
         await self._record(keys=keys, args=args)
 
     async def read(self, classes: Sequence[str] = INPUT_CLASSES) -> list[Samples]:
-        """Every class's recent samples, per phase, younger than `max_age_s` (one round trip)."""
-        pairs = [(klass, phase) for klass in classes for phase in PHASES]
+        """Recent samples (younger than `max_age_s`) of every class and position, in one trip."""
+        pairs: list[tuple[str, str]] = [(klass, phase) for klass in classes for phase in PHASES]
+        pairs += [(ANY_CLASS, phase) for phase in POSITION_PHASES]
         keys = [self._keys.run_lengths(klass, phase) for klass, phase in pairs]
         found = cast("list[list[bytes]]", await self._read(keys=keys, args=[self._max_age_ms]))
         return [

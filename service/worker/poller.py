@@ -6,9 +6,13 @@ its next poll is due comes from `service/worker/timing.py`: with
 input class say it cannot have ended yet, dense ones where they ended, and the
 interval rule (a tenth of the time since the job's last change, clamped to
 `GATEWAY_POLL_INTERVAL_MIN_S`..`_MAX_S`) before anything is learned or once the
-job outlives what was; `interval` is that rule alone. Every completed job adds
-its queue and run lengths to what is learned (`service/store/runlengths.py`),
-and its polls and detection delay to the metrics. Unknown upstream
+job outlives what was; `interval` is that rule alone. A queued job whose
+`queue_position` RunComfy gives is timed instead by how long recent jobs seen at
+a position of the same bucket waited per place from there to their start
+(`Queued`), once enough are known: far back that is long, so its polls are few;
+at the head, short. Every completed job adds its queue and run lengths to what
+is learned (`service/store/runlengths.py`), and its polls and detection delay to
+the metrics; every started one, its waits from the positions it was seen at. Unknown upstream
 statuses keep polling until the job deadline (its `timeout_s`, by default
 `GATEWAY_JOB_TIMEOUT_S`). Upstream errors back off, jittered, and never end a
 job by themselves: only its deadline does.
@@ -31,6 +35,8 @@ read together right after the claim, in one round trip.
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -43,10 +49,10 @@ from service.outputs import output_urls
 from service.runcomfy.client import RunComfyClient, UpstreamError
 from service.runcomfy.wire import ResultAnswer
 from service.store.jobs import JobStore, Outcome, StoredJob
-from service.store.runlengths import Phase, RunLengths, input_class
+from service.store.runlengths import ANY_CLASS, Phase, RunLengths, input_class, position_phase
 from service.store.schedules import Claim, Schedules
 from service.worker.loop import ClaimLoop, Heartbeat, backoff_s
-from service.worker.timing import LearnedTiming, next_poll_s
+from service.worker.timing import LearnedTiming, next_poll_s, scaled
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +107,9 @@ class Poller(ClaimLoop):
         self._read: dict[str, StoredJob | None] = {}
         # Each job's poll count as its latest poll left it, taken when the job ends.
         self._polls: dict[str, int] = {}
+        # What polls saw of each queued job's position; taken when it starts. Lost when
+        # the job moves to another worker, which then starts over from its next poll.
+        self._queued: dict[str, Queued] = {}
 
     async def claim(self, max_items: int) -> list[Claim]:
         """Claim jobs whose next poll is due; the claim reads them too."""
@@ -120,19 +129,57 @@ class Poller(ClaimLoop):
         """Give the poll back: due after `delay_s` (see `Schedules.release`), or removed."""
         await self.schedules.release(claim, delay_s=delay_s, cadence=cadence)
 
-    def interval_s(self, stored: StoredJob) -> float:
-        """How long until the next poll (`service/worker/timing.py`), never past the deadline."""
+    def interval_s(self, stored: StoredJob, position: int | None = None) -> float:
+        """How long until the next poll (`service/worker/timing.py`), never past the deadline.
+
+        `position` is the queue position a poll just saw the (queued) job at.
+        """
         record = stored.record
         since = record.started_at or record.submitted_at or record.created_at
         phase: Phase = "run" if record.started_at is not None else "queue"
         now = datetime.now(UTC)
         age = (now - since).total_seconds()
         low, high = self.settings.poll_interval_min_s, self.settings.poll_interval_max_s
-        if self.timing is not None:
+        queued = self._queued.get(record.id) if position is not None else None
+        window = None
+        if self.timing is not None and queued is not None and phase == "queue":
+            window = self.timing.window(ANY_CLASS, position_phase(queued.position))
+        if window is not None and queued is not None:
+            # Its wait is about one per-place wait for each job ahead and one for itself.
+            interval = next_poll_s(
+                time.monotonic() - queued.since,
+                scaled(window, queued.position + 1),
+                min_s=low,
+                max_s=high,
+                age_s=age,
+            )
+        elif self.timing is not None:
             interval = self.timing.next_poll_s(input_class(record.input), phase, age)
         else:
             interval = next_poll_s(age, None, min_s=low, max_s=high)
         return min(interval, max(0.0, (record.deadline_at - now).total_seconds()))
+
+    def _seen_queued(self, job_id: str, position: int | None) -> None:
+        """Note the queue position a poll just saw the job at."""
+        if position is None:
+            return
+        now = time.monotonic()
+        queued = self._queued.get(job_id)
+        if queued is None:
+            if len(self._queued) >= MAX_TRACKED_FAILURES:
+                del self._queued[next(iter(self._queued))]  # the oldest: ended elsewhere
+            queued = self._queued[job_id] = Queued(position, now)
+        queued.seen(position, now)
+
+    async def _learn_waits(self, job_id: str) -> None:
+        """A job just seen running: add its waits per place from the positions it was seen at."""
+        queued = self._queued.pop(job_id, None)
+        if self.runs is None or queued is None:
+            return
+        try:
+            await self.runs.record_waits(job_id, queued.waits_per_place(time.monotonic()))
+        except (RedisError, OSError) as exc:
+            log.warning("poller: %s: queue waits not recorded (%s)", job_id, exc)
 
     def _first_run_poll_s(self, stored: StoredJob) -> float:
         """When to poll a job just seen started: the learned run's first poll, else the min."""
@@ -151,6 +198,7 @@ class Poller(ClaimLoop):
             return
         if stored is None or stored.record.status not in UPSTREAM_STATUSES:
             self._errors.pop(claim.member, None)
+            self._queued.pop(claim.member, None)
             await self._requeue(claim, None)
             return
         record = stored.record
@@ -191,7 +239,9 @@ class Poller(ClaimLoop):
             self._polls[record.id] = polls
         answer = await self.client.status(_request_id(stored))
         status = (answer.status or "").lower()
-        interval = self.interval_s(stored)
+        if status in QUEUED:
+            self._seen_queued(record.id, answer.queue_position)
+        interval = self.interval_s(stored, answer.queue_position if status in QUEUED else None)
         if status in QUEUED:
             if record.upstream is None or answer.queue_position != record.upstream.queue_position:
                 await self.jobs.queue_position(
@@ -201,12 +251,14 @@ class Poller(ClaimLoop):
                 await self._requeue(claim, interval, cadence=True)
         elif status in RUNNING:
             if record.status == "in_queue":
+                await self._learn_waits(record.id)
                 await self.jobs.started(
                     stored, claim.lease, poll_in_s=self._first_run_poll_s(stored)
                 )
             else:
                 await self._requeue(claim, interval, cadence=True)
         elif status in COMPLETED | FAILED:
+            self._queued.pop(record.id, None)
             await self._finish(stored, claim, self._polls.pop(record.id, 0))
         elif status in CANCELLED:
             await self.jobs.finish(stored, "cancelled", lease=claim.lease)
@@ -330,6 +382,31 @@ class Poller(ClaimLoop):
             log.info("poller: %s timed out in_queue; upstream cancel: %s", record.id, outcome)
         error = JobErrorInfo(code="timeout", message=message)
         await self.jobs.finish(stored, "failed", lease=claim.lease, error=error)
+
+
+@dataclass
+class Queued:
+    """What polls saw of a queued job's position in RunComfy's queue (monotonic times).
+
+    A job's wait at a position counts from the poll that first saw it there
+    (`since`), as the samples it is timed by do. The first sighting in each
+    position bucket is kept, and when the job starts, each gives a sample: its
+    wait per place (the jobs ahead and itself), what the bucket learns.
+    """
+
+    position: int
+    since: float
+    first: dict[str, tuple[int, float]] = field(default_factory=dict)
+
+    def seen(self, position: int, now: float) -> None:
+        """A poll saw the job at `position` at `now`."""
+        if position != self.position or not self.first:
+            self.position, self.since = position, now
+        self.first.setdefault(position_phase(position), (position, now))
+
+    def waits_per_place(self, started: float) -> dict[str, float]:
+        """Per bucket, the wait from its first sighting to `started`, over the places it took."""
+        return {at: (started - since) / (ahead + 1) for at, (ahead, since) in self.first.items()}
 
 
 def _limit(record: JobRecord) -> str:

@@ -33,7 +33,7 @@ from typing import Final
 
 from redis.exceptions import RedisError
 
-from service.store.runlengths import Phase, RunLengths, Samples
+from service.store.runlengths import RunLengths, Samples
 
 log = logging.getLogger(__name__)
 
@@ -123,14 +123,37 @@ def learn_window(
     )
 
 
-def next_poll_s(elapsed_s: float, window: Window | None, *, min_s: float, max_s: float) -> float:
-    """Seconds until the next poll of a job `elapsed_s` into its phase; always within [min, max]."""
+def next_poll_s(
+    elapsed_s: float,
+    window: Window | None,
+    *,
+    min_s: float,
+    max_s: float,
+    age_s: float | None = None,
+) -> float:
+    """Seconds until the next poll of a job `elapsed_s` into its phase; always within [min, max].
+
+    The rule counts from the job's last change: `age_s` when that is not where
+    `elapsed_s` counts from (a queue position is no change of the job's).
+    """
+    rule = rule_interval_s(elapsed_s if age_s is None else age_s, min_s, max_s)
     if window is None or elapsed_s >= window.high_s + window.step_s:
-        return rule_interval_s(elapsed_s, min_s, max_s)
+        return rule
     if elapsed_s < window.low_s - min_s:
         left = window.low_s - elapsed_s
         return min(max_s, max(min_s, left / math.ceil(left / max_s)))
-    return min(rule_interval_s(elapsed_s, min_s, max_s), max(min_s, window.step_s))
+    return min(rule, max(min_s, window.step_s))
+
+
+def scaled(window: Window, places: int) -> Window:
+    """A per-place window of queue waits as the window of a job `places` places from its start."""
+    return Window(
+        low_s=window.low_s * places,
+        median_s=window.median_s * places,
+        high_s=window.high_s * places,
+        step_s=window.step_s * places,
+        samples=window.samples,
+    )
 
 
 class LearnedTiming:
@@ -156,11 +179,11 @@ class LearnedTiming:
         self._windows: dict[tuple[str, str], Window] = {}
         self._next_refresh = 0.0
 
-    def window(self, input_class: str, phase: Phase) -> Window | None:
+    def window(self, input_class: str, phase: str) -> Window | None:
         """The learned window of a class's phase; None while too little is known."""
         return self._windows.get((input_class, phase))
 
-    def next_poll_s(self, input_class: str, phase: Phase, elapsed_s: float) -> float:
+    def next_poll_s(self, input_class: str, phase: str, elapsed_s: float) -> float:
         """Seconds until the next poll of a job of this class `elapsed_s` into `phase`."""
         return next_poll_s(
             elapsed_s, self.window(input_class, phase), min_s=self.min_s, max_s=self.max_s

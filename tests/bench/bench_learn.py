@@ -1,9 +1,11 @@
 """G. Poll timing (issue 17): detection delay and polls per job, learned policy vs interval rule.
 
-Two scales of run, each scaled down in time by a factor, with the poll bounds
+Three scales of run, each scaled down in time by a factor, with the poll bounds
 (2 s and 15 s) scaled by the same factor so every ratio is kept: runs of ~40 s
-(4 s queue + 36 s run, time / 5) and of ~5 min (20 s + 280 s, time / 10). Both
-scales run at once, each as two gateways side by side, each with its own Redis,
+(4 s queue + 36 s run, time / 5), of ~5 min (20 s + 280 s, time / 10), and of
+~40 s where RunComfy runs 4 at once (`--capacity 4`) and submits outpace it,
+so a queue builds and each job's queue position says how long it will wait.
+All run at once, each as two gateways side by side, each with its own Redis,
 emulator (`runcomfy-gateway emulator`, queue and run times ±20%), API and
 worker: `GATEWAY_POLL_POLICY=learned` and `=interval` (today's rule). Both get
 the same jobs: a learning batch, then a measured batch, submitted at a steady
@@ -15,7 +17,8 @@ Per job, from the emulator (RunComfy's side) and a verifying receiver:
 or after it, unscaled (x factor); *to webhook* is that plus the gateway's own
 work from that poll to the verified webhook (result call, state change,
 delivery), which is not scaled: in production it takes the same milliseconds.
-*Polls per job* counts the status calls the emulator answered for the job.
+*Polls per job* counts the status calls the emulator answered for the job,
+and how many of them came before its run started (queued).
 The worker looks for due polls at least every 0.1 s of real time, which the
 factor multiplies: up to 0.5 s (x5) or 1 s (x10) of an unscaled poll delay, on
 average half that, is this bench's scaling, not the policy (in production it
@@ -76,11 +79,26 @@ class Scale:
     measured_jobs: int = 30
     speed_jobs: int = 0
     """Jobs submitted after the emulator's speed halves (0: no speed change)."""
+    capacity: int = 0
+    """Runs RunComfy (the emulator) holds at once; 0: unlimited, every job waits `queue_s`."""
+    pace_per_s: float | None = None
+    """Submits per second (scaled time); None: about half a batch in flight at once."""
 
 
 SCALES = (
     Scale("~40 s runs", queue_s=4, run_s=36, factor=5, speed_jobs=32),
     Scale("~5 min runs", queue_s=20, run_s=280, factor=10),
+    # Submits outpace what 4 slots run (0.56 jobs/s), so a queue builds up to about
+    # 13 deep and a job's queue position tells how long it will wait.
+    Scale(
+        "~40 s runs, 4 at once",
+        queue_s=4,
+        run_s=36,
+        factor=5,
+        learning_jobs=30,
+        capacity=4,
+        pace_per_s=1.0,
+    ),
 )
 
 
@@ -92,6 +110,8 @@ class JobFigure:
     poll_delay_s: float
     webhook_delay_s: float
     polls: int
+    queue_polls: int
+    """Of `polls`, those before RunComfy started the run."""
 
 
 @dataclass
@@ -115,6 +135,7 @@ async def start_gateway(
     emulator_args = [*GATEWAY, "emulator", "--port", str(port), "--seed", "17"]
     emulator_args += ["--queue-s", f"{scale.queue_s / scale.factor:g}"]
     emulator_args += ["--run-s", f"{scale.run_s / scale.factor:g}", "--spread", str(SPREAD)]
+    emulator_args += ["--capacity", str(scale.capacity)]
     emulator = stack.child(f"emulator-{policy}", emulator_args, os.environ)
     emulator_url = f"http://127.0.0.1:{port}"
     await wait_http(f"{emulator_url}/_emulator/requests", emulator)
@@ -182,21 +203,23 @@ async def figures(gateway: Gateway, scale: Scale, name: str) -> list[JobFigure]:
             continue  # the poll list was cut short (never with these run lengths)
         own_work = max(0.0, arrival.at - seen)
         poll_delay = (seen - finished) * scale.factor
-        out.append(
-            JobFigure(finished, poll_delay, poll_delay + own_work, len(request["status_polls"]))
-        )
+        started = parse_rfc3339(request["submitted_at"]) + request["queue_s"]
+        polls = request["status_polls"]
+        queued = sum(1 for at in polls if at < started)
+        out.append(JobFigure(finished, poll_delay, poll_delay + own_work, len(polls), queued))
     return sorted(out, key=lambda f: f.finished_at)
 
 
 def summary(jobs: Sequence[JobFigure]) -> str:
     """p50/p95 of both delays and mean polls, in one line."""
     polls = statistics.mean(j.polls for j in jobs) if jobs else float("nan")
+    queued = statistics.mean(j.queue_polls for j in jobs) if jobs else float("nan")
     poll = [j.poll_delay_s for j in jobs]
     hook = [j.webhook_delay_s for j in jobs]
     return (
         f"to webhook p50 {percentile(hook, 50):.2f} s, p95 {percentile(hook, 95):.2f} s; "
         f"poll delay p50 {percentile(poll, 50):.2f} s, p95 {percentile(poll, 95):.2f} s; "
-        f"{polls:.1f} polls/job ({len(jobs)} jobs)"
+        f"{polls:.1f} polls/job, {queued:.1f} of them queued ({len(jobs)} jobs)"
     )
 
 
@@ -221,7 +244,7 @@ async def run_scale(scale: Scale, tenant: TestTenant, section: Section) -> None:
                 for policy, receiver in zip(POLICIES, receivers, strict=True)
             ]
             total_s = (scale.queue_s + scale.run_s) / scale.factor
-            pace = scale.learning_jobs / (total_s / 2)  # about half a batch in flight at once
+            pace = scale.pace_per_s or scale.learning_jobs / (total_s / 2)
             await batch(gateways, tenant, "learning", scale.learning_jobs, pace)
             await batch(gateways, tenant, "measured", scale.measured_jobs, pace)
             measured = {g.policy: await figures(g, scale, "measured") for g in gateways}
