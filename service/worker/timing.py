@@ -16,6 +16,10 @@ its next status poll. Polls are spent where an end is likely:
   a short phase has too few polls to budget, and its end decides when the next
   phase's polls start), and the rule after it.
 
+A queued job at a known queue position is timed by the waits per place learned
+for its position's bucket, `scaled` to the places left (the poller picks it,
+`service/worker/poller.py`), with the rule counted from the job's submit.
+
 Every interval stays within [min, max]: a job is polled at least every max.
 `LearnedTiming` is the worker's cache of windows, read from Redis
 (`service/store/runlengths.py`) every `refresh_s`, never per poll.
