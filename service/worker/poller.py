@@ -12,8 +12,8 @@ a position of the same bucket waited per place from there to their start
 (`Queued`), once enough are known: far back that is long, so its polls are few;
 at the head, short. Every completed job adds its queue and run lengths to what
 is learned (`service/store/runlengths.py`), and its polls and detection delay to
-the metrics; every started one, its waits from the positions it was seen at. Unknown upstream
-statuses keep polling until the job deadline (its `timeout_s`, by default
+the metrics; every started one, its waits from the positions it was seen at.
+Unknown upstream statuses keep polling until the job deadline (its `timeout_s`, by default
 `GATEWAY_JOB_TIMEOUT_S`). Upstream errors back off, jittered, and never end a
 job by themselves: only its deadline does.
 
@@ -129,18 +129,15 @@ class Poller(ClaimLoop):
         """Give the poll back: due after `delay_s` (see `Schedules.release`), or removed."""
         await self.schedules.release(claim, delay_s=delay_s, cadence=cadence)
 
-    def interval_s(self, stored: StoredJob, position: int | None = None) -> float:
-        """How long until the next poll (`service/worker/timing.py`), never past the deadline.
-
-        `position` is the queue position a poll just saw the (queued) job at.
-        """
+    def interval_s(self, stored: StoredJob) -> float:
+        """How long until the next poll (`service/worker/timing.py`), never past the deadline."""
         record = stored.record
         since = record.started_at or record.submitted_at or record.created_at
         phase: Phase = "run" if record.started_at is not None else "queue"
         now = datetime.now(UTC)
         age = (now - since).total_seconds()
         low, high = self.settings.poll_interval_min_s, self.settings.poll_interval_max_s
-        queued = self._queued.get(record.id) if position is not None else None
+        queued = self._queued.get(record.id)
         window = None
         if self.timing is not None and queued is not None and phase == "queue":
             window = self.timing.window(ANY_CLASS, position_phase(queued.position))
@@ -160,8 +157,9 @@ class Poller(ClaimLoop):
         return min(interval, max(0.0, (record.deadline_at - now).total_seconds()))
 
     def _seen_queued(self, job_id: str, position: int | None) -> None:
-        """Note the queue position a poll just saw the job at."""
+        """Note the queue position a poll just saw the job at (None: RunComfy gave none)."""
         if position is None:
+            self._queued.pop(job_id, None)
             return
         now = time.monotonic()
         queued = self._queued.get(job_id)
@@ -241,7 +239,7 @@ class Poller(ClaimLoop):
         status = (answer.status or "").lower()
         if status in QUEUED:
             self._seen_queued(record.id, answer.queue_position)
-        interval = self.interval_s(stored, answer.queue_position if status in QUEUED else None)
+        interval = self.interval_s(stored)
         if status in QUEUED:
             if record.upstream is None or answer.queue_position != record.upstream.queue_position:
                 await self.jobs.queue_position(

@@ -10,9 +10,9 @@ event streams on one API process while a worker finishes their jobs), F
 (issue 16: 500 failed webhooks recovered by one call while another tenant's
 webhooks keep arriving) and G (issue 17: detection delay and polls per job,
 learned poll timing against the interval rule, at two scales of run, after
-RunComfy's speed halves, and with a queue where RunComfy runs 4 at once) and H (issue 15: the worker's memory while it copies
-a 500 MiB output into an S3 store), each
-on its own private Redis, emulator and processes on 127.0.0.1, and prints
+RunComfy's speed halves, and with a queue where RunComfy runs 4 at once) and
+H (issue 15: the worker's memory while it copies a 500 MiB output into an S3
+store), each on its own private Redis, emulator and processes on 127.0.0.1, and prints
 each section as it ends, then every goal and key figure in one summary.
 `--profile` also samples the API (A) and the worker (C2, at the step it
 missed) with py-spy and prints their hottest functions. The whole
