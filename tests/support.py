@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import secrets
 import select
 import signal
@@ -16,10 +17,10 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -33,6 +34,7 @@ from standardwebhooks.webhooks import Webhook
 
 from service.api.app import create_app
 from service.config import Settings, Tenant, Tenants
+from service.localredis import LocalRedis, free_port
 from service.models import EventType, JobRecord, VideoInput, WebhookSpec, utcnow
 from service.runcomfy.emulator import output_chunks
 from service.serving import Served, listen, serve
@@ -326,6 +328,62 @@ def gateway_processes(
             proc.stop()
         raise
     return procs
+
+
+@contextlib.contextmanager
+def gateway_stack(
+    tmp: Path, tenant: TestTenant, emulator_args: list[str], **settings: str
+) -> Iterator[dict[str, str]]:
+    """A gateway of one tenant on its own Redis: emulator, API and worker; their URLs by name.
+
+    `settings` as for `gateway_env`; everything is stopped when the block ends.
+    """
+    tenants = tmp / "tenants.toml"
+    tenants.write_text(tenant.toml())
+    redis = LocalRedis().start()
+    try:
+        ports = {name: free_port() for name in ("emulator", "api", "worker")}
+        emulator_url = f"http://127.0.0.1:{ports['emulator']}"
+        env = gateway_env(redis.url, emulator_url, tenants, **settings)
+        procs = gateway_processes(ports, env, tmp, emulator_args)
+        try:
+            yield {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
+        finally:
+            for proc in procs.values():
+                proc.stop()
+    finally:
+        redis.cleanup()
+
+
+@asynccontextmanager
+async def gateway_clients(
+    urls: dict[str, str], tenant: TestTenant
+) -> AsyncIterator[dict[str, httpx.AsyncClient]]:
+    """Clients of a `gateway_stack`: the tenant's API client, the emulator and the worker."""
+    async with (
+        api_client(urls["api"], tenant) as api,
+        httpx.AsyncClient(base_url=urls["emulator"], timeout=10) as emulator,
+        httpx.AsyncClient(base_url=urls["worker"], timeout=10) as worker,
+    ):
+        yield {"api": api, "emulator": emulator, "worker": worker}
+
+
+_LABEL = re.compile(r'(\w+)="([^"]*)"')
+
+
+def metric_samples(exposition: str, name: str) -> list[tuple[dict[str, str], float]]:
+    """The labels and value of each sample of metric `name` in a Prometheus text exposition."""
+    found = []
+    for line in exposition.splitlines():
+        sample, _, value = line.rpartition(" ")
+        if sample.split("{", 1)[0] == name:
+            found.append((dict(_LABEL.findall(sample)), float(value)))
+    return found
+
+
+def unix(value: str) -> float:
+    """An RFC 3339 time as Unix seconds."""
+    return datetime.fromisoformat(value).timestamp()
 
 
 def wait_http(url: str, timeout: float = 20) -> None:

@@ -10,18 +10,22 @@ of RunComfy's speed.
 from __future__ import annotations
 
 import itertools
-import re
 import statistics
 from collections.abc import AsyncIterator, Iterator
-from datetime import datetime
 from typing import Any
 
 import httpx
 import pytest
 
-from service.localredis import LocalRedis, free_port
 from service.worker.timing import rule_polls
-from tests.support import api_client, gateway_env, gateway_processes, new_tenant, wait_for
+from tests.support import (
+    gateway_clients,
+    gateway_stack,
+    metric_samples,
+    new_tenant,
+    unix,
+    wait_for,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -36,42 +40,27 @@ CLASS = {"resolution": "720p", "num_frames": "129", "pro_mode": "false"}
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory) -> Iterator[dict[str, str]]:
     """A cold gateway: its own Redis, the emulator, the API and one worker."""
-    tmp = tmp_path_factory.mktemp("learn")
-    tenants = tmp / "tenants.toml"
-    tenants.write_text(TENANT.toml())
-    redis = LocalRedis().start()
-    ports = {name: free_port() for name in ("emulator", "api", "worker")}
-    env = gateway_env(
-        redis.url,
-        f"http://127.0.0.1:{ports['emulator']}",
-        tenants,
+    emulator_args = ["--queue-s", str(QUEUE_S), "--run-s", str(RUN_S), "--spread", str(SPREAD)]
+    emulator_args += ["--seed", "5"]
+    with gateway_stack(
+        tmp_path_factory.mktemp("learn"),
+        TENANT,
+        emulator_args,
         POLL_INTERVAL_MIN_S=str(MIN_S),
         POLL_INTERVAL_MAX_S=str(MAX_S),
         POLL_LEARN_SAMPLES="12",
         POLL_LEARN_MIN_SAMPLES="4",
         POLL_LEARN_REFRESH_S="0.2",
         UPSTREAM_MAX_IN_FLIGHT="100",
-    )
-    emulator_args = ["--queue-s", str(QUEUE_S), "--run-s", str(RUN_S), "--spread", str(SPREAD)]
-    emulator_args += ["--seed", "5"]
-    procs = gateway_processes(ports, env, tmp, emulator_args)
-    try:
-        yield {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
-    finally:
-        for proc in procs.values():
-            proc.stop()
-        redis.cleanup()
+    ) as urls:
+        yield urls
 
 
 @pytest.fixture
 async def clients(stack) -> AsyncIterator[dict[str, httpx.AsyncClient]]:
-    async with (
-        api_client(stack["api"], TENANT) as api,
-        httpx.AsyncClient(base_url=stack["emulator"], timeout=10) as emulator,
-        httpx.AsyncClient(base_url=stack["worker"], timeout=10) as worker,
-    ):
-        yield {"api": api, "emulator": emulator, "worker": worker}
-        await emulator.post("/_emulator/config", json=BASE)
+    async with gateway_clients(stack, TENANT) as clients:
+        yield clients
+        await clients["emulator"].post("/_emulator/config", json=BASE)
 
 
 async def run_jobs(clients: dict[str, httpx.AsyncClient], count: int) -> list[dict[str, Any]]:
@@ -92,26 +81,16 @@ async def run_jobs(clients: dict[str, httpx.AsyncClient], count: int) -> list[di
     return jobs
 
 
-def unix(value: str) -> float:
-    return datetime.fromisoformat(value).timestamp()
-
-
 async def metric(clients: dict[str, httpx.AsyncClient], name: str, **labels: str) -> float | None:
     """The worker's sample `name` for the jobs' class and `labels`, None when it has none."""
     wanted = {**CLASS, **labels}
-    for line in (await clients["worker"].get("/metrics")).text.splitlines():
-        sample, _, value = line.rpartition(" ")
-        if sample.startswith(name + "{") and dict(_LABEL.findall(sample)) == wanted:
-            return float(value)
-    return None
+    exposition = (await clients["worker"].get("/metrics")).text
+    return next((v for found, v in metric_samples(exposition, name) if found == wanted), None)
 
 
 async def learned(clients: dict[str, httpx.AsyncClient], quantile: str) -> float | None:
     """The worker's learned run length of the jobs' class at `quantile`, from its metrics."""
     return await metric(clients, "rcg_poll_learned_seconds", phase="run", quantile=quantile)
-
-
-_LABEL = re.compile(r'(\w+)="([^"]*)"')
 
 
 async def test_a_cold_gateway_polls_by_the_interval_rule_and_learns(clients):

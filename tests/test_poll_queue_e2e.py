@@ -12,17 +12,21 @@ is still seen soon after it happens.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import AsyncIterator, Iterator
-from datetime import datetime
 from typing import Any
 
 import httpx
 import pytest
 
-from service.localredis import LocalRedis, free_port
 from service.worker.timing import rule_polls
-from tests.support import api_client, gateway_env, gateway_processes, new_tenant, wait_for
+from tests.support import (
+    gateway_clients,
+    gateway_stack,
+    metric_samples,
+    new_tenant,
+    unix,
+    wait_for,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -37,45 +41,26 @@ FAR_BACK = 6
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory) -> Iterator[dict[str, str]]:
     """A cold gateway in front of a RunComfy that runs one request at a time."""
-    tmp = tmp_path_factory.mktemp("queue")
-    tenants = tmp / "tenants.toml"
-    tenants.write_text(TENANT.toml())
-    redis = LocalRedis().start()
-    ports = {name: free_port() for name in ("emulator", "api", "worker")}
-    env = gateway_env(
-        redis.url,
-        f"http://127.0.0.1:{ports['emulator']}",
-        tenants,
+    emulator_args = ["--queue-s", "0", "--run-s", str(RUN_S), "--spread", str(SPREAD)]
+    emulator_args += ["--capacity", "1", "--seed", "7"]
+    with gateway_stack(
+        tmp_path_factory.mktemp("queue"),
+        TENANT,
+        emulator_args,
         POLL_INTERVAL_MIN_S=str(MIN_S),
         POLL_INTERVAL_MAX_S=str(MAX_S),
         POLL_LEARN_SAMPLES="24",
         POLL_LEARN_MIN_SAMPLES="4",
         POLL_LEARN_REFRESH_S="0.2",
         UPSTREAM_MAX_IN_FLIGHT="100",
-    )
-    emulator_args = ["--queue-s", "0", "--run-s", str(RUN_S), "--spread", str(SPREAD)]
-    emulator_args += ["--capacity", "1", "--seed", "7"]
-    procs = gateway_processes(ports, env, tmp, emulator_args)
-    try:
-        yield {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
-    finally:
-        for proc in procs.values():
-            proc.stop()
-        redis.cleanup()
+    ) as urls:
+        yield urls
 
 
 @pytest.fixture
 async def clients(stack) -> AsyncIterator[dict[str, httpx.AsyncClient]]:
-    async with (
-        api_client(stack["api"], TENANT) as api,
-        httpx.AsyncClient(base_url=stack["emulator"], timeout=10) as emulator,
-        httpx.AsyncClient(base_url=stack["worker"], timeout=10) as worker,
-    ):
-        yield {"api": api, "emulator": emulator, "worker": worker}
-
-
-def unix(value: str) -> float:
-    return datetime.fromisoformat(value).timestamp()
+    async with gateway_clients(stack, TENANT) as clients:
+        yield clients
 
 
 async def run_batch(clients: dict[str, httpx.AsyncClient]) -> list[dict[str, Any]]:
@@ -108,19 +93,14 @@ async def run_batch(clients: dict[str, httpx.AsyncClient]) -> list[dict[str, Any
     return mine
 
 
-_LABEL = re.compile(r'(\w+)="([^"]*)"')
-
-
 async def learned_waits(clients: dict[str, httpx.AsyncClient]) -> dict[str, float]:
     """The worker's learned median wait per place from each position bucket (its metrics)."""
-    found: dict[str, dict[str, float]] = {}
-    for line in (await clients["worker"].get("/metrics")).text.splitlines():
-        sample, _, value = line.rpartition(" ")
-        labels = dict(_LABEL.findall(sample))
-        name = sample.split("{", 1)[0]
-        if name == "rcg_poll_learned_seconds" and labels.get("resolution") == "any":
-            found.setdefault(labels["phase"], {})[labels["quantile"]] = float(value)
-    return {phase: quantiles["0.5"] for phase, quantiles in found.items()}
+    exposition = (await clients["worker"].get("/metrics")).text
+    return {
+        labels["phase"]: value
+        for labels, value in metric_samples(exposition, "rcg_poll_learned_seconds")
+        if labels.get("resolution") == "any" and labels["quantile"] == "0.5"
+    }
 
 
 async def test_a_cold_gateway_polls_queued_jobs_by_the_rule_and_learns_the_waits(clients):
